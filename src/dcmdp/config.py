@@ -1,0 +1,342 @@
+"""Typed run configuration: dataclasses with a docstring per field, validated when built.
+
+A config comes from (lowest to highest priority) the defaults below, a YAML file (loaded with
+``yaml.safe_load``, so a tampered file cannot run code) and ``section.field=value`` overrides on
+the command line. It is at most two levels deep. Every run writes its resolved config as
+``config.yaml`` beside its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcmdp.aggregation import AGG_MODES
+from dcmdp.engines.base import DTYPES, engine_names
+from dcmdp.losses import POLICY_LOSSES
+
+MULTIPLIER_TYPES = ("dual_ascent", "pid")
+LR_SCHEDULES = ("constant", "cosine")
+TRAINER_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"
+    """Local Hugging Face model dir, a named model (tiny-qwen3, tiny-qwen3-moe, smollm2-135m), or
+    "default": the tiny Qwen3 warm-started on the default task (built by `dcmdp pretrain`)."""
+    dtype: str = "float32"
+    """Trainer precision: float32 | bfloat16."""
+    cache_dir: str = ".cache/models"
+    """Where named and warm-started models are built and reused."""
+
+
+@dataclass
+class EngineConfig:
+    type: str = "vllm"
+    """Rollout engine: vllm | transformers | llamacpp | fake."""
+    dtype: str = "bfloat16"
+    """Engine precision: float32 | bfloat16 | float16. The deployment setting training aligns to."""
+    quantization: str | None = None
+    """vLLM quantization name; transformers: int8 | int4 | fp8; llamacpp: F32 | BF16 | Q8_0 | Q4_0."""
+    kv_cache_gb: float = 1.0
+    """vLLM KV cache on CPU, GiB."""
+    max_model_len: int = 128
+    """Longest prompt + response the engine accepts."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 8
+    """Longest response, in tokens."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Task from the registry (see docs/tasks.md)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Task options, e.g. {digits: 2, ops: "+"}."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "dcmdp"
+    """Policy loss from the registry: grpo, tis, icepop, seq_tis, seq_mis, geo_mask,
+    offpolicy_seq_mask, dcmdp (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    agg: str = "token-mean"
+    """Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | constant."""
+    agg_constant: float | None = None
+    tis_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+    seq_cap: float = 2.0
+    geo_low: float = 0.999
+    geo_high: float = 1.001
+    opsm_delta: float = 0.5
+    kl_coef: float = 0.0
+    """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
+    scale_adv_by_std: bool = True
+    """GRPO advantages divided by the group std (False = Dr. GRPO)."""
+
+
+@dataclass
+class MultiplierConfig:
+    type: str = "dual_ascent"
+    """dual_ascent (the paper's projected dual ascent) | pid (PID Lagrangian)."""
+    init: float = 0.1
+    """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
+    eta: float = 1.0
+    """Dual step size (paper: 1.0). PID uses kp/ki/kd instead."""
+    tolerance: float | None = 0.0037
+    """c, the tolerated mean probability gap (paper: 0.0037 dense, 0.005 MoE). null = automatic."""
+    lam_min: float = 0.0
+    lam_max: float = 10.0
+    ema: float | None = None
+    """EMA decay of the measured discrepancy before the dual step (null = raw)."""
+    kp: float = 1.0
+    ki: float = 1.0
+    kd: float = 0.0
+    auto_warmup_steps: int = 5
+    """Automatic tolerance: steps measured before c is set."""
+    auto_quantile: float = 0.5
+    auto_multiple: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max global grad norm (0 = off)."""
+    schedule: str = "constant"
+    """constant | cosine (both after linear warm-up)."""
+    warmup_steps: int = 0
+    epochs: int = 1
+    """Passes over each step's rollouts."""
+    minibatches: int = 1
+    """Optimizer steps per epoch (the batch is split into this many minibatches)."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch (gradient accumulation)."""
+
+
+@dataclass
+class RunConfig:
+    steps: int = 60
+    prompts_per_step: int = 32
+    group_size: int = 8
+    seed: int = 0
+    out_dir: str = "runs/default"
+    eval_every: int = 10
+    eval_problems: int = 256
+    eval_sampled: bool = True
+    """Also report accuracy of one sample per eval prompt at the training temperature."""
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "dcmdp"
+    threads: int = 0
+    """torch CPU threads (0 = leave as is)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    multiplier: MultiplierConfig = field(default_factory=MultiplierConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not allowed; valid values: {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, strict: bool = True) -> None:
+    bad = not math.isfinite(value) or (value <= 0 if strict else value < 0)
+    if bad:
+        raise ConfigError(f"{name}: must be {'> 0' if strict else '>= 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    _choice("model.dtype", cfg.model.dtype, TRAINER_DTYPES)
+    _choice("engine.type", cfg.engine.type, engine_names())
+    _choice("engine.dtype", cfg.engine.dtype, DTYPES)
+    _choice("loss.type", cfg.loss.type, sorted(POLICY_LOSSES))
+    _choice("loss.agg", cfg.loss.agg, AGG_MODES)
+    _choice("multiplier.type", cfg.multiplier.type, MULTIPLIER_TYPES)
+    _choice("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)
+    _positive("sampling.temperature", cfg.sampling.temperature)
+    if not 0 < cfg.sampling.top_p <= 1:
+        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
+    for name in ("sampling.max_tokens", "run.steps", "run.prompts_per_step", "run.group_size"):
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if cfg.run.group_size < 2:
+        raise ConfigError("run.group_size: GRPO needs at least 2 samples per prompt")
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("multiplier.eta", cfg.multiplier.eta)
+    if cfg.multiplier.tolerance is not None:
+        _positive("multiplier.tolerance", cfg.multiplier.tolerance)
+    _positive("multiplier.lam_min", cfg.multiplier.lam_min, strict=False)
+    if cfg.multiplier.lam_max < cfg.multiplier.lam_min:
+        raise ConfigError("multiplier.lam_max: must be >= multiplier.lam_min")
+    if not cfg.multiplier.lam_min <= cfg.multiplier.init <= cfg.multiplier.lam_max:
+        raise ConfigError("multiplier.init: must lie in [lam_min, lam_max]")
+    _positive("loss.kl_coef", cfg.loss.kl_coef, strict=False)
+    for name in ("optim.epochs", "optim.minibatches", "optim.grad_accum"):
+        section, key = name.split(".")
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{name}: must be >= 1")
+    batch = cfg.run.prompts_per_step * cfg.run.group_size
+    if batch % (cfg.optim.minibatches * cfg.optim.grad_accum) != 0:
+        raise ConfigError(
+            f"optim.minibatches * optim.grad_accum = {cfg.optim.minibatches * cfg.optim.grad_accum} must "
+            f"divide the rollout batch run.prompts_per_step * run.group_size = {batch}"
+        )
+    for name in ("run.eval_every", "run.checkpoint_every"):
+        section, key = name.split(".")
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"{name}: must be >= 0 (0 = off)")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML / command-line value to the field's declared type, or fail naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        others = [a for a in args if a is not type(None)]
+        return _coerce(name, value, others[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and (not isinstance(number, int) or isinstance(number, bool)):
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return float(number) if hint is float else number
+    if hint is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _section_from_dict(section: str, data: Any) -> Any:
+    cls = SECTIONS[section]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown field; valid fields: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; valid sections: {', '.join(SECTIONS)}")
+    return Config(**{name: _section_from_dict(name, data.get(name, {}) or {}) for name in SECTIONS})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML scalars) to a config dict."""
+    out = {k: dict(v) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if section == "task" and name.startswith("options."):
+            out.setdefault("task", {}).setdefault("options", {})[name.split(".", 1)[1]] = value
+        else:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return yaml.safe_dump({k: plain(v) for k, v in cfg.to_dict().items()}, sort_keys=False)

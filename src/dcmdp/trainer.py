@@ -1,0 +1,519 @@
+"""The DCMDP training loop (one readable function of named steps; the math lives elsewhere).
+
+Per step (see ../docs/concepts.md):
+  1. rollout    the engine samples G completions for each of P prompts, with log-probs mu
+  2. score      the task's verifiable reward per completion
+  3. advantages GRPO group normalisation
+  4. recompute  the trainer's log-probs pi_old of the same tokens (same sampling processing)
+  5. measure    discrepancy between pi_old and mu (D = mean probability gap, and the rest)
+  6. update     minibatch gradient steps on the configured policy loss, lambda as a number
+  7. dual step  lambda <- clip(lambda + eta (D - c), lambda_min, lambda_max)
+  8. sync       push the new weights to the engine, in memory
+  9. eval       accuracy on the deployment engine every N steps
+ 10. log and checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcmdp.advantages import grpo_advantages
+from dcmdp.checkpoint import (
+    MetricsLog,
+    latest_checkpoint,
+    load_trainer_state,
+    random_states,
+    save_checkpoint,
+    set_random_states,
+)
+from dcmdp.config import Config, MultiplierConfig, dump_config
+from dcmdp.discrepancy import discrepancy_metrics
+from dcmdp.engines.base import Completion, EngineSpec, RolloutEngine, SamplingSettings, make_engine
+from dcmdp.evaluate import evaluate_accuracy
+from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
+from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
+from dcmdp.models import load_model, load_tokenizer, resolve_model
+from dcmdp.multiplier import AutoTolerance, make_multiplier
+from dcmdp.tasks import Problem, Task, make_task
+
+Logger = Callable[[str], None]
+
+
+class DivergenceError(RuntimeError):
+    """The loss or a gradient became NaN / inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class Rollout:
+    """One step's samples, group-contiguous: completions[g*G:(g+1)*G] answer problems[g]."""
+
+    problems: list[Problem]
+    prompts: list[list[int]]
+    completions: list[Completion]
+    rewards_N: torch.Tensor
+    counts: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def sampling_settings(cfg: Config, eos_id: int) -> SamplingSettings:
+    s = cfg.sampling
+    return SamplingSettings(s.temperature, s.top_p, s.top_k, s.max_tokens, stop_token_ids=(eos_id,))
+
+
+def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
+    e = cfg.engine
+    return EngineSpec(
+        type=e.type,
+        model=str(model_path),
+        dtype=e.dtype,
+        quantization=e.quantization,
+        seed=cfg.run.seed,
+        max_model_len=e.max_model_len,
+        kv_cache_gb=e.kv_cache_gb,
+    )
+
+
+def build_multiplier(m: MultiplierConfig) -> Any:
+    """The Lagrange multiplier object for a config (dual ascent or PID, fixed or automatic c)."""
+    common: dict[str, Any] = dict(init=m.init, lam_min=m.lam_min, lam_max=m.lam_max, ema=m.ema)
+    if m.type == "dual_ascent":
+        common["eta"] = m.eta
+    else:
+        common.update(kp=m.kp, ki=m.ki, kd=m.kd)
+    if m.tolerance is None:
+        inner = make_multiplier(m.type, tolerance=1.0, **common)  # placeholder c, set after warm-up
+        return AutoTolerance(
+            inner, warmup_steps=m.auto_warmup_steps, quantile=m.auto_quantile, multiple=m.auto_multiple
+        )
+    return make_multiplier(m.type, tolerance=m.tolerance, **common)
+
+
+def loss_settings(cfg: Config, lam: float, tolerance: float | None) -> LossSettings:
+    c = cfg.loss
+    return LossSettings(
+        clip_low=c.clip_low,
+        clip_high=c.clip_high,
+        agg=c.agg,
+        agg_constant=c.agg_constant,
+        tis_cap=c.tis_cap,
+        icepop_low=c.icepop_low,
+        icepop_high=c.icepop_high,
+        seq_cap=c.seq_cap,
+        geo_low=c.geo_low,
+        geo_high=c.geo_high,
+        opsm_delta=c.opsm_delta,
+        lam=lam,
+        # Before an automatic tolerance is set, a tolerance of 1 (the largest possible gap)
+        # turns the hinge off: the warm-up measures the discrepancy without acting on it.
+        tolerance=tolerance if tolerance is not None else 1.0,
+    )
+
+
+def lr_lambda(cfg: Config, total_updates: int) -> Callable[[int], float]:
+    warm = cfg.optim.warmup_steps
+
+    def f(i: int) -> float:
+        if warm > 0 and i < warm:
+            return (i + 1) / warm
+        if cfg.optim.schedule == "cosine":
+            progress = (i - warm) / max(1, total_updates - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+# ----------------------------------------------------------------------------- the named steps
+
+
+def rollout(
+    engine: RolloutEngine,
+    task: Task,
+    tokenizer: Any,
+    problems: list[Problem],
+    sampling: SamplingSettings,
+    group_size: int,
+    seed: int,
+) -> Rollout:
+    """Sample, validate and score. A group with any invalid sample or reward error is dropped
+    whole (its advantages would be biased) and counted."""
+    t0 = time.perf_counter()
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    result = engine.generate(prompts, sampling, n=group_size, seed=seed)
+    by_prompt: dict[int, list[Completion]] = {}
+    for c in result.completions:
+        by_prompt.setdefault(c.prompt_index, []).append(c)
+    kept_problems, kept_prompts, kept, rewards = [], [], [], []
+    reward_errors = 0
+    dropped_groups = 0
+    for i, problem in enumerate(problems):
+        group = by_prompt.get(i, [])
+        if len(group) != group_size:
+            dropped_groups += 1
+            continue
+        group_rewards = []
+        for c in group:
+            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            try:
+                group_rewards.append(float(task.reward(problem, text)))
+            except Exception:
+                reward_errors += 1
+                break
+        if len(group_rewards) != group_size or not all(math.isfinite(r) for r in group_rewards):
+            dropped_groups += 1
+            continue
+        idx = len(kept_problems)
+        kept_problems.append(problem)
+        kept_prompts.append(prompts[i])
+        for c in group:
+            kept.append(Completion(idx, c.token_ids, c.logprobs, c.finish_reason))
+        rewards.extend(group_rewards)
+    if not kept:
+        raise RuntimeError(
+            f"no usable samples this step: {dropped_groups} groups dropped "
+            f"(engine drops: {result.dropped}, reward errors: {reward_errors})"
+        )
+    counts = {
+        "rollout/dropped_samples": float(sum(result.dropped.values())),
+        "rollout/dropped_groups": float(dropped_groups),
+        "rollout/reward_errors": float(reward_errors),
+        "rollout/tokens": float(result.num_tokens),
+        "rollout/truncated_frac": sum(c.finish_reason == "length" for c in kept) / len(kept),
+    }
+    return Rollout(
+        kept_problems, kept_prompts, kept, torch.tensor(rewards), counts, time.perf_counter() - t0
+    )
+
+
+def micro_weight(agg: str, batch: TokenBatch, total_tokens: int, total_seqs: int) -> float:
+    """Share of a minibatch's loss carried by one micro-batch, so accumulation equals one pass."""
+    if agg == "token-mean":
+        return batch.num_response_tokens / total_tokens
+    if agg.startswith("seq-mean"):
+        return batch.response_mask_BT.shape[0] / total_seqs
+    return 1.0  # "constant": sum / constant already adds up across micro-batches
+
+
+def update_policy(
+    cfg: Config,
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: TokenBatch,
+    old_logp_BT: torch.Tensor,
+    ref_logp_BT: torch.Tensor | None,
+    advantages_N: torch.Tensor,
+    sampling: SamplingSettings,
+    settings: LossSettings,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Epochs x minibatches optimizer steps, each accumulating grad_accum micro-batches."""
+    loss_fn = get_policy_loss(cfg.loss.type)
+    N = batch.input_ids_BL.shape[0]
+    sums: dict[str, float] = {}
+    count = 0
+    model.train()
+    for _ in range(cfg.optim.epochs):
+        order = torch.randperm(N, generator=generator)
+        for mb in torch.tensor_split(order, cfg.optim.minibatches):
+            mb_batch = batch.select(mb)
+            total_tokens, total_seqs = mb_batch.num_response_tokens, len(mb)
+            for micro in torch.tensor_split(mb, cfg.optim.grad_accum):
+                mbatch = batch.select(micro)
+                logp = sequence_logprobs(model, mbatch, sampling)
+                mask = mbatch.response_mask_BT
+                adv = advantages_N[micro].unsqueeze(1).expand_as(logp)
+                out = loss_fn(LossInputs(logp, old_logp_BT[micro], mbatch.engine_logp_BT, adv, mask), settings)
+                loss = out.loss
+                metrics = dict(out.metrics)
+                if ref_model is not None and ref_logp_BT is not None:
+                    log_r = ref_logp_BT[micro] - logp  # k3 estimator of KL(pi || ref)
+                    k3 = torch.where(mask, torch.exp(log_r) - 1 - log_r, torch.zeros_like(log_r))
+                    kl = k3.sum() / mask.sum()
+                    loss = loss + cfg.loss.kl_coef * kl
+                    metrics["loss/kl_ref"] = kl.detach()
+                weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
+                (loss * weight).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            )
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise DivergenceError(f"the gradient norm became {float(grad_norm)}")
+            sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * cfg.optim.grad_accum
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    out_metrics = {k: v / count for k, v in sums.items()}
+    out_metrics["optim/lr"] = scheduler.get_last_lr()[0]
+    return out_metrics
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
+    """Run (or resume) a training job; returns a summary with accuracy before and after."""
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another run.out_dir"
+        )
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    base_path = resolve_base_model(cfg, log)
+    tokenizer = load_tokenizer(base_path)
+    dtype = getattr(torch, cfg.model.dtype)
+    model = load_model(ckpt if ckpt is not None else base_path, dtype=dtype)
+    ref_model = load_model(base_path, dtype=dtype).eval() if cfg.loss.kl_coef > 0 else None
+    task = make_task(cfg.task.name, **cfg.task.options)
+    sampling = sampling_settings(cfg, tokenizer.eos_token_id)
+    greedy = SamplingSettings(1.0, 1.0, 1, cfg.sampling.max_tokens, (tokenizer.eos_token_id,))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    total_updates = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_updates))
+    multiplier = build_multiplier(cfg.multiplier)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    start_step = 0
+    torch.manual_seed(cfg.run.seed)
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        multiplier.load_state_dict(state["multiplier"])
+        generator.set_state(state["generator"])
+        set_random_states(state["random"])
+        start_step = int(state["step"])
+        dropped = metrics_log.truncate_after(start_step)
+        log(f"resumed from {ckpt} at step {start_step} (dropped {dropped} log rows written after it)")
+    elif resume:
+        metrics_log.truncate_after(-1)
+        log(f"no complete checkpoint in {run_dir}; starting from step 0")
+    writers = open_writers(cfg, run_dir)
+
+    eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
+    log(f"engine: {cfg.engine.type} {cfg.engine.dtype} {cfg.engine.quantization or ''} | trainer {cfg.model.dtype}")
+    engine = make_engine(engine_spec(cfg, base_path))
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    try:
+        t_sync = time.perf_counter()
+        engine.load_weights(model.named_parameters())
+        log(f"initial weight sync {time.perf_counter() - t_sync:.2f}s")
+
+        def run_eval(step: int) -> dict[str, float]:
+            t0 = time.perf_counter()
+            row = evaluate_accuracy(
+                engine, task, tokenizer, eval_problems, greedy, sampling if cfg.run.eval_sampled else None,
+                seed=cfg.run.seed + 20_000,
+            )
+            row["time/eval"] = time.perf_counter() - t0
+            emit(metrics_log, writers, {"kind": "eval", "step": step, **row})
+            return row
+
+        if start_step == 0:
+            before = run_eval(0)
+            log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
+        for step in range(start_step + 1, cfg.run.steps + 1):
+            row = train_step(
+                cfg, step, engine, task, tokenizer, model, ref_model, optimizer, scheduler,
+                multiplier, sampling, generator,
+            )
+            emit(metrics_log, writers, {"kind": "train", "step": step, **row})
+            log(
+                f"step {step:4d}/{cfg.run.steps} reward {row['reward/mean']:.3f} "
+                f"D {row['discrepancy/prob_gap_mean']:.5f} lambda {row['multiplier/lambda']:.4f} "
+                f"c {row['multiplier/tolerance']:.5f} loss {row['loss/total']:+.4f} "
+                f"{row['time/step']:.2f}s ({row['perf/tokens_per_s']:.0f} tok/s)"
+            )
+            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                ev = run_eval(step)
+                log(f"step {step} eval: greedy accuracy {ev['eval/accuracy_greedy']:.3f}")
+            if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps):
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "multiplier": multiplier.state_dict(),
+                    "generator": generator.get_state(),
+                    "random": random_states(),
+                    "step": step,
+                }
+                save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.run.keep_checkpoints)
+        summary.update(final_summary(run_dir, multiplier))
+    finally:
+        engine.close()
+        for w in writers:
+            w.close()
+    return summary
+
+
+def train_step(
+    cfg: Config,
+    step: int,
+    engine: RolloutEngine,
+    task: Task,
+    tokenizer: Any,
+    model: torch.nn.Module,
+    ref_model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    multiplier: Any,
+    sampling: SamplingSettings,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    t_step = time.perf_counter()
+    seed = cfg.run.seed * 1_000_003 + step
+    problems = task.problems("train", cfg.run.prompts_per_step, seed=seed)
+    ro = rollout(engine, task, tokenizer, problems, sampling, cfg.run.group_size, seed)
+
+    advantages_N = grpo_advantages(ro.rewards_N, cfg.run.group_size, scale_by_std=cfg.loss.scale_adv_by_std)
+    batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.eval()
+        old_logp_BT = sequence_logprobs(model, batch, sampling)
+        ref_logp_BT = sequence_logprobs(ref_model, batch, sampling) if ref_model is not None else None
+    t_recompute = time.perf_counter() - t0
+    disc = {k: float(v) for k, v in discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT).items()}
+
+    t0 = time.perf_counter()
+    settings = loss_settings(cfg, multiplier.value, multiplier.tolerance)
+    upd = update_policy(
+        cfg, model, ref_model, optimizer, scheduler, batch, old_logp_BT, ref_logp_BT, advantages_N,
+        sampling, settings, generator,
+    )
+    t_update = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    lam_used = multiplier.value
+    multiplier.update(disc["discrepancy/prob_gap_mean"])
+    t_dual = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    engine.load_weights(model.named_parameters())
+    t_sync = time.perf_counter() - t0
+
+    step_time = time.perf_counter() - t_step
+    rewards = ro.rewards_N
+    row: dict[str, float] = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std(unbiased=False)),
+        "reward/accuracy": float((rewards >= 1.0).float().mean()),
+        "reward/degenerate_groups": float(
+            (rewards.view(-1, cfg.run.group_size).std(dim=1, unbiased=False) == 0).float().mean()
+        ),
+        "response/mean_tokens": batch.num_response_tokens / len(ro.completions),
+        **ro.counts,
+        **disc,
+        **upd,
+        "multiplier/lambda": lam_used,
+        "multiplier/lambda_next": multiplier.value,
+        "multiplier/tolerance": float("nan") if multiplier.tolerance is None else float(multiplier.tolerance),
+        "time/rollout": ro.seconds,
+        "time/recompute": t_recompute,
+        "time/update": t_update,
+        "time/dual": t_dual,
+        "time/sync": t_sync,
+        "time/step": step_time,
+        "perf/tokens_per_s": ro.counts["rollout/tokens"] / max(ro.seconds, 1e-9),
+    }
+    return row
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def resolve_base_model(cfg: Config, log: Logger) -> Path:
+    if cfg.model.path == "default":
+        from dcmdp.pretrain import ensure_base_model
+
+        log("base model: the default tiny Qwen3 warm-started on arithmetic (cached after the first run)")
+        return Path(ensure_base_model(cache_dir=cfg.model.cache_dir))
+    return resolve_model(cfg.model.path, cache_dir=cfg.model.cache_dir)
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if isinstance(v, int | float) and k not in ("step",):
+                self.w.add_scalar(k, v, row["step"])
+        self.w.flush()
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _Wandb:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        import wandb  # type: ignore[import-not-found]
+
+        self.run = wandb.init(project=cfg.run.wandb_project, dir=str(run_dir), config=cfg.to_dict())
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "kind"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_writers(cfg: Config, run_dir: Path) -> list[Any]:
+    writers: list[Any] = []
+    if cfg.run.tensorboard:
+        try:
+            writers.append(_TensorBoard(run_dir))
+        except ImportError:
+            print("tensorboard is not installed; metrics go to metrics.jsonl only")
+    if cfg.run.wandb:
+        try:
+            writers.append(_Wandb(cfg, run_dir))
+        except ImportError:
+            print("run.wandb=true but the wandb package is not installed (pip install wandb); skipping it")
+    return writers
+
+
+def emit(metrics_log: MetricsLog, writers: list[Any], row: dict[str, Any]) -> None:
+    metrics_log.write(row)
+    for w in writers:
+        w.write(row)
+
+
+def final_summary(run_dir: Path, multiplier: Any) -> dict[str, Any]:
+    from dcmdp.checkpoint import read_metrics
+
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    out: dict[str, Any] = {"multiplier": multiplier.value, "tolerance": multiplier.tolerance}
+    if evals:
+        out["accuracy_before"] = evals[0]["eval/accuracy_greedy"]
+        out["accuracy_after"] = evals[-1]["eval/accuracy_greedy"]
+        if "eval/accuracy_sampled" in evals[0]:
+            out["sampled_accuracy_before"] = evals[0]["eval/accuracy_sampled"]
+            out["sampled_accuracy_after"] = evals[-1]["eval/accuracy_sampled"]
+    return out
