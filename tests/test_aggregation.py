@@ -92,7 +92,9 @@ def test_loop_versus_vectorised(mode: str, seed: int) -> None:
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_garbage_at_masked_positions_changes_nothing(mode: str) -> None:
     dirty = VALUES_BT.clone()
-    dirty[~MASK_BT] = torch.tensor([math.nan, math.inf, -math.inf, 1e30, math.nan, math.nan], dtype=torch.float64)
+    dirty[~MASK_BT] = torch.tensor(
+        [math.nan, math.inf, -math.inf, 1e30, math.nan, math.nan], dtype=torch.float64
+    )
     dirty.requires_grad_(True)
     out = aggregate(dirty, MASK_BT, mode, constant=2.0)
     assert out.item() == pytest.approx(aggregate(VALUES_BT, MASK_BT, mode, constant=2.0).item())

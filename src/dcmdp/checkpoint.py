@@ -36,10 +36,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def random_states() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
+    py_state: Any = random.getstate()
     return {
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
+        "python": list(py_state[1]),
+        "python_pos": py_state[2],
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
         "numpy_pos": int(np_state[2]),
         "torch": torch.get_rng_state(),
@@ -87,7 +88,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.exists():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).exists()]
+    done = [
+        p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).exists()
+    ]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -137,7 +140,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():

@@ -239,9 +239,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if is_null and type(None) in args:
+            return None
         others = [a for a in args if a is not type(None)]
         return _coerce(name, value, others[0])
     if hint is bool:
@@ -254,7 +254,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         try:
-            number = float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
+            number = (
+                float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
+            )
         except ValueError:
             raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
         if hint is int and (not isinstance(number, int) or isinstance(number, bool)):

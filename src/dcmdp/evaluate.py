@@ -7,6 +7,7 @@ policy users ship is the one the engine samples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
@@ -33,10 +34,8 @@ def evaluate_accuracy(
         tokens = 0
         for c in result.completions:
             text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            try:
+            with contextlib.suppress(Exception):  # a reward error counts as wrong
                 correct += float(task.reward(problems[c.prompt_index], text) >= 1.0)
-            except Exception:
-                pass  # a reward error counts as wrong
             tokens += len(c.token_ids)
         out[f"eval/accuracy_{name}"] = correct / len(problems)
         out[f"eval/mean_tokens_{name}"] = tokens / max(1, len(result.completions))
@@ -74,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     task = make_task(args.task, **options)
     tokenizer = load_tokenizer(path)
     eos = (tokenizer.eos_token_id,)
-    engine = make_engine(EngineSpec(type=args.engine, model=str(path), dtype=args.dtype, quantization=args.quantization))
+    engine = make_engine(
+        EngineSpec(type=args.engine, model=str(path), dtype=args.dtype, quantization=args.quantization)
+    )
     try:
         problems = task.problems("eval", args.problems, seed=args.seed)
         result = evaluate_accuracy(

@@ -61,7 +61,11 @@ class GGUFVocab:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map (the alphabet of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -109,7 +113,12 @@ def vocab_from_tokenizer_json(path: str | Path, vocab_size: int) -> GGUFVocab:
     vocab = GGUFVocab([], types, merges, pre=pre)
     vocab.tokens = _fill_unused(tokens)
     by_text = {t: i for i, t in enumerate(vocab.tokens)}
-    for tok, name in ((EOS_TEXTS, "eos_id"), (PAD_TEXTS, "pad_id"), (UNK_TEXTS, "unk_id"), (BOS_TEXTS, "bos_id")):
+    for tok, name in (
+        (EOS_TEXTS, "eos_id"),
+        (PAD_TEXTS, "pad_id"),
+        (UNK_TEXTS, "unk_id"),
+        (BOS_TEXTS, "bos_id"),
+    ):
         for t in tok:
             if t in by_text:
                 setattr(vocab, name, by_text[t])
@@ -166,7 +175,9 @@ def _rope_theta(config: Any) -> float:
     theta = params.get("rope_theta") if isinstance(params, Mapping) else None
     if theta is None:
         theta = _cfg(config, "rope_theta", 10000.0)
-    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
+    rope_type = (
+        params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
+    )
     if rope_type not in (None, "default"):
         raise NotImplementedError(f"rope scaling {rope_type!r} is not supported by the GGUF writer")
     return float(theta)
@@ -320,7 +331,9 @@ def vocab_for(model_dir: str | Path | None, vocab_size: int) -> GGUFVocab:
     return placeholder_vocab(vocab_size)
 
 
-def export_gguf(model_dir_or_model: str | Path | torch.nn.Module, out_path: str | Path, qtype: str = "F32") -> Path:
+def export_gguf(
+    model_dir_or_model: str | Path | torch.nn.Module, out_path: str | Path, qtype: str = "F32"
+) -> Path:
     """Write a GGUF file from a local HF model directory or an in-memory HF model.
 
     ``qtype``: one of ``QTYPES`` ("F32", "F16", "BF16", "Q8_0", "Q4_0"); others raise ValueError.

@@ -28,7 +28,8 @@ Masks and weights from rho multiply the per-token loss; they do not shrink the a
 denominator (as in DeepSeek-V3.2's OPSM formula and verl's ``pg_losses *= weights``).
 
 Metrics (``LossOutput.metrics``; every value a detached 0-d tensor; token fractions and means are
-over response tokens, sequence fractions over sequences with at least one response token):
+over response tokens, sequence fractions over sequences with at least one response token; "opsm" is
+offpolicy_seq_mask):
 
 | metric                   | losses                              | meaning                                           |
 |--------------------------|-------------------------------------|---------------------------------------------------|
@@ -205,34 +206,44 @@ def check_loss_inputs(inputs: LossInputs) -> None:
     non-finite advantage there. Positions outside the mask are not inspected. All counts come back
     from the device in one read.
     """
-    named = {f.name: getattr(inputs, f.name) for f in fields(inputs)}
-    ref_name, ref = "logp_BT", inputs.logp_BT
-    if ref.ndim != 2:
-        raise ValueError(f"{ref_name} must be 2-D [B, T], got shape {tuple(ref.shape)}")
-    for name, tensor in named.items():
-        if tensor.shape != ref.shape:
+    shape = inputs.logp_BT.shape
+    if len(shape) != 2:
+        raise ValueError(f"logp_BT must be 2-D [B, T], got shape {tuple(shape)}")
+    for f in fields(inputs):
+        tensor = getattr(inputs, f.name)
+        if tensor.shape != shape:
             raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but {ref_name} has shape {tuple(ref.shape)}; "
+                f"{f.name} has shape {tuple(tensor.shape)} but logp_BT has shape {tuple(shape)}; "
                 "all loss inputs must share one [B, T] shape"
             )
     keep_BT = inputs.mask_BT != 0
-    checked = ("logp_BT", "old_logp_BT", "engine_logp_BT", "advantages_BT")
-    bad_counts = [
-        (keep_BT & (torch.isnan(t) | (t == math.inf))).sum() for t in (named[n].detach() for n in checked[:3])
-    ]
-    bad_counts.append((keep_BT & ~torch.isfinite(inputs.advantages_BT.detach())).sum())
-    counts = torch.stack([keep_BT.sum(), *bad_counts]).tolist()  # the one device read-back
-    if counts[0] == 0:
+
+    def nan_or_pos_inf(t: Tensor) -> Tensor:
+        t = t.detach()
+        return torch.isnan(t) | (t == math.inf)
+
+    # -inf log-probs are legal (probability 0); NaN and +inf are not. Advantages must be finite.
+    bad = {
+        "logp_BT": (nan_or_pos_inf(inputs.logp_BT), "NaN or +inf values", "the trainer forward pass"),
+        "old_logp_BT": (nan_or_pos_inf(inputs.old_logp_BT), "NaN or +inf values", "the trainer recompute"),
+        "engine_logp_BT": (
+            nan_or_pos_inf(inputs.engine_logp_BT),
+            "NaN or +inf values",
+            "the rollout engine's returned log-probs",
+        ),
+        "advantages_BT": (~torch.isfinite(inputs.advantages_BT.detach()), "non-finite values", "the rewards"),
+    }
+    counts = torch.stack([keep_BT.sum(), *[(keep_BT & flag).sum() for flag, _, _ in bad.values()]])
+    n_tokens, *n_bad = counts.tolist()  # the one device read-back
+    if n_tokens == 0:
         raise ValueError(
             f"mask_BT selects no response tokens (shape {tuple(inputs.mask_BT.shape)}, all zero); "
             "there is nothing to train on"
         )
-    for name, count in zip(checked, counts[1:]):
+    for (name, (_, what, where)), count in zip(bad.items(), n_bad):
         if count:
-            what = "non-finite values" if name == "advantages_BT" else "NaN or +inf values"
             raise ValueError(
-                f"{name} has {count} {what} at response (mask != 0) positions out of {counts[0]}; "
-                "check the engine returned log-probs for every sampled token"
+                f"{name} has {count} {what} at response (mask != 0) positions out of {n_tokens}; check {where}"
             )
 
 

@@ -90,9 +90,9 @@ def tiny_qwen3_config(spec: TinyModelSpec, moe: bool = False) -> Any:
         rms_norm_eps=1e-6,
     )
     if moe:
+        # Qwen3-MoE derives head_dim = hidden_size / num_heads.
         return Qwen3MoeConfig(
             **common,
-            head_dim=spec.head_dim,
             intermediate_size=spec.intermediate_size,
             moe_intermediate_size=spec.moe_intermediate_size,
             num_experts=spec.num_experts,
@@ -155,7 +155,8 @@ def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, devic
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(device)
+    model.to(torch.device(device))
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -183,7 +184,7 @@ def build_smollm2(out_dir: str | Path) -> Path:
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)  # type: ignore[arg-type]
     return save_model(model, tokenizer, out_dir)
 
 

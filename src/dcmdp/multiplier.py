@@ -180,6 +180,11 @@ class PIDMultiplier:
     is taken on D, as in the paper, not on e, so a change of c (``AutoTolerance``) is no kick.
     With kp = kd = 0 and ki = eta this is exactly :class:`LagrangeMultiplier`.
 
+    What the P term can and cannot fix: when D integrates the push it gets (each training step
+    moves D by the reward gradient minus k·lambda), integral-only control never settles and kp > 0
+    damps it (tests/test_multiplier.py simulates this). When D instead jumped to its new level
+    within one step, an integral gain with k·ki > 2 is unstable whatever kp is: lower ki then.
+
     Args:
         init: lambda_0 in [lam_min, lam_max]. Paper (DCMDP): 0.1.
         kp, ki, kd: gains, each >= 0, not all 0. ki = 1.0 is DCMDP's eta; kp = 10 (the P term

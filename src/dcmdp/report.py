@@ -61,7 +61,9 @@ def make_report(runs: list[Path], out_dir: Path) -> Path:
             for kind, key in series:
                 xs, ys = _series(rows, kind, key)
                 if xs:
-                    ax.plot(xs, ys, color=color, label=_label(run), marker="o" if kind == "eval" else None, ms=3)
+                    ax.plot(
+                        xs, ys, color=color, label=_label(run), marker="o" if kind == "eval" else None, ms=3
+                    )
             if name == "discrepancy":
                 xs, cs = _series(rows, "train", "multiplier/tolerance")
                 if xs:
@@ -147,7 +149,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="PNG plots and an HTML page comparing runs")
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report for one run, else report/)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN_DIR/report for one run, else report/)"
+    )
     p.set_defaults(func=run)
 
 

@@ -19,7 +19,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.add_argument("--config", default=None, help="YAML config file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in run.out_dir from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in run.out_dir from its last checkpoint"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
 

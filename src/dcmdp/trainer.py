@@ -153,7 +153,10 @@ def rollout(
     by_prompt: dict[int, list[Completion]] = {}
     for c in result.completions:
         by_prompt.setdefault(c.prompt_index, []).append(c)
-    kept_problems, kept_prompts, kept, rewards = [], [], [], []
+    kept_problems: list[Problem] = []
+    kept_prompts: list[list[int]] = []
+    kept: list[Completion] = []
+    rewards: list[float] = []
     reward_errors = 0
     dropped_groups = 0
     for i, problem in enumerate(problems):
@@ -190,9 +193,7 @@ def rollout(
         "rollout/tokens": float(result.num_tokens),
         "rollout/truncated_frac": sum(c.finish_reason == "length" for c in kept) / len(kept),
     }
-    return Rollout(
-        kept_problems, kept_prompts, kept, torch.tensor(rewards), counts, time.perf_counter() - t0
-    )
+    return Rollout(kept_problems, kept_prompts, kept, torch.tensor(rewards), counts, time.perf_counter() - t0)
 
 
 def micro_weight(agg: str, batch: TokenBatch, total_tokens: int, total_seqs: int) -> float:
@@ -234,9 +235,11 @@ def update_policy(
                 logp = sequence_logprobs(model, mbatch, sampling)
                 mask = mbatch.response_mask_BT
                 adv = advantages_N[micro].unsqueeze(1).expand_as(logp)
-                out = loss_fn(LossInputs(logp, old_logp_BT[micro], mbatch.engine_logp_BT, adv, mask), settings)
+                out = loss_fn(
+                    LossInputs(logp, old_logp_BT[micro], mbatch.engine_logp_BT, adv, mask), settings
+                )
                 loss = out.loss
-                metrics = dict(out.metrics)
+                metrics: dict[str, Any] = dict(out.metrics)
                 if ref_model is not None and ref_logp_BT is not None:
                     log_r = ref_logp_BT[micro] - logp  # k3 estimator of KL(pi || ref)
                     k3 = torch.where(mask, torch.exp(log_r) - 1 - log_r, torch.zeros_like(log_r))
@@ -256,12 +259,14 @@ def update_policy(
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise DivergenceError(f"the gradient norm became {float(grad_norm)}")
-            sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * cfg.optim.grad_accum
+            sums["optim/grad_norm"] = (
+                sums.get("optim/grad_norm", 0.0) + float(grad_norm) * cfg.optim.grad_accum
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     out_metrics = {k: v / count for k, v in sums.items()}
-    out_metrics["optim/lr"] = scheduler.get_last_lr()[0]
+    out_metrics["optim/lr"] = float(scheduler.get_last_lr()[0])
     return out_metrics
 
 
@@ -315,7 +320,9 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     writers = open_writers(cfg, run_dir)
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
-    log(f"engine: {cfg.engine.type} {cfg.engine.dtype} {cfg.engine.quantization or ''} | trainer {cfg.model.dtype}")
+    log(
+        f"engine: {cfg.engine.type} {cfg.engine.dtype} {cfg.engine.quantization or ''} | trainer {cfg.model.dtype}"
+    )
     engine = make_engine(engine_spec(cfg, base_path))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
@@ -326,7 +333,12 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         def run_eval(step: int) -> dict[str, float]:
             t0 = time.perf_counter()
             row = evaluate_accuracy(
-                engine, task, tokenizer, eval_problems, greedy, sampling if cfg.run.eval_sampled else None,
+                engine,
+                task,
+                tokenizer,
+                eval_problems,
+                greedy,
+                sampling if cfg.run.eval_sampled else None,
                 seed=cfg.run.seed + 20_000,
             )
             row["time/eval"] = time.perf_counter() - t0
@@ -338,8 +350,18 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
         for step in range(start_step + 1, cfg.run.steps + 1):
             row = train_step(
-                cfg, step, engine, task, tokenizer, model, ref_model, optimizer, scheduler,
-                multiplier, sampling, generator,
+                cfg,
+                step,
+                engine,
+                task,
+                tokenizer,
+                model,
+                ref_model,
+                optimizer,
+                scheduler,
+                multiplier,
+                sampling,
+                generator,
             )
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
             log(
@@ -397,13 +419,26 @@ def train_step(
         old_logp_BT = sequence_logprobs(model, batch, sampling)
         ref_logp_BT = sequence_logprobs(ref_model, batch, sampling) if ref_model is not None else None
     t_recompute = time.perf_counter() - t0
-    disc = {k: float(v) for k, v in discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT).items()}
+    disc = {
+        k: float(v)
+        for k, v in discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT).items()
+    }
 
     t0 = time.perf_counter()
     settings = loss_settings(cfg, multiplier.value, multiplier.tolerance)
     upd = update_policy(
-        cfg, model, ref_model, optimizer, scheduler, batch, old_logp_BT, ref_logp_BT, advantages_N,
-        sampling, settings, generator,
+        cfg,
+        model,
+        ref_model,
+        optimizer,
+        scheduler,
+        batch,
+        old_logp_BT,
+        ref_logp_BT,
+        advantages_N,
+        sampling,
+        settings,
+        generator,
     )
     t_update = time.perf_counter() - t0
 

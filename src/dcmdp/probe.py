@@ -1,0 +1,329 @@
+"""`dcmdp probe`: measure the train-inference discrepancy of one or more engine settings.
+
+For each setting (engine type, dtype, optional quantization) the probe samples completions with
+that engine, recomputes their log-probs with the trainer (Transformers, float32 by default) under
+the same temperature / top-k / top-p processing, and reports every measure of
+``dcmdp.discrepancy.discrepancy_metrics`` side by side, plus throughput and sample counts.
+
+    dcmdp probe --model tiny-qwen3 --setting transformers:float32 --setting transformers:float32:int4
+    dcmdp probe --model PATH --engine vllm --dtype bfloat16 --json
+
+Engines are built and closed one at a time, so at most one engine and the trainer are in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcmdp.engines.base import DTYPES, EngineSpec, SamplingSettings, engine_names, make_engine
+
+# Text prompts for models without the dcmdp character tokenizer (a task registry comes later).
+GENERIC_PROMPTS = (
+    "What is 17 + 25? Answer with a number.",
+    "Write one sentence about the sea.",
+    "List three prime numbers.",
+    "Translate 'good morning' into French.",
+    "Explain in one sentence why the sky is blue.",
+    "Complete the sequence: 2, 4, 8, 16,",
+    "Name a famous mathematician.",
+    "What is the capital of Italy?",
+)
+# Quantization names each engine type accepts; None = the engine checks them itself.
+_TRANSFORMERS_QUANT = ("int8", "int4", "fp8")
+_LLAMACPP_QUANT = ("F32", "BF16", "F16", "Q8_0", "Q4_0")
+
+
+@dataclass(frozen=True)
+class ProbeSetting:
+    """One column of the probe: which engine, at which dtype, with which quantization."""
+
+    engine: str
+    dtype: str
+    quantization: str | None = None
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.engine, self.dtype] + ([self.quantization] if self.quantization else []))
+
+
+def parse_setting(text: str) -> ProbeSetting:
+    """Parse ``engine:dtype[:quantization]`` (e.g. ``vllm:bfloat16``, ``transformers:float32:int4``)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"setting {text!r} must look like engine:dtype[:quantization], e.g. vllm:bfloat16")
+    engine, dtype = parts[0], parts[1]
+    quant = parts[2] if len(parts) == 3 and parts[2].lower() != "none" else None
+    return make_setting(engine, dtype, quant)
+
+
+def make_setting(engine: str, dtype: str, quantization: str | None) -> ProbeSetting:
+    if engine not in engine_names():
+        raise ValueError(f"engine {engine!r} is unknown; valid: {', '.join(engine_names())}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; valid: {', '.join(DTYPES)}")
+    allowed = {"transformers": _TRANSFORMERS_QUANT, "llamacpp": _LLAMACPP_QUANT}.get(engine)
+    if quantization is not None and allowed is not None and quantization not in allowed:
+        raise ValueError(
+            f"quantization {quantization!r} is unknown for engine {engine}; valid: {', '.join(allowed)} or none"
+        )
+    return ProbeSetting(engine, dtype, quantization)
+
+
+def make_prompts(tokenizer: Any, num_prompts: int, seed: int) -> list[list[int]]:
+    """Task-like prompts as token ids.
+
+    With the dcmdp character tokenizer: arithmetic strings such as ``"12+35="`` from a seeded RNG.
+    Otherwise the ``GENERIC_PROMPTS`` cycled, through the chat template when the tokenizer has one.
+    """
+    from dcmdp.models import char_vocab
+
+    if tokenizer.get_vocab() == char_vocab():
+        rng = random.Random(seed)
+        texts = [f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=" for _ in range(num_prompts)]
+        return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    texts = [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(num_prompts)]
+    if getattr(tokenizer, "chat_template", None):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in texts
+        ]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+@dataclass
+class SettingResult:
+    setting: str
+    engine: str
+    dtype: str
+    quantization: str | None
+    samples: int  # completions kept after validation
+    tokens: int  # response tokens generated (kept samples)
+    tokens_per_s: float  # response tokens / seconds in engine.generate
+    load_s: float  # seconds to build the engine (before the warm-up call)
+    dropped: dict[str, int]  # samples the engine returned but validation rejected, by reason
+    # Tokens the engine sampled that the trainer's processed distribution gives probability 0
+    # (top-k / top-p kept sets differ); left out of the metrics, which would be infinite.
+    trainer_zero_prob_tokens: int
+    metrics: dict[str, float]
+
+
+def probe_setting(
+    setting: ProbeSetting,
+    model_path: Path,
+    trainer: Any,
+    prompts: list[list[int]],
+    sampling: SamplingSettings,
+    samples: int,
+    seed: int,
+    pad_id: int,
+    max_model_len: int,
+    device: str,
+) -> SettingResult:
+    """Sample with one engine setting, recompute with the trainer, and measure the discrepancy."""
+    from dcmdp.discrepancy import discrepancy_metrics
+    from dcmdp.logprobs import build_token_batch, sequence_logprobs
+
+    spec = EngineSpec(
+        type=setting.engine,
+        model=str(model_path),
+        dtype=setting.dtype,
+        quantization=setting.quantization,
+        seed=seed,
+        max_model_len=max_model_len,
+        device=device,
+    )
+    t0 = time.perf_counter()
+    engine = make_engine(spec)
+    load_s = time.perf_counter() - t0
+    try:
+        # A short warm-up call first, so tokens/s measures steady-state sampling, not first-call
+        # set-up (vLLM's first call, kernel selection); its samples are discarded.
+        engine.generate(prompts[:1], dataclasses.replace(sampling, max_tokens=2), n=1, seed=seed)
+        result = engine.generate(prompts, sampling, n=samples, seed=seed)
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+    gen_s = result.timings.get("generate", float("nan"))
+    metrics: dict[str, float] = {}
+    zero_prob = 0
+    if result.completions:
+        batch = build_token_batch(prompts, result.completions, pad_id)
+        with torch.no_grad():
+            logp_BT = sequence_logprobs(trainer, batch, sampling, micro_batch=16).float().cpu()
+        mask_BT = batch.response_mask_BT & torch.isfinite(logp_BT)
+        zero_prob = int((batch.response_mask_BT & ~torch.isfinite(logp_BT)).sum())
+        if bool(mask_BT.any()):
+            raw = discrepancy_metrics(logp_BT, batch.engine_logp_BT, mask_BT)
+            metrics = {k: float(v) for k, v in raw.items()}
+    return SettingResult(
+        setting=setting.label,
+        engine=setting.engine,
+        dtype=setting.dtype,
+        quantization=setting.quantization,
+        samples=len(result.completions),
+        tokens=result.num_tokens,
+        tokens_per_s=result.num_tokens / gen_s if gen_s > 0 else float("nan"),
+        load_s=load_s,
+        dropped=dict(result.dropped),
+        trainer_zero_prob_tokens=zero_prob,
+        metrics=metrics,
+    )
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else str(x)
+    if x == int(x) and abs(x) < 1e9:
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def format_table(results: list[SettingResult]) -> str:
+    """Rows = measures, columns = settings, aligned."""
+    names: list[str] = []
+    for r in results:
+        names += [k for k in r.metrics if k not in names]
+    rows: list[tuple[str, list[str]]] = [
+        ("samples", [str(r.samples) for r in results]),
+        ("dropped", [str(sum(r.dropped.values())) for r in results]),
+        ("response tokens", [str(r.tokens) for r in results]),
+        ("tokens/s", [f"{r.tokens_per_s:.1f}" for r in results]),
+        ("engine load s", [f"{r.load_s:.2f}" for r in results]),
+        ("trainer p=0 tokens", [str(r.trainer_zero_prob_tokens) for r in results]),
+    ]
+    rows += [(n, [_fmt(r.metrics[n]) if n in r.metrics else "-" for r in results]) for n in names]
+    header = ("measure", [r.setting for r in results])
+    width0 = max(len(name) for name, _ in [header, *rows])
+    widths = [max(len(header[1][j]), *(len(cells[j]) for _, cells in rows)) for j in range(len(results))]
+
+    def line(name: str, cells: list[str]) -> str:
+        return "  ".join([name.ljust(width0)] + [c.rjust(w) for c, w in zip(cells, widths)])
+
+    out = [line(*header), "  ".join(["-" * width0] + ["-" * w for w in widths])]
+    out += [line(name, cells) for name, cells in rows]
+    return "\n".join(out)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcmdp.engines.hf_engine import TORCH_DTYPES, resolve_device
+    from dcmdp.models import load_model, load_tokenizer, resolve_model
+
+    try:
+        if args.setting:
+            settings = [parse_setting(s) for s in args.setting]
+        else:
+            settings = [make_setting(args.engine, args.dtype, args.quantization)]
+        if args.trainer_dtype not in DTYPES:
+            raise ValueError(f"--trainer-dtype {args.trainer_dtype!r} is unknown; valid: {', '.join(DTYPES)}")
+        sampling = SamplingSettings(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens
+        )
+        if args.prompts < 1 or args.samples < 1:
+            raise ValueError("--prompts and --samples must be >= 1")
+        model_path = resolve_model(args.model)
+    except ValueError as exc:
+        print(f"dcmdp probe: error: {exc}", file=sys.stderr)
+        return 2
+
+    tokenizer = load_tokenizer(model_path)
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    sampling = dataclasses.replace(sampling, stop_token_ids=stop)
+    prompts = make_prompts(tokenizer, args.prompts, args.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = resolve_device(args.device)
+    trainer = load_model(model_path, dtype=TORCH_DTYPES[args.trainer_dtype], device=device).eval()
+
+    results = []
+    for setting in settings:
+        if not args.json:
+            print(f"probing {setting.label} ...", file=sys.stderr)
+        results.append(
+            probe_setting(
+                setting,
+                model_path,
+                trainer,
+                prompts,
+                sampling,
+                args.samples,
+                args.seed,
+                pad_id,
+                args.max_model_len,
+                args.device,
+            )
+        )
+
+    if args.json:
+        payload = {
+            "model": str(model_path),
+            "trainer_dtype": args.trainer_dtype,
+            "prompts": len(prompts),
+            "samples_per_prompt": args.samples,
+            "sampling": asdict(sampling),
+            "settings": [asdict(r) for r in results],
+        }
+        print(json.dumps(_json_safe(payload), indent=2))
+    else:
+        print(
+            f"model {model_path}  trainer {args.trainer_dtype}  {len(prompts)} prompts x {args.samples} samples  "
+            f"T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} max_tokens={sampling.max_tokens}"
+        )
+        print(format_table(results))
+    return 0
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "probe",
+        help="measure engine-vs-trainer discrepancy for one or more engine settings",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="local HF model directory or a named model")
+    p.add_argument("--engine", default="vllm", help=f"engine type ({', '.join(engine_names())})")
+    p.add_argument("--dtype", default="bfloat16", help=f"engine dtype ({', '.join(DTYPES)})")
+    p.add_argument("--quantization", default=None, help="engine quantization (engine-specific name)")
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="ENGINE:DTYPE[:QUANT]",
+        help="a setting to probe (repeatable); when given, --engine/--dtype/--quantization are ignored",
+    )
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    p.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainer-dtype", default="float32", help=f"trainer recompute dtype ({', '.join(DTYPES)})")
+    p.add_argument("--max-model-len", type=int, default=256, help="engine context length (vLLM)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+    return p
