@@ -155,7 +155,7 @@ def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, devic
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model.to(torch.device(device))
+    model.to(torch.device(device))  # type: ignore[arg-type]
     return model
 
 

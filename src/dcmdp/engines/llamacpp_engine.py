@@ -17,6 +17,7 @@ Needs the optional ``llama-cpp-python`` and ``gguf`` packages: scripts/install_l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -93,10 +94,8 @@ class LlamaCppEngine:
 
         self.spec = spec
         self.qtype = check_qtype(spec.quantization or "F32")
-        self.parallel = int(parallel or os.environ.get("DCMDP_LLAMACPP_PARALLEL", DEFAULT_PARALLEL))
-        self.n_threads = int(
-            n_threads or os.environ.get("DCMDP_LLAMACPP_THREADS", 0) or (os.cpu_count() or 1)
-        )
+        self.parallel = int(parallel or os.environ.get("DCMDP_LLAMACPP_PARALLEL") or DEFAULT_PARALLEL)
+        self.n_threads = int(n_threads or os.environ.get("DCMDP_LLAMACPP_THREADS") or os.cpu_count() or 1)
         self.max_model_len = int(spec.max_model_len)
         self._lib = _llama()
         model_dir = resolve_model(spec.model)
@@ -255,7 +254,7 @@ class LlamaCppEngine:
             finish: list[str | None] = [None] * len(chunk)
             limits = [min(sampling.max_tokens, self.max_model_len - len(prompts[pi])) for pi in chunk]
             t0 = time.perf_counter()
-            entries = []
+            entries: list[tuple[int, int, int, bool]] = []
             for s, pi in enumerate(chunk):
                 p = prompts[pi]
                 entries.extend((int(tok), pos, s, pos == len(p) - 1) for pos, tok in enumerate(p))
@@ -321,10 +320,8 @@ class LlamaCppEngine:
         self._gguf_path = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     @property
     def gguf_path(self) -> Path | None:
