@@ -25,7 +25,9 @@ def _one_torch_thread():
 
 
 def _valid(i: int) -> Completion:
-    return Completion(prompt_index=i, token_ids=[1, 2, 3], logprobs=[-0.1, -0.2, -0.3], finish_reason="length")
+    return Completion(
+        prompt_index=i, token_ids=[1, 2, 3], logprobs=[-0.1, -0.2, -0.3], finish_reason="length"
+    )
 
 
 def test_scripted_list_is_returned():

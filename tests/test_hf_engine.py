@@ -7,7 +7,6 @@ cache). At float32 the two must agree to float round-off; bf16 and quantized eng
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,9 @@ def trainer(hf_model_dir: Path) -> torch.nn.Module:
 
 def _engine(model_dir: Path, dtype: str = "float32", quantization: str | None = None):
     return make_engine(
-        EngineSpec(type="transformers", model=str(model_dir), dtype=dtype, quantization=quantization, device="cpu")
+        EngineSpec(
+            type="transformers", model=str(model_dir), dtype=dtype, quantization=quantization, device="cpu"
+        )
     )
 
 
@@ -157,7 +158,13 @@ def test_seeded_generation_is_reproducible(hf_model_dir):
 
 def test_bf16_and_quantized_engines_disagree(hf_model_dir, trainer):
     gaps = {}
-    for dtype, quant in [("float32", None), ("bfloat16", None), ("float32", "int8"), ("float32", "int4"), ("float32", "fp8")]:
+    for dtype, quant in [
+        ("float32", None),
+        ("bfloat16", None),
+        ("float32", "int8"),
+        ("float32", "int4"),
+        ("float32", "fp8"),
+    ]:
         engine = _engine(hf_model_dir, dtype, quant)
         result = engine.generate(PROMPTS, PLAIN, n=4, seed=0)
         assert result.dropped == {}
@@ -178,8 +185,8 @@ def test_unknown_quantization_is_rejected(hf_model_dir):
 # ----------------------------------------------------------------------------- weight sync
 
 
-def _perturbed(trainer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    new = load_model(Path(trainer.name_or_path)).eval()
+def _perturbed(model_dir: Path, seed: int = 0) -> torch.nn.Module:
+    new = load_model(model_dir).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in new.parameters():
@@ -188,7 +195,7 @@ def _perturbed(trainer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def test_load_weights_matches_new_trainer(hf_model_dir, trainer):
-    new = _perturbed(trainer)
+    new = _perturbed(hf_model_dir)
     engine = _engine(hf_model_dir)
     engine.load_weights(new.named_parameters())
     result = engine.generate(PROMPTS, PLAIN, n=3, seed=0)
@@ -198,12 +205,12 @@ def test_load_weights_matches_new_trainer(hf_model_dir, trainer):
     assert mean_old > 1e-3  # the weights really changed
 
 
-def test_load_weights_keeps_engine_quantized(hf_model_dir, trainer):
-    new = _perturbed(trainer, seed=1)
+def test_load_weights_keeps_engine_quantized(hf_model_dir):
+    new = _perturbed(hf_model_dir, seed=1)
     engine = _engine(hf_model_dir, quantization="int8")
     engine.load_weights(new.named_parameters())
     # The reference: the new weights quantized by the same deterministic rule.
-    reference = _perturbed(trainer, seed=1)
+    reference = _perturbed(hf_model_dir, seed=1)
     quantize_linear_weights_(reference, "int8")
     engine_params = dict(engine.model.named_parameters())
     for name, p in reference.named_parameters():
@@ -278,7 +285,8 @@ def test_unknown_quant_mode_lists_valid():
 
 def test_which_weights_are_quantized(tmp_path):
     tied = build_tiny_model(
-        tmp_path / "tied", spec=TinyModelSpec(hidden_size=32, num_layers=1, head_dim=8, tie_word_embeddings=True)
+        tmp_path / "tied",
+        spec=TinyModelSpec(hidden_size=32, num_layers=1, head_dim=8, tie_word_embeddings=True),
     )
     for model_dir in (tied,):
         model = load_model(model_dir)
@@ -291,7 +299,9 @@ def test_which_weights_are_quantized(tmp_path):
         assert torch.equal(model.model.embed_tokens.weight, before)  # tied head/embedding untouched
         assert torch.equal(model.lm_head.weight, before)
     moe = load_model(
-        build_tiny_model(tmp_path / "moe", spec=TinyModelSpec(hidden_size=32, num_layers=1, head_dim=8), moe=True)
+        build_tiny_model(
+            tmp_path / "moe", spec=TinyModelSpec(hidden_size=32, num_layers=1, head_dim=8), moe=True
+        )
     )
     names = quantizable_weight_names(moe)
     assert any(n.endswith("experts.gate_up_proj") for n in names)

@@ -321,7 +321,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainer-dtype", default="float32", help=f"trainer recompute dtype ({', '.join(DTYPES)})")
+    p.add_argument(
+        "--trainer-dtype", default="float32", help=f"trainer recompute dtype ({', '.join(DTYPES)})"
+    )
     p.add_argument("--max-model-len", type=int, default=256, help="engine context length (vLLM)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

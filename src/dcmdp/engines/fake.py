@@ -105,9 +105,14 @@ class FakeEngine:
         else:
             gen = self.generator if seed is None else torch.Generator().manual_seed(seed)
             raw = [self._sample(list(p), i, sampling, gen) for i, p in enumerate(prompts) for _ in range(n)]
-        raw = [inject_failure(c, self.inject[i], self.vocab_size) if i in self.inject else c for i, c in enumerate(raw)]
+        raw = [
+            inject_failure(c, self.inject[i], self.vocab_size) if i in self.inject else c
+            for i, c in enumerate(raw)
+        ]
         kept, dropped = validate_completions(raw, self.vocab_size)
-        return GenerateResult(completions=kept, timings={"generate": time.perf_counter() - t0}, dropped=dropped)
+        return GenerateResult(
+            completions=kept, timings={"generate": time.perf_counter() - t0}, dropped=dropped
+        )
 
     @torch.no_grad()
     def _sample(

@@ -41,7 +41,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; other values pass through."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; other values pass through."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -122,7 +122,9 @@ class TransformersEngine:
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         length = torch.zeros(B, dtype=torch.long, device=self.device)  # tokens kept per row
         for step in range(sampling.max_tokens):
-            logits = process_logits(out.logits[:, -1, :], sampling.temperature, sampling.top_k, sampling.top_p)
+            logits = process_logits(
+                out.logits[:, -1, :], sampling.temperature, sampling.top_k, sampling.top_p
+            )
             logp_BV = torch.log_softmax(logits, dim=-1)
             tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(-1)
             tokens_BT.append(tok_B)
@@ -156,7 +158,9 @@ class TransformersEngine:
             for i in range(B)
         ]
         kept, dropped = validate_completions(completions, self.vocab_size)
-        return GenerateResult(completions=kept, timings={"generate": time.perf_counter() - t0}, dropped=dropped)
+        return GenerateResult(
+            completions=kept, timings={"generate": time.perf_counter() - t0}, dropped=dropped
+        )
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
