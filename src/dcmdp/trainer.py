@@ -226,7 +226,9 @@ def update_policy(
     count = 0
     model.train()
     for _ in range(cfg.optim.epochs):
-        order = torch.randperm(N, generator=generator)
+        # One minibatch needs no shuffle; keeping the rollout order keeps runs bit-reproducible
+        # against examples/minimal_dcmdp.py.
+        order = torch.arange(N) if cfg.optim.minibatches == 1 else torch.randperm(N, generator=generator)
         for mb in torch.tensor_split(order, cfg.optim.minibatches):
             mb_batch = batch.select(mb)
             total_tokens, total_seqs = mb_batch.num_response_tokens, len(mb)
@@ -345,7 +347,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             emit(metrics_log, writers, {"kind": "eval", "step": step, **row})
             return row
 
-        if start_step == 0:
+        if start_step == 0 and cfg.run.eval_every:
             before = run_eval(0)
             log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
         for step in range(start_step + 1, cfg.run.steps + 1):
