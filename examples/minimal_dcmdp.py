@@ -25,9 +25,17 @@ from dcmdp.multiplier import LagrangeMultiplier
 from dcmdp.tasks import make_task
 
 
-def main(model_dir: str, steps: int = 3, prompts: int = 4, group: int = 4, seed: int = 0,
-         engine_type: str = "transformers", engine_dtype: str = "bfloat16", lr: float = 1e-4,
-         task_name: str = "arithmetic") -> dict:
+def main(
+    model_dir: str,
+    steps: int = 3,
+    prompts: int = 4,
+    group: int = 4,
+    seed: int = 0,
+    engine_type: str = "transformers",
+    engine_dtype: str = "bfloat16",
+    lr: float = 1e-4,
+    task_name: str = "arithmetic",
+) -> dict:
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
     policy = load_model(model_dir)  # float32 trainer
@@ -54,13 +62,19 @@ def main(model_dir: str, steps: int = 3, prompts: int = 4, group: int = 4, seed:
         with torch.no_grad():
             policy.eval()
             old_logp = sequence_logprobs(policy, batch, sampling)
-        D = float(discrepancy_metrics(old_logp, batch.engine_logp_BT, batch.response_mask_BT)["discrepancy/prob_gap_mean"])
+        D = float(
+            discrepancy_metrics(old_logp, batch.engine_logp_BT, batch.response_mask_BT)[
+                "discrepancy/prob_gap_mean"
+            ]
+        )
         # 6. one policy update with lambda as a number
         policy.train()
         logp = sequence_logprobs(policy, batch, sampling)
         adv_BT = adv_N.unsqueeze(1).expand_as(logp)
         settings = LossSettings(lam=lam.value, tolerance=lam.tolerance)
-        out = loss_fn(LossInputs(logp, old_logp, batch.engine_logp_BT, adv_BT, batch.response_mask_BT), settings)
+        out = loss_fn(
+            LossInputs(logp, old_logp, batch.engine_logp_BT, adv_BT, batch.response_mask_BT), settings
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
@@ -69,8 +83,15 @@ def main(model_dir: str, steps: int = 3, prompts: int = 4, group: int = 4, seed:
         lam_used = lam.value
         lam.update(D)
         engine.load_weights(policy.named_parameters())
-        history.append({"step": step, "reward": float(rewards.mean()), "D": D, "lambda": lam_used,
-                        "loss": float(out.loss.detach())})
+        history.append(
+            {
+                "step": step,
+                "reward": float(rewards.mean()),
+                "D": D,
+                "lambda": lam_used,
+                "loss": float(out.loss.detach()),
+            }
+        )
         print(history[-1])
     engine.close()
     return {"history": history, "lambda": lam.value, "policy": policy}

@@ -49,7 +49,9 @@ if "has_one" not in TASKS:
     register_task("has_one")(DigitTask)
 
 
-def small_overrides(model_dir: Path, out_dir: Path, engine: str = "transformers", **extra: object) -> list[str]:
+def small_overrides(
+    model_dir: Path, out_dir: Path, engine: str = "transformers", **extra: object
+) -> list[str]:
     values: dict[str, object] = {
         "model.path": str(model_dir),
         "engine.type": engine,
@@ -81,7 +83,9 @@ def train_rows(run_dir: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- smoke runs
 
 
-def test_cli_two_steps_transformers(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_two_steps_transformers(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     assert run_cli(small_overrides(tiny_model_dir, out)) == 0
     printed = capsys.readouterr().out
@@ -89,9 +93,20 @@ def test_cli_two_steps_transformers(tiny_model_dir: Path, tmp_path: Path, capsys
     rows = read_metrics(out / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     train = [r for r in rows if r["kind"] == "train"]
-    for key in ("reward/mean", "discrepancy/prob_gap_mean", "discrepancy/kl_engine_trainer_k3",
-                "multiplier/lambda", "multiplier/tolerance", "loss/total", "time/rollout",
-                "time/recompute", "time/update", "time/sync", "perf/tokens_per_s", "clip/frac"):
+    for key in (
+        "reward/mean",
+        "discrepancy/prob_gap_mean",
+        "discrepancy/kl_engine_trainer_k3",
+        "multiplier/lambda",
+        "multiplier/tolerance",
+        "loss/total",
+        "time/rollout",
+        "time/recompute",
+        "time/update",
+        "time/sync",
+        "perf/tokens_per_s",
+        "clip/frac",
+    ):
         assert all(key in r and math.isfinite(r[key]) for r in train), key
     # bf16 engine against a float32 trainer: a real, nonzero mismatch is measured
     assert train[0]["discrepancy/abs_log_ratio_mean"] > 1e-5
@@ -117,8 +132,15 @@ def test_every_loss_trains_a_step(loss: str, tiny_model_dir: Path, tmp_path: Pat
 
     out = tmp_path / loss
     args = small_overrides(
-        tiny_model_dir, out, **{"loss.type": loss, "run.steps": 1, "run.eval_every": 0,
-                                "run.group_size": 8, "multiplier.init": 1.0}
+        tiny_model_dir,
+        out,
+        **{
+            "loss.type": loss,
+            "run.steps": 1,
+            "run.eval_every": 0,
+            "run.group_size": 8,
+            "multiplier.init": 1.0,
+        },
     )
     assert run_cli(args) == 0
     (row,) = train_rows(out)
@@ -151,15 +173,26 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir: Path, tmp_pa
 
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "tests" / "slow_train_entry.py"), "train",
-           *small_overrides(tiny_model_dir, killed, **extra)]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "slow_train_entry.py"),
+        "train",
+        *small_overrides(tiny_model_dir, killed, **extra),
+    ]
     _kill_when(cmd, killed / "metrics.jsonl", 3, env)  # killed after step 3, checkpoint at 2
     # Simulate a kill in the middle of a checkpoint write and of a log write as well.
     (killed / "checkpoints" / "step_000004.tmp").mkdir(parents=True, exist_ok=True)
     (killed / "checkpoints" / "step_000004.tmp" / "trainer_state.pt").write_bytes(b"half")
     with open(killed / "metrics.jsonl", "a") as fh:
         fh.write('{"kind": "train", "step": 4, "reward/me')
-    assert run_cli([*small_overrides(tiny_model_dir, killed, **extra), ]) == 2  # refuses to overwrite
+    assert (
+        run_cli(
+            [
+                *small_overrides(tiny_model_dir, killed, **extra),
+            ]
+        )
+        == 2
+    )  # refuses to overwrite
     assert run_cli(["--resume", *small_overrides(tiny_model_dir, killed, **extra)]) == 0
 
     a, b = train_rows(full), train_rows(killed)
@@ -167,7 +200,9 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir: Path, tmp_pa
     assert a[-1]["multiplier/lambda_next"] == pytest.approx(b[-1]["multiplier/lambda_next"], abs=1e-9)
     for ra, rb in zip(a, b):
         assert ra["reward/mean"] == rb["reward/mean"]
-        assert ra["discrepancy/prob_gap_mean"] == pytest.approx(rb["discrepancy/prob_gap_mean"], rel=1e-4, abs=1e-9)
+        assert ra["discrepancy/prob_gap_mean"] == pytest.approx(
+            rb["discrepancy/prob_gap_mean"], rel=1e-4, abs=1e-9
+        )
     state_a = torch.load(latest_checkpoint(full) / "trainer_state.pt", weights_only=True)  # type: ignore[operator]
     state_b = torch.load(latest_checkpoint(killed) / "trainer_state.pt", weights_only=True)  # type: ignore[operator]
     assert state_a["step"] == state_b["step"] == 5
@@ -194,16 +229,35 @@ def test_grad_accum_4x1_equals_1x4(tiny_model_dir: Path) -> None:
     sampling = SamplingSettings(max_tokens=4)
     results = []
     for accum in (1, 4):
-        cfg = load_config(overrides=["run.prompts_per_step=2", "run.group_size=4", f"optim.grad_accum={accum}",
-                                     "optim.grad_clip=0", "optim.lr=1e-2"])
+        cfg = load_config(
+            overrides=[
+                "run.prompts_per_step=2",
+                "run.group_size=4",
+                f"optim.grad_accum={accum}",
+                "optim.grad_clip=0",
+                "optim.lr=1e-2",
+            ]
+        )
         torch.manual_seed(0)
         model = load_model(tiny_model_dir)
         with torch.no_grad():
             old = sequence_logprobs(model, batch, sampling)
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        update_policy(cfg, model, None, opt, sched, batch, old, None, adv, sampling,
-                      loss_settings(cfg, lam=0.5, tolerance=0.0037), torch.Generator().manual_seed(1))
+        update_policy(
+            cfg,
+            model,
+            None,
+            opt,
+            sched,
+            batch,
+            old,
+            None,
+            adv,
+            sampling,
+            loss_settings(cfg, lam=0.5, tolerance=0.0037),
+            torch.Generator().manual_seed(1),
+        )
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (results[0] - results[1]).abs().max() < 1e-6
     start = torch.cat([p.detach().flatten() for p in load_model(tiny_model_dir).parameters()])
@@ -250,12 +304,25 @@ def test_real_nan_in_loss_raises_divergence(tiny_model_dir: Path) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     old = torch.zeros_like(batch.engine_logp_BT)
     with pytest.raises((DivergenceError, ValueError), match="nan|NaN|non-finite"):
-        update_policy(cfg, model, None, opt, sched, batch, old, None, torch.ones(4), SamplingSettings(),
-                      loss_settings(cfg, 0.1, 0.0037), torch.Generator())
+        update_policy(
+            cfg,
+            model,
+            None,
+            opt,
+            sched,
+            batch,
+            old,
+            None,
+            torch.ones(4),
+            SamplingSettings(),
+            loss_settings(cfg, 0.1, 0.0037),
+            torch.Generator(),
+        )
 
 
-def test_bad_engine_samples_are_counted_and_skipped(tiny_model_dir: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_engine_samples_are_counted_and_skipped(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import dcmdp.trainer as trainer
     from dcmdp.engines.fake import FakeEngine
     from dcmdp.models import load_model
@@ -263,7 +330,9 @@ def test_bad_engine_samples_are_counted_and_skipped(tiny_model_dir: Path, tmp_pa
     model = load_model(tiny_model_dir)
 
     def make(spec):  # type: ignore[no-untyped-def]
-        return FakeEngine(model=model, vocab_size=model.config.vocab_size, inject={0: "nan_logprob", 5: "empty"})
+        return FakeEngine(
+            model=model, vocab_size=model.config.vocab_size, inject={0: "nan_logprob", 5: "empty"}
+        )
 
     monkeypatch.setattr(trainer, "make_engine", make)
     out = tmp_path / "run"
@@ -273,7 +342,9 @@ def test_bad_engine_samples_are_counted_and_skipped(tiny_model_dir: Path, tmp_pa
     assert row["rollout/dropped_groups"] == 2  # completions 0 and 5 sit in groups 0 and 1
 
 
-def test_reward_errors_are_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reward_errors_are_counted(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
 
     def flaky(self, problem, text):  # type: ignore[no-untyped-def]
@@ -349,11 +420,24 @@ def test_minimal_example_matches_trainer(tiny_model_dir: Path, tmp_path: Path) -
         sys.path.pop(0)
     from dcmdp.trainer import train
 
-    result = minimal_dcmdp.main(str(tiny_model_dir), steps=3, prompts=4, group=4, seed=0,
-                                engine_type="transformers", engine_dtype="bfloat16", lr=1e-3,
-                                task_name="has_one")
-    cfg = load_config(overrides=small_overrides(
-        tiny_model_dir, tmp_path / "full", **{"run.steps": 3, "run.eval_every": 0, "run.checkpoint_every": 3}))
+    result = minimal_dcmdp.main(
+        str(tiny_model_dir),
+        steps=3,
+        prompts=4,
+        group=4,
+        seed=0,
+        engine_type="transformers",
+        engine_dtype="bfloat16",
+        lr=1e-3,
+        task_name="has_one",
+    )
+    cfg = load_config(
+        overrides=small_overrides(
+            tiny_model_dir,
+            tmp_path / "full",
+            **{"run.steps": 3, "run.eval_every": 0, "run.checkpoint_every": 3},
+        )
+    )
     train(cfg, log=lambda s: None)
     rows = train_rows(tmp_path / "full")
     for mine, theirs in zip(result["history"], rows, strict=True):
@@ -378,3 +462,9 @@ def test_report_writes_plots_and_html(tiny_model_dir: Path, tmp_path: Path) -> N
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "<table>" in page and "run" in page and json.dumps("reward.png")[1:-1] in page
+
+
+def test_configuration_docs_are_current() -> None:
+    """docs/configuration.md is generated from config.py; regenerate it when a field changes."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_config_docs.py"), "--check"])
+    assert result.returncode == 0, "run: python scripts/gen_config_docs.py"

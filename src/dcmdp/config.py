@@ -59,8 +59,11 @@ class EngineConfig:
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
+    """Sampling temperature; the trainer recomputes log-probs at the same temperature."""
     top_p: float = 1.0
+    """Nucleus sampling (1.0 = off); the trainer applies the same truncation."""
     top_k: int = 0
+    """Top-k sampling (0 = off); the trainer applies the same truncation."""
     max_tokens: int = 8
     """Longest response, in tokens."""
 
@@ -79,17 +82,27 @@ class LossConfig:
     """Policy loss from the registry: grpo, tis, icepop, seq_tis, seq_mis, geo_mask,
     offpolicy_seq_mask, dcmdp (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge."""
     clip_low: float = 0.2
+    """PPO ratio clip below: 1 - clip_low."""
     clip_high: float = 0.28
+    """PPO ratio clip above: 1 + clip_high (clip-higher, DAPO)."""
     agg: str = "token-mean"
     """Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | constant."""
     agg_constant: float | None = None
+    """The normaliser of agg=constant (e.g. batch size x max tokens, Dr. GRPO)."""
     tis_cap: float = 2.0
+    """tis: token weight min(rho, tis_cap)."""
     icepop_low: float = 0.5
+    """icepop: lower bound of the kept ratio range."""
     icepop_high: float = 5.0
+    """icepop: upper bound of the kept ratio range."""
     seq_cap: float = 2.0
+    """seq_tis: truncation of prod rho; seq_mis: rejection threshold."""
     geo_low: float = 0.999
+    """geo_mask: lower bound on the geometric-mean ratio."""
     geo_high: float = 1.001
+    """geo_mask: upper bound on the geometric-mean ratio."""
     opsm_delta: float = 0.5
+    """offpolicy_seq_mask: drop negative-advantage sequences whose mean log(mu/pi) exceeds this."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True
@@ -107,28 +120,39 @@ class MultiplierConfig:
     tolerance: float | None = 0.0037
     """c, the tolerated mean probability gap (paper: 0.0037 dense, 0.005 MoE). null = automatic."""
     lam_min: float = 0.0
+    """Lower bound of the projection."""
     lam_max: float = 10.0
+    """Upper bound of the projection."""
     ema: float | None = None
     """EMA decay of the measured discrepancy before the dual step (null = raw)."""
     kp: float = 1.0
+    """PID: proportional gain."""
     ki: float = 1.0
+    """PID: integral gain (ki = eta, kp = kd = 0 is plain dual ascent)."""
     kd: float = 0.0
+    """PID: derivative gain (on increases of D only)."""
     auto_warmup_steps: int = 5
     """Automatic tolerance: steps measured before c is set."""
     auto_quantile: float = 0.5
+    """Automatic tolerance: c = quantile of the warm-up D's ..."""
     auto_multiple: float = 1.0
+    """... times this multiple."""
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    """AdamW learning rate."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper: 0.9, 0.95)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
     """Max global grad norm (0 = off)."""
     schedule: str = "constant"
     """constant | cosine (both after linear warm-up)."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
     epochs: int = 1
     """Passes over each step's rollouts."""
     minibatches: int = 1
@@ -140,19 +164,31 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     steps: int = 60
+    """Training steps (one rollout + update + dual step + sync each)."""
     prompts_per_step: int = 32
+    """Prompts sampled per step (P)."""
     group_size: int = 8
+    """Completions per prompt (G), the GRPO group."""
     seed: int = 0
+    """Seeds problems, engine sampling, shuffling and initialisation."""
     out_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/, tensorboard/."""
     eval_every: int = 10
+    """Evaluate on the deployment engine every N steps, at step 0 and at the end (0 = off)."""
     eval_problems: int = 256
+    """Eval-split problems per evaluation."""
     eval_sampled: bool = True
     """Also report accuracy of one sample per eval prompt at the training temperature."""
     checkpoint_every: int = 10
+    """Checkpoint every N steps and at the end (0 = off)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept (0 = all)."""
     tensorboard: bool = True
+    """Also write TensorBoard event files."""
     wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package)."""
     wandb_project: str = "dcmdp"
+    """W&B project name."""
     threads: int = 0
     """torch CPU threads (0 = leave as is)."""
 

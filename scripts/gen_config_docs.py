@@ -1,0 +1,67 @@
+"""Write docs/configuration.md from the config dataclasses (field, default, docstring).
+
+python scripts/gen_config_docs.py          # rewrite the page
+python scripts/gen_config_docs.py --check  # exit 1 if the page is stale (run by the tests)
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from pathlib import Path
+
+from dcmdp import config
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "configuration.md"
+
+HEADER = """# Configuration
+
+`dcmdp train` reads the defaults below, then `--config FILE.yaml`, then `section.field=value`
+overrides (values parsed as YAML: `multiplier.tolerance=null`, `optim.betas=[0.9,0.95]`,
+`task.options.digits=3`). A bad field or value stops the run with a message naming the field and
+the allowed values. Each run writes its resolved config to `RUN_DIR/config.yaml`; `dcmdp train
+--print-config [overrides]` prints it without running. Examples for each engine and loss are in
+`configs/`.
+
+This page is generated from `src/dcmdp/config.py` by `scripts/gen_config_docs.py`.
+"""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    tree = ast.parse(Path(config.__file__).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    docs: dict[str, str] = {}
+    body = node.body
+    for i, stmt in enumerate(body):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def render() -> str:
+    out = [HEADER]
+    for section, cls in config.SECTIONS.items():
+        out.append(f"\n## `{section}`\n\n| field | default | meaning |\n|---|---|---|")
+        docs = field_docs(cls)
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(instance, f.name)
+            shown = "null" if default is None else repr(default)
+            out.append(f"| `{section}.{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    text = render()
+    if "--check" in sys.argv:
+        sys.exit(0 if PAGE.exists() and PAGE.read_text() == text else 1)
+    PAGE.write_text(text)
+    print(f"wrote {PAGE}")
