@@ -31,4 +31,4 @@ else
     "$PY" -m pip install --no-cache-dir "llama-cpp-python==0.3.36"
   echo "[install_llamacpp] build took $(( $(date +%s) - start )) s"
 fi
-"$PY" -c "import gguf, llama_cpp; print('[install_llamacpp] ok: gguf', gguf.__version__ if hasattr(gguf, '__version__') else '?', 'llama_cpp', llama_cpp.__version__)"
+"$PY" -c "import importlib.metadata as m, llama_cpp; print('[install_llamacpp] ok: gguf', m.version('gguf'), 'llama_cpp', llama_cpp.__version__)"

@@ -9,10 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import test_trainer  # noqa: E402,F401  (registers the "has_one" task)
-
-import dcmdp.trainer as trainer  # noqa: E402
-from dcmdp.cli import main  # noqa: E402
+import dcmdp.trainer as trainer
+import test_trainer  # noqa: F401  (registers the "has_one" task)
+from dcmdp.cli import main
 
 _real_step = trainer.train_step
 

@@ -71,7 +71,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)
+        model.model.norm.weight.fill_(8.0)  # sharper (tied) output distributions
     return save_model(model, build_char_tokenizer(), tmp_path_factory.mktemp("m") / "tiny-llama")
 
 
@@ -152,7 +152,8 @@ def test_f32_matches_transformers_with_top_k_top_p(qwen3_dir: Path) -> None:
 
 
 def test_llama_arch_f32_matches_transformers(llama_dir: Path) -> None:
-    assert _measure(llama_dir, "F32") < 1e-3
+    # 2e-7 measured; without the q/k permutation it is 3e-3
+    assert _measure(llama_dir, "F32") < 1e-4
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dcmdp.checkpoint import latest_checkpoint, read_metrics
 from dcmdp.cli import main as cli_main
@@ -303,7 +304,7 @@ def test_real_nan_in_loss_raises_divergence(tiny_model_dir: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     old = torch.zeros_like(batch.engine_logp_BT)
-    with pytest.raises((DivergenceError, ValueError), match="nan|NaN|non-finite"):
+    with pytest.raises((DivergenceError, ValueError), match=r"nan|NaN|non-finite"):
         update_policy(
             cfg,
             model,
@@ -391,7 +392,7 @@ def test_config_file_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "loss.clip_hgh: unknown field" in capsys.readouterr().err
     evil = tmp_path / "evil.yaml"
     evil.write_text("loss: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"could not determine a constructor"):
         load_config(evil)
 
 

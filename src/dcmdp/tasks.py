@@ -165,7 +165,8 @@ def _sample_distinct(
     """Rejection-sample up to ``n`` distinct problems of ``split`` from a generator of (key, problem).
 
     Problems whose split key hashes to the other split are skipped, so the splits never overlap.
-    Sampling stops after a bounded number of draws; a split smaller than ``n`` returns fewer.
+    Sampling gives up after 2000 draws in a row without a new problem, so a split smaller than
+    ``n`` returns (nearly) all of its problems instead of ``n``.
     """
     _check_split(split)
     if n < 0:
@@ -173,13 +174,13 @@ def _sample_distinct(
     rng = random.Random(f"{task}|{split}|{seed}")
     seen: set[str] = set()
     out: list[Problem] = []
-    budget = 200 * n + 2000
-    for _ in range(budget):
-        if len(out) >= n:
-            break
+    misses = 0
+    while len(out) < n and misses < 2000:
         key, problem = draw(rng)
         if problem.id in seen or _split_of(key, eval_fraction) != split:
+            misses += 1
             continue
+        misses = 0
         seen.add(problem.id)
         out.append(problem)
     if n > 0 and not out:
