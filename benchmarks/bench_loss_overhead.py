@@ -1,0 +1,98 @@
+"""Cost of the DCMDP term: one policy update with `dcmdp` against plain `grpo` on the same batches.
+
+    python benchmarks/bench_loss_overhead.py [--model DIR] [--repeats 15]
+
+Builds one fixed rollout batch (prompts x group completions of random tokens with engine
+log-probs), then times `dcmdp.trainer.update_policy` for each loss in alternation (so machine
+noise hits both alike) and prints the medians and the ratio. The target is under 3% extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from dcmdp.config import load_config
+from dcmdp.engines.base import Completion, SamplingSettings
+from dcmdp.logprobs import build_token_batch, sequence_logprobs
+from dcmdp.models import TinyModelSpec, build_tiny_model, load_model
+from dcmdp.trainer import loss_settings, update_policy
+
+LOSSES = ("grpo", "dcmdp", "dcmdp_shaping", "dcmdp_hinge", "tis")
+
+
+def make_batch(prompts: int, group: int, length: int, vocab: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = [torch.randint(3, vocab, (6,), generator=g).tolist() for _ in range(prompts)]
+    comps = [
+        Completion(
+            i // group,
+            torch.randint(3, vocab, (length,), generator=g).tolist(),
+            (-torch.rand(length, generator=g) * 2).tolist(),
+            "length",
+        )
+        for i in range(prompts * group)
+    ]
+    return build_token_batch(prompt_ids, comps, pad_id=0), torch.randn(prompts * group, generator=g)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="HF model dir (default: a fresh tiny Qwen3)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--length", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    model_dir = args.model or build_tiny_model(tempfile.mkdtemp() + "/tiny", TinyModelSpec())
+    model = load_model(model_dir)
+    batch, adv = make_batch(args.prompts, args.group, args.length, model.config.vocab_size - 30)
+    sampling = SamplingSettings(max_tokens=args.length)
+    with torch.no_grad():
+        old = sequence_logprobs(model, batch, sampling)
+    times: dict[str, list[float]] = {name: [] for name in LOSSES}
+    for r in range(args.repeats + 2):
+        for name in LOSSES:
+            cfg = load_config(
+                overrides=[
+                    f"loss.type={name}",
+                    f"run.prompts_per_step={args.prompts}",
+                    f"run.group_size={args.group}",
+                ]
+            )
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+            t0 = time.perf_counter()
+            update_policy(
+                cfg,
+                model,
+                None,
+                opt,
+                sched,
+                batch,
+                old,
+                None,
+                adv,
+                sampling,
+                loss_settings(cfg, 0.1, 0.0037),
+                torch.Generator().manual_seed(0),
+            )
+            if r >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["grpo"])
+    print(
+        f"update_policy on {args.prompts}x{args.group} sequences of {args.length} tokens, "
+        f"{args.repeats} repeats, threads={torch.get_num_threads()}"
+    )
+    print(f"{'loss':16s} {'median s':>10s} {'vs grpo':>9s}")
+    for name in LOSSES:
+        med = statistics.median(times[name])
+        print(f"{name:16s} {med:10.4f} {100 * (med / base - 1):+8.1f}%")
+
+
+if __name__ == "__main__":
+    main()
