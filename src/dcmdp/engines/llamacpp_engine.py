@@ -4,13 +4,17 @@
   type ``EngineSpec.quantization`` ("F32" default, "F16", "BF16", "Q8_0", "Q4_0"; see
   dcmdp.gguf_export) in a temp dir (/dev/shm when present), and llama.cpp reloads the model
   (``last_sync_timings`` holds the export and reload seconds).
-- ``generate`` runs up to ``parallel`` sequences at once, one llama.cpp sequence each (separate KV
-  streams), and asks llama.cpp for the last position's logits only. Sampling is done here in
-  torch: the logits go through ``dcmdp.logprobs.process_logits`` (temperature, top-k, top-p: the
-  same code the trainer recomputes with), a seeded ``torch.multinomial`` draws the token and its
-  log-prob under the processed distribution is returned.
+- ``generate`` runs up to ``parallel`` (default 16) sequences at once, one llama.cpp sequence
+  each (separate KV streams, ``max_model_len`` positions each), on one thread by default, and
+  asks llama.cpp for the last position's logits only. Sampling is done here in torch: the logits
+  go through ``dcmdp.logprobs.process_logits`` (temperature, top-k, top-p: the same code the
+  trainer recomputes with), a seeded ``torch.multinomial`` draws the token, and its log-prob
+  under the processed distribution is returned.
 - The KV cache is kept in F32 (llama.cpp's default is F16) and flash attention is off, so that an
-  F32 export matches Transformers fp32 to about 1e-4 mean |log ratio|.
+  F32 export matches Transformers fp32 to about 1e-6 mean |log ratio| (tiny Qwen3, SmolLM2).
+- Completions are grouped by prompt, keep their stop token (finish "stop") or end at
+  ``max_tokens`` / ``max_model_len`` (finish "length"), and go through ``validate_completions``.
+  ``seed=None`` uses ``spec.seed`` plus the call count.
 
 Needs the optional ``llama-cpp-python`` and ``gguf`` packages: scripts/install_llamacpp.sh.
 """
@@ -45,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 16  # sequences decoded together in one llama_decode call
 MAX_CONTEXT_TOKENS = 16384  # default parallel is capped so that parallel * max_model_len <= this
-SMALL_MODEL_PARAMS = 20_000_000  # below this, llama.cpp runs on one thread by default
+DEFAULT_THREADS = 1  # llama.cpp threads; DCMDP_LLAMACPP_THREADS or n_threads= to change
 
 _backend_ready = False
 _log_callback: Any = None  # kept alive: llama.cpp holds the C pointer
@@ -112,11 +116,10 @@ class LlamaCppEngine:
         self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         self._tensors = {k: v.to(torch.float32) for k, v in load_hf_tensors(model_dir).items()}
         self._vocab = vocab_for(model_dir, self.vocab_size)
-        n_params = sum(t.numel() for t in self._tensors.values())
-        # Tiny models: one thread. ggml's threads wait on each other at every op, which costs more
-        # than it gains for small matrices and is ruinous when other processes share the cores.
-        auto_threads = 1 if n_params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1)
-        self.n_threads = int(n_threads or os.environ.get("DCMDP_LLAMACPP_THREADS") or auto_threads)
+        # One thread unless asked: ggml's threads spin-wait on each other at every op, which on
+        # this 2-core VM shared with other processes made decoding 6x (SmolLM2) to 10x (tiny)
+        # slower with 2 threads than with 1 (see docs/llamacpp.md).
+        self.n_threads = int(n_threads or os.environ.get("DCMDP_LLAMACPP_THREADS") or DEFAULT_THREADS)
         self._tmpdir = tempfile.mkdtemp(prefix="dcmdp-llamacpp-", dir=_tmp_root())
         self._gguf_path: Path | None = None
         self._version = 0
