@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
+# The llama.cpp engine is an optional extra (a 5-15 minute source build); the tests install it.
+LLAMA_STAMP := $(VENV)/.dcmdp-llamacpp
+$(LLAMA_STAMP): $(STAMP) scripts/install_llamacpp.sh
+	VENV=$(VENV) bash scripts/install_llamacpp.sh
+	touch $(LLAMA_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +35,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 
-unit: $(STAMP)
+unit: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit

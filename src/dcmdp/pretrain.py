@@ -363,9 +363,19 @@ def ensure_base_model(
     cache_dir: str | Path = ".cache/models", log: Callable[[str], None] | None = print
 ) -> Path:
     """The default warm-started model (``DEFAULT_PRETRAIN``), pretrained into ``cache_dir`` if absent."""
-    return run_pretrain(
-        DEFAULT_PRETRAIN, Path(cache_dir) / "tiny-qwen3-arithmetic", cache_dir=cache_dir, log=log
-    )
+    out = default_out_dir(DEFAULT_PRETRAIN, cache_dir)
+    return run_pretrain(DEFAULT_PRETRAIN, out, cache_dir=cache_dir, log=log)
+
+
+BASE_MODEL_DIR = "tiny-qwen3-arithmetic"
+
+
+def default_out_dir(settings: PretrainSettings, cache_dir: str | Path = ".cache/models") -> Path:
+    """``cache_dir/tiny-qwen3-arithmetic`` for ``DEFAULT_PRETRAIN``, else a name with the settings hash."""
+    if settings.settings_hash() == DEFAULT_PRETRAIN.settings_hash():
+        return Path(cache_dir) / BASE_MODEL_DIR
+    name = Path(settings.model).name if Path(settings.model).exists() else settings.model
+    return Path(cache_dir) / f"{name}-{settings.task}-{settings.settings_hash()[:8]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,13 +383,15 @@ def ensure_base_model(
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
-    """``key=value``; the value is read as JSON when it parses (2, [1,3], true), else kept as text."""
+    """``key=value``; the value is read as YAML (2, [1,3], true, +), or kept as text if that fails."""
+    import yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--task-option wants key=value, got {text!r}")
     try:
-        return key, json.loads(value)
-    except ValueError:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
         return key, value
 
 
@@ -397,11 +409,16 @@ def add_parser(subparsers: Any) -> None:
         type=_parse_option,
         default=None,
         metavar="KEY=VALUE",
-        help="task option, repeatable (JSON values: digits=2, digits=[1,3], ops=+*); "
+        help="task option, repeatable (YAML values: digits=2, digits=[1,3], ops=+*); "
         "without any, the default task's defaults are digits=2 ops=+",
     )
     p.add_argument("--model", default=d.model, help="named model or HF model dir (default: %(default)s)")
-    p.add_argument("--out", default=None, help="output dir (default: <cache-dir>/<model>-<task>-<hash>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output dir (default: <cache-dir>/tiny-qwen3-arithmetic for the default settings, "
+        "which `dcmdp train` uses, else <cache-dir>/<model>-<task>-<settings hash>)",
+    )
     p.add_argument("--cache-dir", default=".cache/models", help="where named models live")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--target-accuracy", type=float, default=d.target_accuracy)
@@ -440,12 +457,7 @@ def _main(args: argparse.Namespace) -> int:
         eval_problems=args.eval_problems,
         train_problems=args.train_problems,
     )
-    name = Path(settings.model).name if Path(settings.model).exists() else settings.model
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.cache_dir) / f"{name}-{settings.task}-{settings.settings_hash()[:8]}"
-    )
+    out = Path(args.out) if args.out else default_out_dir(settings, args.cache_dir)
     run_pretrain(settings, out, cache_dir=args.cache_dir, force=args.force)
     print(out)
     return 0
