@@ -4,7 +4,7 @@ A task hands the trainer typed ``Problem`` records and scores completions with a
 
 - ``problems(split, n, seed)``: up to ``n`` distinct problems of ``split`` ("train" or "eval"),
   the same list for the same arguments. Train and eval never share a problem: every task assigns
-  a problem to a split by a hash of its canonical key (``_split_of``), not by sampling order.
+  a problem to a split by a hash of its canonical key (``split_of``), not by sampling order.
 - ``reward(problem, completion_text)``: 1.0 when correct, else 0.0 (or a small documented format
   reward). It never raises, whatever the completion holds.
 - ``demonstration(problem)``: a target completion for warm starts, without the EOS (the caller
@@ -109,7 +109,7 @@ def _factory(name: str) -> Callable[..., Task]:
 # Shared helpers
 
 
-def _split_of(key: str, eval_fraction: float) -> str:
+def split_of(key: str, eval_fraction: float) -> str:
     """'eval' for a fraction ``eval_fraction`` of keys, chosen by hash (stable across runs/machines)."""
     h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
     return "eval" if h / 2**64 < eval_fraction else "train"
@@ -177,7 +177,7 @@ def _sample_distinct(
     misses = 0
     while len(out) < n and misses < 2000:
         key, problem = draw(rng)
-        if problem.id in seen or _split_of(key, eval_fraction) != split:
+        if problem.id in seen or split_of(key, eval_fraction) != split:
             misses += 1
             continue
         misses = 0
@@ -439,7 +439,8 @@ _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 def _last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
     starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
+    # Only the last few: each unclosed one costs a scan to the end (quadratic on adversarial text).
+    for start in reversed(starts[-20:]):
         depth = 1
         for i in range(start, len(text)):
             if text[i] == "{":
@@ -642,7 +643,7 @@ class JsonlTask:
                     prompt=self.prompt_template.format(question=q), answer=a, id=f"jsonl:{digest}"
                 )
                 # Split by the question (whitespace-normalised): duplicates share a split.
-                self._rows[_split_of(" ".join(q.split()), self.eval_fraction)].append(problem)
+                self._rows[split_of(" ".join(q.split()), self.eval_fraction)].append(problem)
         if not any(self._rows.values()):
             counts = ", ".join(f"{k}: {v}" for k, v in self.skipped_counts.most_common())
             raise ValueError(f"jsonl task: no usable rows in {self.path} (skipped {counts or 'nothing'})")
