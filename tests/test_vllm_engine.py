@@ -1,0 +1,290 @@
+"""The vLLM engine against an independent reference: the Transformers model recomputing the
+log-probs of the engine's own samples (``dcmdp.logprobs``).
+
+vLLM allows one in-process engine at a time, so each engine lives in a class-scoped fixture and
+is closed when its class is done (classes run one after the other).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from dcmdp.engines import EngineSpec, GenerateResult, SamplingSettings, make_engine
+from dcmdp.engines.vllm_engine import VLLMEngine
+from dcmdp.logprobs import build_token_batch, sequence_logprobs
+from dcmdp.models import PAD, TinyModelSpec, build_tiny_model, char_vocab, load_model
+
+pytestmark = pytest.mark.vllm
+
+PAD_ID = char_vocab()[PAD]
+SAMPLING = SamplingSettings(temperature=1.0, max_tokens=24)
+
+
+def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 100) for _ in range(rng.randrange(2, 9))] for _ in range(count)]
+
+
+PROMPTS = make_prompts(4)
+
+
+def trainer_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], result: GenerateResult, sampling: SamplingSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trainer, engine) log-probs of every sampled token, flattened."""
+    batch = build_token_batch(prompts, result.completions, PAD_ID)
+    with torch.no_grad():
+        logp_BT = sequence_logprobs(model, batch, sampling)
+    mask = batch.response_mask_BT
+    return logp_BT[mask], batch.engine_logp_BT[mask]
+
+
+def mean_abs_log_ratio(
+    model: torch.nn.Module, prompts: list[list[int]], result: GenerateResult, sampling: SamplingSettings
+) -> float:
+    trainer, engine = trainer_logprobs(model, prompts, result, sampling)
+    return (trainer - engine).abs().mean().item()
+
+
+def perturbed(model_dir: Path, seed: int, noise: float = 0.05) -> torch.nn.Module:
+    """The float32 model with noise of ``noise`` x each tensor's spread added to every parameter."""
+    model = load_model(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            spread = p.std() if p.numel() > 1 and p.std() > 0 else p.abs().mean().clamp_min(1e-3)
+            p.add_(noise * spread * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def vllm_engine(model_dir: Path, dtype: str, quantization: str | None = None) -> Iterator[VLLMEngine]:
+    engine = make_engine(
+        EngineSpec(type="vllm", model=str(model_dir), dtype=dtype, quantization=quantization)
+    )
+    assert isinstance(engine, VLLMEngine)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def check_sync(
+    engine: VLLMEngine, model_dir: Path, tol: float, seed: int = 1, noise: float = 0.05, n: int = 4
+) -> None:
+    """After pushing perturbed weights the engine agrees with the new weights, not the old ones."""
+    old, new = load_model(model_dir), perturbed(model_dir, seed, noise)
+    engine.load_weights(new.named_parameters())
+    assert engine.last_sync_seconds is not None and engine.last_sync_seconds > 0
+    result = engine.generate(PROMPTS, SAMPLING, n=n, seed=seed)
+    to_new = mean_abs_log_ratio(new, PROMPTS, result, SAMPLING)
+    to_old = mean_abs_log_ratio(old, PROMPTS, result, SAMPLING)
+    assert to_new < tol, f"engine vs new weights {to_new:.2e}"
+    assert to_old > 1e-3 and to_old > 5 * to_new, f"engine vs old {to_old:.2e}, vs new {to_new:.2e}"
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir: Path) -> torch.nn.Module:
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-tied", TinyModelSpec(tie_word_embeddings=True)
+    )
+
+
+def test_unsupported_cpu_quantization_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="valid on CPU: fp8_per_channel"):
+        make_engine(EngineSpec(type="vllm", model=str(tiny_model_dir), dtype="bfloat16", quantization="fp8"))
+
+
+class TestFloat32:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, tiny_model_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(tiny_model_dir, "float32")
+
+    def test_matches_trainer(self, engine: VLLMEngine, trainer: torch.nn.Module) -> None:
+        result = engine.generate(PROMPTS, SAMPLING, n=4, seed=0)
+        assert result.dropped == {} and len(result.completions) == 16
+        assert mean_abs_log_ratio(trainer, PROMPTS, result, SAMPLING) < 1e-5
+
+    def test_grouping_and_seeds(self, engine: VLLMEngine) -> None:
+        prompts = make_prompts(3, seed=1)
+        a = engine.generate(prompts, SAMPLING, n=3, seed=7)
+        assert [c.prompt_index for c in a.completions] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert a.timings["generate"] > 0
+        for c in a.completions:
+            assert len(c.token_ids) == len(c.logprobs) > 0
+            assert c.finish_reason in ("stop", "length")
+        # the n samples of a prompt differ from each other
+        assert len({tuple(c.token_ids) for c in a.completions[:3]}) == 3
+        b = engine.generate(prompts, SAMPLING, n=3, seed=7)
+        assert [(c.token_ids, c.logprobs) for c in a.completions] == [
+            (c.token_ids, c.logprobs) for c in b.completions
+        ]
+        c = engine.generate(prompts, SAMPLING, n=3, seed=8)
+        assert [x.token_ids for x in a.completions] != [x.token_ids for x in c.completions]
+        # without a seed, successive calls differ
+        d1, d2 = engine.generate(prompts, SAMPLING, n=3), engine.generate(prompts, SAMPLING, n=3)
+        assert [x.token_ids for x in d1.completions] != [x.token_ids for x in d2.completions]
+        assert engine.generate([], SAMPLING, n=3).completions == []
+
+    def test_stop_token_is_kept_with_its_logprob(self, engine: VLLMEngine, trainer: torch.nn.Module) -> None:
+        stops = tuple(range(3, 23))  # ~16% of the random model's mass: most rows stop early
+        sampling = SamplingSettings(max_tokens=24, stop_token_ids=stops)
+        result = engine.generate(PROMPTS, sampling, n=4, seed=2)
+        finished = [c for c in result.completions if c.finish_reason == "stop"]
+        assert finished, "no row hit a stop id"
+        for c in result.completions:
+            body = c.token_ids if c.finish_reason == "length" else c.token_ids[:-1]
+            assert not set(body) & set(stops)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in stops
+            else:
+                assert len(c.token_ids) == sampling.max_tokens
+        assert mean_abs_log_ratio(trainer, PROMPTS, result, sampling) < 1e-5
+
+    def test_top_k_top_p_logprobs_are_renormalised(
+        self, engine: VLLMEngine, trainer: torch.nn.Module
+    ) -> None:
+        sampling = SamplingSettings(temperature=0.8, top_k=5, top_p=0.9, max_tokens=24)
+        result = engine.generate(PROMPTS, sampling, n=4, seed=3)
+        processed, engine_lp = trainer_logprobs(trainer, PROMPTS, result, sampling)
+        assert torch.isfinite(processed).all(), "the engine sampled a token the trainer's top-k/top-p removes"
+        assert (processed - engine_lp).abs().max().item() < 1e-4
+        # the same tokens under the untruncated distribution: clearly lower, so vLLM did renormalise
+        full, _ = trainer_logprobs(trainer, PROMPTS, result, SamplingSettings(temperature=0.8))
+        assert (engine_lp - full).min().item() > 0.1
+
+    def test_bad_output_is_dropped_and_counted(
+        self, engine: VLLMEngine, trainer: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_generate = engine._llm.generate
+
+        def corrupt(*args: Any, **kwargs: Any) -> Any:
+            outputs = real_generate(*args, **kwargs)
+            first, second = outputs[0].outputs, outputs[1].outputs
+            bad = SimpleNamespace(logprob=float("nan"))
+            first[0].logprobs = [{first[0].token_ids[0]: bad}, *list(first[0].logprobs)[1:]]  # NaN log-prob
+            first[1].token_ids, first[1].logprobs = [], []  # empty completion
+            second[0].token_ids = [engine.vocab_size + 5, *list(second[0].token_ids)[1:]]  # out of vocab
+            second[1].finish_reason = "abort"  # neither stop nor length
+            return outputs
+
+        monkeypatch.setattr(engine._llm, "generate", corrupt)
+        result = engine.generate(PROMPTS, SAMPLING, n=4, seed=4)
+        assert result.dropped == {
+            "nonfinite_logprob": 1,
+            "empty": 1,
+            "token_out_of_vocab": 1,
+            "finish_abort": 1,
+        }
+        assert len(result.completions) == 16 - 4
+        assert mean_abs_log_ratio(trainer, PROMPTS, result, SAMPLING) < 1e-5
+
+    def test_vllm_error_propagates_with_context(self, engine: VLLMEngine) -> None:
+        too_long = [[5] * (engine.spec.max_model_len + 10)]
+        with pytest.raises(RuntimeError, match=r"engine=vllm, model=.*tiny-qwen3"):
+            engine.generate(too_long, SAMPLING)
+        assert engine.generate(PROMPTS[:1], SAMPLING, seed=0).completions  # still usable
+
+    def test_one_engine_at_a_time(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        with pytest.raises(RuntimeError, match="close"):
+            make_engine(EngineSpec(type="vllm", model=str(tiny_model_dir), dtype="float32"))
+
+    def test_weight_sync(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        check_sync(engine, tiny_model_dir, tol=1e-5, seed=1)
+
+    def test_weight_sync_does_not_alias_trainer_tensors(
+        self, engine: VLLMEngine, tiny_model_dir: Path
+    ) -> None:
+        new = perturbed(tiny_model_dir, 5)
+        engine.load_weights(new.named_parameters())
+        before = engine.generate(PROMPTS, SAMPLING, n=2, seed=5)
+        with torch.no_grad():  # the trainer's optimizer step, in place
+            for p in new.parameters():
+                p.mul_(1.5)
+        after = engine.generate(PROMPTS, SAMPLING, n=2, seed=5)
+        assert [c.logprobs for c in before.completions] == [c.logprobs for c in after.completions]
+
+    def test_weight_sync_through_shm_file(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        # the transport used when the engine core runs in another process
+        engine.weight_transport = "file"
+        try:
+            check_sync(engine, tiny_model_dir, tol=1e-5, seed=6)
+        finally:
+            engine.weight_transport = "direct"
+
+    def test_close_is_idempotent(self, engine: VLLMEngine) -> None:
+        engine.close()
+        engine.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.generate(PROMPTS, SAMPLING)
+
+
+class TestBfloat16:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, tiny_model_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(tiny_model_dir, "bfloat16")
+
+    def test_differs_from_float32_trainer(self, engine: VLLMEngine, trainer: torch.nn.Module) -> None:
+        result = engine.generate(PROMPTS, SAMPLING, n=4, seed=0)
+        gap = mean_abs_log_ratio(trainer, PROMPTS, result, SAMPLING)
+        assert 1e-4 < gap < 2e-2, f"bfloat16 vs float32 trainer {gap:.2e}"
+
+    def test_weight_sync_casts_float32_tensors(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        check_sync(engine, tiny_model_dir, tol=1e-2, seed=1)
+
+
+class TestTiedEmbeddings:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, tied_model_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(tied_model_dir, "float32")
+
+    def test_weight_sync_refreshes_tied_lm_head(self, engine: VLLMEngine, tied_model_dir: Path) -> None:
+        assert engine.tied_embeddings
+        check_sync(engine, tied_model_dir, tol=1e-5, seed=1)
+
+
+class TestMoE:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, tiny_moe_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(tiny_moe_dir, "float32")
+
+    def test_matches_trainer(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        result = engine.generate(PROMPTS, SAMPLING, n=4, seed=0)
+        assert len(result.completions) == 16
+        assert mean_abs_log_ratio(load_model(tiny_moe_dir), PROMPTS, result, SAMPLING) < 1e-5
+
+    def test_weight_sync_repacks_experts(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        # Transformers keeps the experts fused in memory (experts.gate_up_proj, experts.down_proj)
+        check_sync(engine, tiny_moe_dir, tol=1e-5, seed=1)
+
+
+class TestMoEInt8:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, tiny_moe_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(tiny_moe_dir, "bfloat16", quantization="experts_int8")
+
+    def test_generates_and_syncs(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        result = engine.generate(PROMPTS, SAMPLING, n=4, seed=0)
+        gap = mean_abs_log_ratio(load_model(tiny_moe_dir), PROMPTS, result, SAMPLING)
+        assert 1e-4 < gap < 2e-2 and not math.isnan(gap)
+        # the quantized experts are re-quantized from the pushed float32 weights
+        check_sync(engine, tiny_moe_dir, tol=1e-2, seed=1)
