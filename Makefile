@@ -29,8 +29,8 @@ demo: $(STAMP)
 	$(BIN)/dcmdp train
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples experiments scripts
+	$(BIN)/ruff format --check src tests benchmarks examples experiments scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src

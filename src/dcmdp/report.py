@@ -37,6 +37,9 @@ def _series(rows: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int],
 
 
 def _label(run: Path) -> str:
+    # experiments/run.py lays runs out as <arm>/seed<k>: name them by their arm.
+    if run.name.startswith("seed") and run.parent.name:
+        return f"{run.parent.name}/{run.name}"
     return run.name if run.name else str(run)
 
 

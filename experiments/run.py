@@ -1,0 +1,256 @@
+"""Reproducible experiments: every arm x seed is one `dcmdp train` run; results are aggregated
+into a markdown table (mean ± std over seeds) and plotted with `dcmdp report`.
+
+    python experiments/run.py mismatch --seeds 0 1 2            # run (resumable) and summarise
+    python experiments/run.py mismatch --summary-only           # just the table
+    python experiments/run.py --list
+
+Same task, model, budget and seeds in every arm of an experiment; accuracy is always measured on
+the arm's deployment engine. Runs land in experiments/runs/<experiment>/<arm>/seed<k>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "experiments" / "runs"
+
+# Shared budget: the default job's settings (tiny Qwen3 warm-started on 2-digit addition,
+# 32 prompts x 8 samples, 60 steps). Arms differ only in what the arm name says.
+COMMON = ["run.steps=60", "run.eval_every=20", "run.checkpoint_every=0", "run.tensorboard=false"]
+VLLM_BF16 = ["engine.type=vllm", "engine.dtype=bfloat16"]
+INT4 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int4"]
+INT8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int8"]
+FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
+
+METHODS = {
+    "grpo": ["loss.type=grpo"],
+    "tis": ["loss.type=tis"],
+    "icepop": ["loss.type=icepop"],
+    "seq_mis": ["loss.type=seq_mis"],
+    "geo_mask": ["loss.type=geo_mask"],
+    "dcmdp": ["loss.type=dcmdp"],
+    "dcmdp_shaping": ["loss.type=dcmdp_shaping"],
+    "dcmdp_hinge": ["loss.type=dcmdp_hinge"],
+    "dcmdp_auto_c": ["loss.type=dcmdp", "multiplier.tolerance=null"],
+}
+
+
+def _arms(engine: list[str], ceiling: list[str]) -> dict[str, list[str]]:
+    arms = {name: engine + o for name, o in METHODS.items()}
+    arms["grpo_fp32_ceiling"] = [*ceiling, "loss.type=grpo"]
+    return arms
+
+
+EXPERIMENTS: dict[str, dict[str, list[str]]] = {
+    # 1. Methods under real engine mismatch: fp32 training, bf16 vLLM rollout (+ fp32 ceiling).
+    "mismatch": _arms(VLLM_BF16, ["engine.type=vllm", "engine.dtype=float32"]),
+    # 1b. Heterogeneous deployment: weight-only int4 / int8 / fp8 rollout engines.
+    "int4": _arms(INT4, ["engine.type=transformers", "engine.dtype=float32"]),
+    "int8": {
+        k: v
+        for k, v in _arms(INT8, ["engine.type=transformers", "engine.dtype=float32"]).items()
+        if k in ("grpo", "tis", "dcmdp", "dcmdp_hinge", "grpo_fp32_ceiling")
+    },
+    "fp8": {
+        k: v
+        for k, v in _arms(FP8, ["engine.type=transformers", "engine.dtype=float32"]).items()
+        if k in ("grpo", "tis", "dcmdp", "dcmdp_hinge")
+    },
+    # 2. Self-correction: the penalty on (strong, c tiny) vs off, on the int4 engine.
+    "self_correction": {
+        "penalty_on": [*INT4, "loss.type=dcmdp", "multiplier.tolerance=0.0001", "multiplier.init=1.0"],
+        "penalty_off": [*INT4, "loss.type=grpo"],
+    },
+    # 3. Tolerance region on int4: c = 0 (approximated by 1e-6) and multiples of the start D.
+    "tolerance": {
+        f"c_{label}": [*INT4, "loss.type=dcmdp", f"multiplier.tolerance={c}"]
+        for label, c in (("0", 1e-6), ("0.25x", 0.25), ("1x", 1.0), ("4x", 4.0), ("16x", 16.0))
+    },
+    # 4. Multiplier dynamics: eta in {0.3, 1, 3}, plain dual ascent vs PID, int4 engine.
+    "multiplier": {
+        **{
+            f"ascent_eta{e}": [*INT4, "loss.type=dcmdp", f"multiplier.eta={e}", "multiplier.tolerance=0.002"]
+            for e in (0.3, 1, 3)
+        },
+        **{
+            f"pid_ki{e}": [
+                *INT4,
+                "loss.type=dcmdp",
+                "multiplier.type=pid",
+                f"multiplier.ki={e}",
+                "multiplier.kp=10",
+                "multiplier.tolerance=0.002",
+            ]
+            for e in (0.3, 1, 3)
+        },
+    },
+}
+# The tolerance sweep is relative to the discrepancy measured at the start of training; the
+# placeholders above are multiplied by START_D when the runs are launched.
+START_D_KEY = "discrepancy/prob_gap_mean"
+
+
+def run_dir(experiment: str, arm: str, seed: int) -> Path:
+    return RUNS / experiment / arm / f"seed{seed}"
+
+
+def finished(path: Path, steps: int) -> bool:
+    from dcmdp.checkpoint import read_metrics
+
+    rows = read_metrics(path / "metrics.jsonl")
+    return any(r.get("kind") == "eval" and r.get("step") == steps for r in rows)
+
+
+def steps_of(overrides: list[str]) -> int:
+    for o in overrides:
+        if o.startswith("run.steps="):
+            return int(o.split("=")[1])
+    return 60
+
+
+def start_discrepancy(experiment: str, seeds: list[int]) -> float:
+    """Median D of the first step of the penalty-off run (the tolerance sweep's unit)."""
+    from dcmdp.checkpoint import read_metrics
+
+    ds = []
+    for seed in seeds:
+        rows = read_metrics(run_dir("self_correction", "penalty_off", seed) / "metrics.jsonl")
+        ds += [r[START_D_KEY] for r in rows if r.get("kind") == "train" and r["step"] == 1]
+    if not ds:
+        raise SystemExit(
+            "run the self_correction experiment first: the tolerance sweep is relative to its start D"
+        )
+    return statistics.median(ds)
+
+
+def launch(experiment: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]) -> None:
+    scale = start_discrepancy(experiment, seeds) if experiment == "tolerance" else None
+    for seed in seeds:
+        for arm, overrides in arms.items():
+            overrides = list(overrides)
+            if scale is not None:
+                overrides = [
+                    f"multiplier.tolerance={float(o.split('=')[1]) * scale:.6g}"
+                    if o.startswith("multiplier.tolerance=")
+                    else o
+                    for o in overrides
+                ]
+            out = run_dir(experiment, arm, seed)
+            full = COMMON + overrides + extra + [f"run.seed={seed}", f"run.out_dir={out}"]
+            if finished(out, steps_of(full)):
+                continue
+            resume = ["--resume"] if (out / "metrics.jsonl").exists() else []
+            t0 = time.time()
+            print(f"[{experiment}] {arm} seed {seed} ...", flush=True)
+            log = out.parent / f"seed{seed}.log"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as fh:
+                rc = subprocess.call(
+                    [sys.executable, "-m", "dcmdp.cli", "train", *resume, *full],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            print(f"    rc={rc} in {time.time() - t0:.0f}s (log {log.relative_to(ROOT)})", flush=True)
+
+
+def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> str:
+    from dcmdp.checkpoint import read_metrics
+
+    def ms(values: list[float], fmt: str) -> str:
+        if not values:
+            return "-"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
+
+    lines = [
+        "| arm | seeds | greedy acc start | greedy acc end | sampled acc end | D first 5 | D last 10 | lambda end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    record = {}
+    for arm in arms:
+        acc0, acc1, sacc, d0, d1, lam = [], [], [], [], [], []
+        for seed in seeds:
+            rows = read_metrics(run_dir(experiment, arm, seed) / "metrics.jsonl")
+            evals = [r for r in rows if r.get("kind") == "eval"]
+            train = [r for r in rows if r.get("kind") == "train"]
+            if not evals or not train:
+                continue
+            acc0.append(evals[0]["eval/accuracy_greedy"])
+            acc1.append(evals[-1]["eval/accuracy_greedy"])
+            sacc.append(evals[-1]["eval/accuracy_sampled"])
+            d0.append(statistics.mean(r[START_D_KEY] for r in train[:5]))
+            d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
+            lam.append(train[-1]["multiplier/lambda_next"])
+        record[arm] = {
+            "acc_start": acc0,
+            "acc_end": acc1,
+            "sampled_end": sacc,
+            "d_first5": d0,
+            "d_last10": d1,
+            "lambda_end": lam,
+        }
+        lines.append(
+            f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(sacc, '.3f')} | "
+            f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} |"
+        )
+    out = ROOT / "docs" / "results" / experiment / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", nargs="?", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=None, help="a subset of the experiment's arms")
+    ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("overrides", nargs="*", default=[], help="extra section.field=value for every run")
+    args = ap.parse_args()
+    if args.list or not args.experiment:
+        for name, arms in EXPERIMENTS.items():
+            print(f"{name}: {', '.join(arms)}")
+        return 0
+    arms = EXPERIMENTS[args.experiment]
+    if args.arms:
+        unknown = set(args.arms) - set(arms)
+        if unknown:
+            raise SystemExit(f"unknown arms {sorted(unknown)}; valid: {', '.join(arms)}")
+        arms = {k: v for k, v in arms.items() if k in args.arms}
+    if not args.summary_only:
+        launch(args.experiment, arms, args.seeds, args.overrides)
+    print(summarise(args.experiment, arms, args.seeds))
+    seed0 = [
+        str(run_dir(args.experiment, a, args.seeds[0]))
+        for a in arms
+        if (run_dir(args.experiment, a, args.seeds[0]) / "metrics.jsonl").exists()
+    ]
+    if seed0:
+        subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "dcmdp.cli",
+                "report",
+                *seed0,
+                "--out",
+                str(ROOT / "docs" / "results" / args.experiment),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
