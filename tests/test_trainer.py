@@ -469,3 +469,34 @@ def test_configuration_docs_are_current() -> None:
     """docs/configuration.md is generated from config.py; regenerate it when a field changes."""
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_config_docs.py"), "--check"])
     assert result.returncode == 0, "run: python scripts/gen_config_docs.py"
+
+
+def test_kl_to_reference_is_logged_and_finite(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    extra = {"loss.kl_coef": 0.1, "run.steps": 2, "run.eval_every": 0, "optim.lr": 1e-2}
+    assert run_cli(small_overrides(tiny_model_dir, out, **extra)) == 0
+    rows = train_rows(out)
+    assert rows[0]["loss/kl_ref"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert rows[1]["loss/kl_ref"] > 1e-7  # after one update it has moved away
+
+
+def test_tampered_checkpoint_cannot_run_code(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Checkpoints load with torch.load(weights_only=True): a pickle that runs code is refused."""
+    import pickle
+
+    from dcmdp.checkpoint import load_trainer_state
+
+    out = tmp_path / "run"
+    assert run_cli(small_overrides(tiny_model_dir, out, **{"run.steps": 1, "run.eval_every": 0})) == 0
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 1, "x": Evil()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_trainer_state(ckpt)
+    assert not marker.exists()

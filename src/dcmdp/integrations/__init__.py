@@ -1,0 +1,204 @@
+"""DCMDP inside other RL frameworks: TRL's ``GRPOTrainer`` and verl's policy-loss registry.
+
+The frameworks own the rollout, the distributed update and the logging; dcmdp adds what DCMDP
+(arXiv 2606.08779) needs on top, computed with the library's own functions:
+
+| module                          | hook                                                       | multiplier lives   |
+|---------------------------------|------------------------------------------------------------|--------------------|
+| :mod:`dcmdp.integrations.trl`   | ``DCMDPGRPOTrainer(GRPOTrainer)`` adds the DCMDP term      | on every rank (all-reduce of D, identical dual step) |
+| :mod:`dcmdp.integrations.verl`  | policy loss ``"dcmdp"`` in verl's ``POLICY_LOSS_REGISTRY`` | on the driver (pushed to the actor each step) |
+
+This package imports neither framework: each submodule imports its own, and ``trl`` needs TRL
+installed, while ``verl`` imports without verl (the plain loss function still works).
+
+What is shared here: the names of the three DCMDP loss forms, the options of the multiplier
+(:class:`DCMDPOptions`) and the function that builds one from them, and :func:`dcmdp_term`, the
+DCMDP part of the loss alone (used by TRL, whose own surrogate stays in place).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dcmdp.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
+from dcmdp.multiplier import (
+    PAPER_ETA,
+    PAPER_LAMBDA_0,
+    PAPER_TOLERANCE,
+    AutoTolerance,
+    Multiplier,
+    make_multiplier,
+)
+
+#: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
+LOSS_FORMS: dict[str, str] = {
+    "penalty": "dcmdp",  # reading (a): + lambda * token-mean(delta), differentiable
+    "shaping": "dcmdp_shaping",  # reading (b): A <- A - lambda * delta.detach()
+    "hinge": "dcmdp_hinge",  # + lambda * token-mean(max(0, delta - c))
+}
+#: Multiplier kinds accepted by :func:`build_multiplier` (``dcmdp.multiplier.MULTIPLIERS``).
+MULTIPLIER_KINDS: tuple[str, ...] = ("dual_ascent", "pid")
+#: Tolerance given to the loss while an automatic c is still being measured: every gap is below 1,
+#: so the hinge is off during the warm-up (as in ``dcmdp.trainer``).
+WARMUP_LOSS_TOLERANCE = 1.0
+
+
+def core_loss_name(form: str) -> str:
+    """The dcmdp core loss registered for a loss form; an unknown form raises ``ValueError``."""
+    if form not in LOSS_FORMS:
+        raise ValueError(f"unknown DCMDP loss form {form!r}; valid forms: {', '.join(LOSS_FORMS)}")
+    return LOSS_FORMS[form]
+
+
+@dataclass(frozen=True)
+class DCMDPOptions:
+    """Framework-neutral DCMDP settings; each integration maps its own prefixed fields onto these.
+
+    Validated when built: an impossible combination raises ``ValueError`` naming the field.
+    """
+
+    loss_form: str = "penalty"
+    """penalty (reading (a), the paper's) | shaping (reading (b)) | hinge."""
+    lambda_init: float = PAPER_LAMBDA_0
+    """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
+    eta: float = PAPER_ETA
+    """Dual step size (paper: 1.0); the PID multiplier uses it as its integral gain ki."""
+    tolerance: float | None = PAPER_TOLERANCE
+    """c (paper: 0.0037 dense, 0.005 MoE); None = chosen from the first measurements (AutoTolerance)."""
+    lambda_min: float = 0.0
+    """Lower bound of the projection."""
+    lambda_max: float = 10.0
+    """Upper bound of the projection."""
+    multiplier: str = "dual_ascent"
+    """dual_ascent (the paper's projected dual ascent) | pid (PID Lagrangian)."""
+    pid_kp: float = 1.0
+    """PID: proportional gain (ignored by dual_ascent)."""
+    pid_kd: float = 0.0
+    """PID: derivative gain on increases of D (ignored by dual_ascent)."""
+    ema: float | None = None
+    """EMA decay of the measured D before the dual step; None = raw D."""
+    auto_warmup_steps: int = 5
+    """Automatic tolerance: steps measured before c is set."""
+    auto_quantile: float = 0.5
+    """Automatic tolerance: c = quantile of the warm-up D's ..."""
+    auto_multiple: float = 1.0
+    """... times this multiple."""
+
+    def __post_init__(self) -> None:
+        core_loss_name(self.loss_form)
+        if self.multiplier not in MULTIPLIER_KINDS:
+            raise ValueError(
+                f"unknown multiplier {self.multiplier!r}; valid kinds: {', '.join(MULTIPLIER_KINDS)}"
+            )
+        if self.loss_form == "hinge" and self.tolerance is None:
+            # The hinge needs c inside the loss from the first step; an automatic c comes later.
+            raise ValueError("loss form 'hinge' needs a fixed tolerance (tolerance=None is automatic)")
+        build_multiplier(self)  # the multiplier's own checks name any bad number
+
+
+def build_multiplier(options: DCMDPOptions) -> Multiplier:
+    """The Lagrange multiplier for ``options``: dual ascent or PID, fixed or automatic c.
+
+    Built from ``dcmdp.multiplier`` (``make_multiplier`` and ``AutoTolerance``), so it updates and
+    checkpoints exactly as in dcmdp's own trainer.
+    """
+    kwargs: dict[str, float | None] = {
+        "init": options.lambda_init,
+        "lam_min": options.lambda_min,
+        "lam_max": options.lambda_max,
+        "ema": options.ema,
+    }
+    if options.multiplier == "dual_ascent":
+        kwargs["eta"] = options.eta
+    else:
+        kwargs.update(kp=options.pid_kp, ki=options.eta, kd=options.pid_kd)
+    if options.tolerance is None:
+        inner = make_multiplier(options.multiplier, tolerance=1.0, **kwargs)  # c is set after the warm-up
+        return AutoTolerance(
+            inner,
+            warmup_steps=options.auto_warmup_steps,
+            quantile=options.auto_quantile,
+            multiple=options.auto_multiple,
+        )
+    return make_multiplier(options.multiplier, tolerance=options.tolerance, **kwargs)
+
+
+def loss_tolerance(multiplier: Multiplier) -> float:
+    """The c the loss should use now: the multiplier's, or 1.0 (hinge off) during an automatic warm-up."""
+    c = multiplier.tolerance
+    return WARMUP_LOSS_TOLERANCE if c is None else float(c)
+
+
+def dcmdp_term(
+    logp_BT: Tensor,
+    engine_logp_BT: Tensor,
+    mask_BT: Tensor,
+    lam: float,
+    tolerance: float,
+    form: str,
+) -> LossOutput:
+    """The DCMDP part of the loss alone, as dcmdp's core loss for ``form`` computes it.
+
+    It is the core loss (``dcmdp``, ``dcmdp_hinge`` or ``dcmdp_shaping``) evaluated with zero
+    advantages and ``old_logp = logp.detach()``: the PPO surrogate ``-min(r A, clip(r) A)`` is then
+    exactly 0 with exactly zero gradient, so what remains is the core's own DCMDP term, not a copy:
+
+      penalty: ``lam * token-mean(|exp(logp) - exp(engine_logp)|)``
+      hinge:   ``lam * token-mean(max(0, |exp(logp) - exp(engine_logp)| - tolerance))``
+      shaping: 0 (the shaping reaches theta through the advantages; see :func:`shaped_advantages`)
+
+    ``loss`` is a token mean over ``mask_BT``; ``metrics`` carry ``dcmdp/prob_gap`` (D of these
+    tokens), ``dcmdp/penalty`` and ``dcmdp/lambda``. The mask must select at least one token.
+    """
+    inputs = LossInputs(
+        logp_BT=logp_BT,
+        old_logp_BT=logp_BT.detach(),
+        engine_logp_BT=engine_logp_BT,
+        advantages_BT=torch.zeros_like(logp_BT.detach()),
+        mask_BT=mask_BT,
+    )
+    return get_policy_loss(core_loss_name(form))(inputs, LossSettings(lam=lam, tolerance=tolerance))
+
+
+def shaped_advantages(
+    advantages_BT: Tensor, logp_BT: Tensor, engine_logp_BT: Tensor, mask_BT: Tensor, lam: float
+) -> Tensor:
+    """DCMDP reading (b): ``A_t - lam * delta_t`` with ``delta_t = |exp(logp_t) - exp(engine_logp_t)|``
+    detached (``dcmdp.losses.token_prob_gap``, as ``dcmdp_shaping`` uses it); unchanged outside the mask."""
+    from dcmdp.losses import token_prob_gap
+
+    keep_BT = mask_BT != 0
+    zero = torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device)
+    delta_BT = token_prob_gap(
+        torch.where(keep_BT, logp_BT.detach(), zero), torch.where(keep_BT, engine_logp_BT.detach(), zero)
+    )
+    return torch.where(keep_BT, advantages_BT - lam * delta_BT, advantages_BT)
+
+
+def finite_float(name: str, value: object) -> float:
+    """``value`` as a finite float, or ``ValueError`` naming it (for metrics read from a framework)."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+__all__ = [
+    "LOSS_FORMS",
+    "MULTIPLIER_KINDS",
+    "WARMUP_LOSS_TOLERANCE",
+    "DCMDPOptions",
+    "build_multiplier",
+    "core_loss_name",
+    "dcmdp_term",
+    "finite_float",
+    "loss_tolerance",
+    "shaped_advantages",
+]

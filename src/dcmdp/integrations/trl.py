@@ -1,0 +1,332 @@
+"""DCMDP in TRL: ``DCMDPGRPOTrainer``, a ``GRPOTrainer`` whose loss gains the DCMDP term.
+
+    from dcmdp.integrations.trl import DCMDPGRPOConfig, DCMDPGRPOTrainer
+
+    args = DCMDPGRPOConfig(output_dir="out", use_vllm=True, dcmdp_tolerance=0.0037, ...)
+    trainer = DCMDPGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
+    trainer.train()
+
+What it adds to TRL's GRPO loss (DCMDP, arXiv 2606.08779; see ``dcmdp.integrations.dcmdp_term``):
+
+  penalty (default): loss + lam * token-mean_t |exp(logp_t) - exp(rollout_logp_t)|
+  hinge:             loss + lam * token-mean_t max(0, |...| - c)
+  shaping:           TRL's surrogate run on A_t - lam * |...| (delta detached) instead of A
+
+and, once per optimizer step, the dual step ``lam <- clip(lam + eta (D - c), lam_min, lam_max)`` on D,
+the token mean of the gap over every completion token of the step on every process.
+
+Where each piece comes from:
+
+- ``logp``: the current policy's per-token log-probs, the ones TRL's own ``_compute_loss`` computes
+  (captured from its call to ``_get_per_token_logps_and_entropies``: no second forward, no copy of
+  TRL's loss code).
+- ``rollout_logp``: ``inputs["sampling_per_token_logps"]`` when ``use_vllm=True`` (vLLM's processed
+  log-probs: the engine mu of the paper). Without vLLM TRL samples with ``model.generate`` and keeps
+  no sampling log-probs; the reference is then ``inputs["old_per_token_logps"]``, TRL's teacher-forced
+  recompute at generation time. That exists only when generation and optimisation are misaligned
+  (``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``); D then measures
+  how far the policy has moved since the completions were generated, not an engine mismatch. With
+  neither available the trainer refuses to start (D would be 0 by construction).
+- The multiplier: one per process, all identical. Each process sums the gap and the token count of
+  its micro-batches; at the gradient-accumulation boundary (``accelerator.sync_gradients``) the two
+  sums are all-reduced, every process computes the same D and takes the same dual step.
+
+Normalisation: the penalty of a micro-batch is scaled by its share of the accumulation window's tokens
+(TRL's ``num_items_in_batch`` normaliser of ``loss_type="dapo"``), so the accumulated, data-parallel
+averaged gradient is that of lam times the token mean of delta over the whole step, whatever
+``loss_type`` normalises the surrogate with. In evaluation the penalty is the micro-batch token mean.
+
+Logged through ``self._metrics`` (TRL averages them per logging step): ``dcmdp/lambda`` (used in the
+step), ``dcmdp/lambda_next``, ``dcmdp/prob_gap`` (the step's D), ``dcmdp/tolerance``,
+``dcmdp/penalty``, and every ``discrepancy/*`` metric of ``dcmdp.discrepancy.discrepancy_metrics``
+(micro-batch values averaged over processes). The multiplier's state is saved in each checkpoint
+as ``dcmdp_multiplier.json`` and restored on resume.
+
+Tested against TRL 1.16.0 (CPU, ``use_vllm=False``); TRL's vLLM path was not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+
+from dcmdp.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
+from dcmdp.integrations import (
+    DCMDPOptions,
+    build_multiplier,
+    dcmdp_term,
+    loss_tolerance,
+    shaped_advantages,
+)
+from dcmdp.multiplier import PAPER_ETA, PAPER_LAMBDA_0, PAPER_TOLERANCE
+
+#: File holding the multiplier's state inside each TRL checkpoint folder.
+MULTIPLIER_STATE_FILE = "dcmdp_multiplier.json"
+#: The two places TRL keeps rollout log-probs, in order of preference.
+SAMPLING_LOGPS = "sampling_per_token_logps"
+OLD_LOGPS = "old_per_token_logps"
+
+
+@dataclass
+class DCMDPGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the DCMDP fields (``dcmdp_*``); defaults are the paper's (8B dense)."""
+
+    dcmdp_loss_form: str = field(
+        default="penalty",
+        metadata={
+            "help": "How the discrepancy reaches the policy: 'penalty' (lambda * token-mean gap, differentiable; "
+            "the paper's reading), 'shaping' (advantages minus lambda * gap) or 'hinge' (lambda * token-mean of "
+            "the gap above the tolerance)."
+        },
+    )
+    dcmdp_lambda_init: float = field(
+        default=PAPER_LAMBDA_0, metadata={"help": "Initial multiplier lambda_0 (paper: 0.1 dense, 0.05 MoE)."}
+    )
+    dcmdp_eta: float = field(
+        default=PAPER_ETA,
+        metadata={"help": "Dual step size eta (paper: 1.0); the integral gain of the PID multiplier."},
+    )
+    dcmdp_tolerance: float | None = field(
+        default=PAPER_TOLERANCE,
+        metadata={
+            "help": "Tolerance c on the mean probability gap D (paper: 0.0037 dense, 0.005 MoE). None chooses c "
+            "from the first `dcmdp_auto_warmup_steps` measurements."
+        },
+    )
+    dcmdp_lambda_min: float = field(default=0.0, metadata={"help": "Lower bound of the multiplier."})
+    dcmdp_lambda_max: float = field(default=10.0, metadata={"help": "Upper bound of the multiplier."})
+    dcmdp_multiplier: str = field(
+        default="dual_ascent",
+        metadata={"help": "'dual_ascent' (the paper's projected dual ascent) or 'pid' (PID Lagrangian)."},
+    )
+    dcmdp_pid_kp: float = field(default=1.0, metadata={"help": "PID multiplier: proportional gain."})
+    dcmdp_pid_kd: float = field(default=0.0, metadata={"help": "PID multiplier: derivative gain."})
+    dcmdp_ema: float | None = field(
+        default=None, metadata={"help": "EMA decay of the measured gap before the dual step; None = raw."}
+    )
+    dcmdp_auto_warmup_steps: int = field(
+        default=5, metadata={"help": "Automatic tolerance: optimizer steps measured before c is set."}
+    )
+    dcmdp_auto_quantile: float = field(
+        default=0.5, metadata={"help": "Automatic tolerance: c = this quantile of the warm-up gaps ..."}
+    )
+    dcmdp_auto_multiple: float = field(default=1.0, metadata={"help": "... times this multiple."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dcmdp_options()  # raises ValueError naming a bad field
+
+    def dcmdp_options(self) -> DCMDPOptions:
+        """The ``dcmdp_*`` fields as the framework-neutral :class:`DCMDPOptions` (validated)."""
+        return DCMDPOptions(
+            loss_form=self.dcmdp_loss_form,
+            lambda_init=self.dcmdp_lambda_init,
+            eta=self.dcmdp_eta,
+            tolerance=self.dcmdp_tolerance,
+            lambda_min=self.dcmdp_lambda_min,
+            lambda_max=self.dcmdp_lambda_max,
+            multiplier=self.dcmdp_multiplier,
+            pid_kp=self.dcmdp_pid_kp,
+            pid_kd=self.dcmdp_pid_kd,
+            ema=self.dcmdp_ema,
+            auto_warmup_steps=self.dcmdp_auto_warmup_steps,
+            auto_quantile=self.dcmdp_auto_quantile,
+            auto_multiple=self.dcmdp_auto_multiple,
+        )
+
+
+@dataclass
+class _Capture:
+    """What one ``_compute_loss`` call shares with the log-prob hook it triggers inside TRL."""
+
+    inputs: dict[str, Any]
+    """A shallow copy of TRL's micro-batch: shaping writes its advantages here, never into TRL's buffer."""
+    rollout_logp_BT: Tensor
+    mask_BT: Tensor
+    lam: float
+    logp_BT: Tensor | None = None
+
+
+class DCMDPGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with DCMDP: the loss term, the multiplier and its dual step, the metrics.
+
+    Takes the same arguments as ``GRPOTrainer``; ``args`` must be a :class:`DCMDPGRPOConfig`.
+    ``self.multiplier`` is the Lagrange multiplier (``value``, ``tolerance``, ``state_dict()``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DCMDPGRPOConfig):
+            raise TypeError(f"DCMDPGRPOTrainer needs args=DCMDPGRPOConfig(...), got {type(self.args).__name__}")
+        self.dcmdp = self.args.dcmdp_options()
+        self.multiplier = build_multiplier(self.dcmdp)
+        self.dcmdp_rollout_key = self._rollout_logps_key()
+        # Gap sum and token count of the current accumulation window, this process only.
+        self._dcmdp_window = torch.zeros(2, dtype=torch.float64)
+        self._dcmdp_capture: _Capture | None = None
+
+    def _rollout_logps_key(self) -> str:
+        """Which of TRL's inputs holds the rollout log-probs (see the module docstring)."""
+        if self.use_vllm:
+            return SAMPLING_LOGPS
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self.args.gradient_accumulation_steps % generate_every != 0:
+            return OLD_LOGPS
+        raise ValueError(
+            "DCMDP needs the log-probs the completions were sampled with, and this configuration gives "
+            "none: without vLLM TRL keeps no sampling log-probs, and with num_iterations=1 and "
+            "steps_per_generation <= gradient_accumulation_steps it computes no old_per_token_logps "
+            "either. Set use_vllm=True (the engine's log-probs, what DCMDP is for), or num_iterations > 1 "
+            "(D then measures the policy's drift since generation)."
+        )
+
+    # ----------------------------------------------------------------------------- the hook
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's log-prob forward, unchanged; inside our ``_compute_loss`` its result is kept, and the
+        shaping form rewrites the advantages TRL reads right after this call."""
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        capture = self._dcmdp_capture
+        if capture is not None:
+            if capture.logp_BT is not None:
+                raise RuntimeError(
+                    "TRL's _compute_loss computed per-token log-probs twice; this TRL version is not supported"
+                )
+            capture.logp_BT = out[0]
+            if self.dcmdp.loss_form == "shaping":
+                adv = capture.inputs["advantages"]
+                adv_BT = (adv[:, None] if adv.dim() == 1 else adv).expand_as(out[0])
+                capture.inputs["advantages"] = shaped_advantages(
+                    adv_BT, out[0], capture.rollout_logp_BT, capture.mask_BT, capture.lam
+                )
+        return out
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
+        mode = "train" if self.model.training else "eval"
+        if self.dcmdp_rollout_key not in inputs:
+            raise KeyError(f"TRL's batch has no {self.dcmdp_rollout_key!r}; keys: {sorted(inputs)}")
+        rollout_logp_BT = inputs[self.dcmdp_rollout_key]
+        mask_BT = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask_BT = mask_BT * inputs["tool_mask"]
+        # vLLM reports NaN for tokens it could not score: they leave the DCMDP mask (TRL's own IS
+        # correction neutralises them the same way).
+        mask_BT = (mask_BT != 0) & torch.isfinite(rollout_logp_BT)
+        capture = _Capture(dict(inputs), rollout_logp_BT, mask_BT, self.multiplier.value)
+
+        self._dcmdp_capture = capture
+        try:
+            loss = super()._compute_loss(model, capture.inputs)
+        finally:
+            self._dcmdp_capture = None
+        if capture.logp_BT is None:
+            raise RuntimeError(
+                "TRL's _compute_loss did not call _get_per_token_logps_and_entropies; this TRL version is "
+                "not supported"
+            )
+        term, gap_sum, n_tokens, penalty = self._dcmdp_term(capture)
+        self._log_micro_batch(mode, capture, penalty)
+        if mode == "train":
+            term = term * (n_tokens / self._window_tokens(inputs))
+            self._dcmdp_window += torch.tensor([gap_sum, n_tokens], dtype=torch.float64)
+            if self.accelerator.sync_gradients:
+                self._dual_step(capture.lam)
+        return loss + term
+
+    # ----------------------------------------------------------------------------- pieces
+
+    def _dcmdp_term(self, capture: _Capture) -> tuple[Tensor, float, float, float]:
+        """(token-mean DCMDP term, gap sum, token count, penalty value) of this micro-batch.
+
+        An empty mask (every completion masked) gives a zero term with the graph kept, and NaN penalty.
+        """
+        assert capture.logp_BT is not None
+        n_tokens = float(capture.mask_BT.sum())
+        if n_tokens == 0:
+            return capture.logp_BT.sum() * 0.0, 0.0, 0.0, float("nan")
+        out = dcmdp_term(
+            capture.logp_BT,
+            capture.rollout_logp_BT,
+            capture.mask_BT,
+            lam=capture.lam,
+            tolerance=loss_tolerance(self.multiplier),
+            form=self.dcmdp.loss_form,
+        )
+        gap = float(out.metrics["dcmdp/prob_gap"])
+        return out.loss, gap * n_tokens, n_tokens, float(out.metrics["dcmdp/penalty"])
+
+    def _window_tokens(self, inputs: dict[str, Any]) -> float:
+        """Tokens of one accumulation window on this process, as TRL's ``dapo`` normaliser counts them."""
+        per_process = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
+        return max(per_process * self.current_gradient_accumulation_steps / self.args.steps_per_generation, 1.0)
+
+    def _dual_step(self, lam_used: float) -> None:
+        """All-reduce the window's gap sum and token count, then one identical dual step on every rank."""
+        totals = self.accelerator.reduce(self._dcmdp_window.to(self.accelerator.device), reduction="sum")
+        self._dcmdp_window.zero_()
+        gap_sum, n_tokens = totals.tolist()
+        if n_tokens == 0:
+            return  # nothing measured this step (every completion masked): lambda stays
+        d = gap_sum / n_tokens
+        c = self.multiplier.tolerance
+        self.multiplier.update(d)
+        m = self._metrics["train"]
+        m["dcmdp/prob_gap"].append(d)
+        m["dcmdp/lambda"].append(lam_used)
+        m["dcmdp/lambda_next"].append(self.multiplier.value)
+        m["dcmdp/tolerance"].append(float("nan") if c is None else float(c))
+
+    def _log_micro_batch(self, mode: str, capture: _Capture, penalty: float) -> None:
+        """``dcmdp/penalty`` and every ``discrepancy/*`` metric of the micro-batch, averaged over processes.
+
+        One gather per micro-batch, on every process (an empty micro-batch sends NaN, which the mean skips).
+        """
+        assert capture.logp_BT is not None
+        names = ("dcmdp/penalty", *METRIC_NAMES)
+        device = self.accelerator.device
+        if bool(capture.mask_BT.any()):
+            c = self.multiplier.tolerance
+            values = discrepancy_metrics(
+                capture.logp_BT.detach(),
+                capture.rollout_logp_BT,
+                capture.mask_BT,
+                gap_threshold=PAPER_GAP_THRESHOLD if c is None else float(c),
+            )
+            stacked = torch.stack([values[k] for k in METRIC_NAMES]).float().to(device)
+            local = torch.cat([torch.tensor([penalty], device=device), stacked])
+        else:
+            local = torch.full((len(names),), float("nan"), device=device)
+        gathered = self.accelerator.gather(local).view(-1, len(names))
+        for name, value in zip(names, gathered.nanmean(dim=0).tolist()):
+            self._metrics[mode][name].append(value)
+        if mode == "eval":
+            self._metrics[mode]["dcmdp/lambda"].append(capture.lam)
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, MULTIPLIER_STATE_FILE), "w") as f:
+                json.dump(self.multiplier.state_dict(), f, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, MULTIPLIER_STATE_FILE)
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.multiplier.load_state_dict(json.load(f))
+
+
+__all__ = ["MULTIPLIER_STATE_FILE", "DCMDPGRPOConfig", "DCMDPGRPOTrainer"]
