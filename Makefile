@@ -23,6 +23,12 @@ $(LLAMA_STAMP): $(STAMP) scripts/install_llamacpp.sh
 	VENV=$(VENV) bash scripts/install_llamacpp.sh
 	touch $(LLAMA_STAMP)
 
+# TRL and verl (their loss registry only) for the integration tests.
+INTEG_STAMP := $(VENV)/.dcmdp-integrations
+$(INTEG_STAMP): $(STAMP) scripts/install_integrations.sh
+	VENV=$(VENV) bash scripts/install_integrations.sh
+	touch $(INTEG_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -35,7 +41,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 
-unit: $(STAMP) $(LLAMA_STAMP)
+unit: $(STAMP) $(LLAMA_STAMP) $(INTEG_STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit

@@ -195,10 +195,10 @@ def build_smollm2(out_dir: str | Path) -> Path:
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)  # type: ignore[arg-type]
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is typed as a Module)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    setattr(model, "is_quantized", False)  # noqa: B010
     return save_model(model, tokenizer, out_dir)
 
 

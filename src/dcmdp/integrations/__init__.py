@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dcmdp.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
+from dcmdp.losses import LossInputs, LossOutput, LossSettings, get_policy_loss, token_prob_gap
 from dcmdp.multiplier import (
     PAPER_ETA,
     PAPER_LAMBDA_0,
@@ -149,7 +149,8 @@ def dcmdp_term(
 
       penalty: ``lam * token-mean(|exp(logp) - exp(engine_logp)|)``
       hinge:   ``lam * token-mean(max(0, |exp(logp) - exp(engine_logp)| - tolerance))``
-      shaping: 0 (the shaping reaches theta through the advantages; see :func:`shaped_advantages`)
+      shaping: 0 (the shaping reaches theta through the advantages: :func:`shaped_advantages`; the
+               core would shape the zero advantages into a surrogate, so only its metrics are kept)
 
     ``loss`` is a token mean over ``mask_BT``; ``metrics`` carry ``dcmdp/prob_gap`` (D of these
     tokens), ``dcmdp/penalty`` and ``dcmdp/lambda``. The mask must select at least one token.
@@ -161,7 +162,12 @@ def dcmdp_term(
         advantages_BT=torch.zeros_like(logp_BT.detach()),
         mask_BT=mask_BT,
     )
-    return get_policy_loss(core_loss_name(form))(inputs, LossSettings(lam=lam, tolerance=tolerance))
+    out = get_policy_loss(core_loss_name(form))(inputs, LossSettings(lam=lam, tolerance=tolerance))
+    if form == "shaping":
+        return LossOutput(
+            loss=torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device), metrics=out.metrics
+        )
+    return out
 
 
 def shaped_advantages(
@@ -169,8 +175,6 @@ def shaped_advantages(
 ) -> Tensor:
     """DCMDP reading (b): ``A_t - lam * delta_t`` with ``delta_t = |exp(logp_t) - exp(engine_logp_t)|``
     detached (``dcmdp.losses.token_prob_gap``, as ``dcmdp_shaping`` uses it); unchanged outside the mask."""
-    from dcmdp.losses import token_prob_gap
-
     keep_BT = mask_BT != 0
     zero = torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device)
     delta_BT = token_prob_gap(

@@ -164,8 +164,11 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DCMDPGRPOConfig):
-            raise TypeError(f"DCMDPGRPOTrainer needs args=DCMDPGRPOConfig(...), got {type(self.args).__name__}")
-        self.dcmdp = self.args.dcmdp_options()
+            raise TypeError(
+                f"DCMDPGRPOTrainer needs args=DCMDPGRPOConfig(...), got {type(self.args).__name__}"
+            )
+        self.dcmdp_args: DCMDPGRPOConfig = self.args
+        self.dcmdp = self.dcmdp_args.dcmdp_options()
         self.multiplier = build_multiplier(self.dcmdp)
         self.dcmdp_rollout_key = self._rollout_logps_key()
         # Gap sum and token count of the current accumulation window, this process only.
@@ -176,16 +179,22 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         """Which of TRL's inputs holds the rollout log-probs (see the module docstring)."""
         if self.use_vllm:
             return SAMPLING_LOGPS
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self.args.gradient_accumulation_steps % generate_every != 0:
+        generate_every = self._steps_per_generation() * self.num_iterations
+        if self.dcmdp_args.gradient_accumulation_steps % generate_every != 0:
             return OLD_LOGPS
         raise ValueError(
             "DCMDP needs the log-probs the completions were sampled with, and this configuration gives "
-            "none: without vLLM TRL keeps no sampling log-probs, and with num_iterations=1 and "
-            "steps_per_generation <= gradient_accumulation_steps it computes no old_per_token_logps "
-            "either. Set use_vllm=True (the engine's log-probs, what DCMDP is for), or num_iterations > 1 "
-            "(D then measures the policy's drift since generation)."
+            "none: without vLLM TRL keeps no sampling log-probs, and when steps_per_generation * "
+            "num_iterations divides gradient_accumulation_steps (e.g. num_iterations=1 with the default "
+            "steps_per_generation) it computes no old_per_token_logps either. Set use_vllm=True (the "
+            "engine's log-probs, what DCMDP is for), or num_iterations > 1 (D then measures the policy's "
+            "drift since generation)."
         )
+
+    def _steps_per_generation(self) -> int:
+        spg = self.dcmdp_args.steps_per_generation
+        assert spg is not None  # GRPOConfig.__post_init__ sets it (default: gradient_accumulation_steps)
+        return spg
 
     # ----------------------------------------------------------------------------- the hook
 
@@ -208,8 +217,12 @@ class DCMDPGRPOTrainer(GRPOTrainer):
                 )
         return out
 
+    def _mode(self) -> str:
+        assert self.model is not None
+        return "train" if self.model.training else "eval"  # as TRL decides it
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode()
         if self.dcmdp_rollout_key not in inputs:
             raise KeyError(f"TRL's batch has no {self.dcmdp_rollout_key!r}; keys: {sorted(inputs)}")
         rollout_logp_BT = inputs[self.dcmdp_rollout_key]
@@ -245,12 +258,13 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     def _dcmdp_term(self, capture: _Capture) -> tuple[Tensor, float, float, float]:
         """(token-mean DCMDP term, gap sum, token count, penalty value) of this micro-batch.
 
-        An empty mask (every completion masked) gives a zero term with the graph kept, and NaN penalty.
+        An empty mask (every completion masked) gives a zero term and a NaN penalty (skipped in the logs).
         """
         assert capture.logp_BT is not None
         n_tokens = float(capture.mask_BT.sum())
         if n_tokens == 0:
-            return capture.logp_BT.sum() * 0.0, 0.0, 0.0, float("nan")
+            zero = torch.zeros((), dtype=capture.logp_BT.dtype, device=capture.logp_BT.device)
+            return zero, 0.0, 0.0, float("nan")
         out = dcmdp_term(
             capture.logp_BT,
             capture.rollout_logp_BT,
@@ -265,7 +279,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     def _window_tokens(self, inputs: dict[str, Any]) -> float:
         """Tokens of one accumulation window on this process, as TRL's ``dapo`` normaliser counts them."""
         per_process = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
-        return max(per_process * self.current_gradient_accumulation_steps / self.args.steps_per_generation, 1.0)
+        return max(per_process * self.current_gradient_accumulation_steps / self._steps_per_generation(), 1.0)
 
     def _dual_step(self, lam_used: float) -> None:
         """All-reduce the window's gap sum and token count, then one identical dual step on every rank."""

@@ -92,7 +92,9 @@ except ImportError:  # verl is optional: the plain loss function and the control
 # ----------------------------------------------------------------------------- the loss
 
 
-def engine_logp_from_is_weights(old_log_prob: Tensor, rollout_is_weights: Tensor, response_mask: Tensor) -> Tensor:
+def engine_logp_from_is_weights(
+    old_log_prob: Tensor, rollout_is_weights: Tensor, response_mask: Tensor
+) -> Tensor:
     """Rollout log-probs from verl's token IS weights: ``old - log w`` where ``w = exp(clamp(old - rollout))``.
 
     Exact (to float rounding) when the weights are token level, untruncated and not batch-normalised
@@ -278,7 +280,9 @@ if VERL_AVAILABLE:
 
         def __post_init__(self) -> None:
             if self.loss_mode != LOSS_NAME:
-                raise ValueError(f"DCMDPPolicyLossConfig needs loss_mode={LOSS_NAME!r}, got {self.loss_mode!r}")
+                raise ValueError(
+                    f"DCMDPPolicyLossConfig needs loss_mode={LOSS_NAME!r}, got {self.loss_mode!r}"
+                )
             _options_from(self)  # raises ValueError naming a bad field
 
     _verl_register_policy_loss(LOSS_NAME)(dcmdp_policy_loss)
@@ -316,7 +320,9 @@ def check_verl_config(config: Any) -> None:
     except (TypeError, ValueError):  # None, or an IcePop "lower_upper" string
         ok = False
     if not ok:
-        problems.append(f"{rc}.rollout_is_threshold must be one number >= {MIN_IS_THRESHOLD:.4g} (e.g. 1.0e9)")
+        problems.append(
+            f"{rc}.rollout_is_threshold must be one number >= {MIN_IS_THRESHOLD:.4g} (e.g. 1.0e9)"
+        )
     if get(f"{rc}.rollout_is_batch_normalize"):
         problems.append(f"{rc}.rollout_is_batch_normalize must be false")
     if get("distillation.enabled"):
@@ -333,8 +339,8 @@ class DCMDPController:
 
     Wiring in any verl trainer (``DCMDPPPOTrainer`` does exactly this)::
 
-        controller = DCMDPController.from_config(config.actor_rollout_ref.actor.policy_loss)
         actor_cfg = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+        controller = DCMDPController.from_config(actor_cfg.policy_loss)
         ...
         controller.push(actor_rollout_wg, actor_cfg)   # before the update: lambda to every worker
         metrics.update(actor_update_metrics)
@@ -348,7 +354,8 @@ class DCMDPController:
 
     @classmethod
     def from_config(cls, policy_loss_config: Any) -> DCMDPController:
-        """From ``actor_rollout_ref.actor.policy_loss`` (an OmegaConf node or a DCMDPPolicyLossConfig)."""
+        """From ``actor_rollout_ref.actor.policy_loss`` as a :class:`DCMDPPolicyLossConfig` (an OmegaConf
+        node holds only the keys its YAML sets, so build the dataclass first: ``omega_conf_to_dataclass``)."""
         return cls(_options_from(policy_loss_config), measure_key=policy_loss_config.dcmdp_measure_key)
 
     @property
@@ -410,8 +417,8 @@ def _make_trainer_class() -> type:
             # The class is already chosen by its name; verl's replay buffer keys on the mode name,
             # and this is the sync trainer, so it must read "sync" from here on.
             OmegaConf.update(config, "trainer.v1.trainer_mode", "sync")
-            self.dcmdp = DCMDPController.from_config(config.actor_rollout_ref.actor.policy_loss)
             self._dcmdp_actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+            self.dcmdp = DCMDPController.from_config(self._dcmdp_actor_config.policy_loss)
             super().__init__(config)
 
         def _update_actor(self, batch: Any, metrics: dict) -> Any:
@@ -433,7 +440,9 @@ def _make_trainer_class() -> type:
                 folder = (
                     t.resume_from_path
                     if t.resume_mode == "resume_path"
-                    else os.path.join(os.path.abspath(t.default_local_dir), f"global_step_{self.global_steps}")
+                    else os.path.join(
+                        os.path.abspath(t.default_local_dir), f"global_step_{self.global_steps}"
+                    )
                 )
                 path = os.path.join(folder, MULTIPLIER_STATE_FILE)
                 if os.path.exists(path):
