@@ -47,37 +47,16 @@ class Multiplier(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class LagrangeMultiplier:
-    """Projected dual ascent, the DCMDP paper's multiplier update (arXiv 2606.08779).
+class _MultiplierState:
+    """What every multiplier shares: lambda in [lam_min, lam_max], the tolerance c, the step count,
+    and the (optionally EMA-smoothed) measured D. Subclasses define ``update`` and their gains."""
 
-    update(D):  D_used = D, or with ``ema`` = beta the smoothed D_ema <- beta D_ema + (1 - beta) D
-                (the first measurement initialises D_ema = D);
-                lambda <- clip(lambda + eta (D_used - c), lam_min, lam_max).
+    kind = ""
 
-    Below the tolerance (D < c) lambda shrinks by eta (c - D) per step until it reaches lam_min;
-    above it lambda grows by eta (D - c) per step, up to lam_max.
-
-    Args:
-        init: lambda_0, within [lam_min, lam_max]. Paper: 0.1.
-        eta: dual step size, > 0. Paper: 1.0.
-        tolerance: c, > 0. Paper: 0.0037.
-        lam_min, lam_max: projection bounds, 0 <= lam_min <= lam_max.
-        ema: decay beta in (0, 1) of an exponential moving average of D, or None for raw D.
-    """
-
-    kind = "dual_ascent"
-
-    def __init__(
-        self,
-        init: float = PAPER_LAMBDA_0,
-        eta: float = PAPER_ETA,
-        tolerance: float = PAPER_TOLERANCE,
-        lam_min: float = 0.0,
-        lam_max: float = 10.0,
-        ema: float | None = None,
+    def _init_state(
+        self, init: float, tolerance: float, lam_min: float, lam_max: float, ema: float | None
     ) -> None:
         self._init, self._lam_min, self._lam_max = _check_bounds(init, lam_min, lam_max)
-        self._eta = _check_positive("eta", eta)
         self._tolerance = _check_positive("tolerance", tolerance)
         self._ema = _check_ema(ema)
         self._value = self._init
@@ -109,24 +88,17 @@ class LagrangeMultiplier:
         """The raw D of the last update (None before the first)."""
         return self._last_measured
 
-    def update(self, measured: float) -> float:
-        """One projected dual step on the measured D; returns the new lambda."""
+    def _smoothed(self, measured: float) -> float:
+        """Record a measured D and return the value the update uses (raw D or its EMA)."""
         d = _check_measured(measured)
         self._last_measured = d
         self._ema_value = _ema_step(self._ema, self._ema_value, d)
-        d_used = d if self._ema_value is None else self._ema_value
-        self._value = _clip(
-            self._value + self._eta * (d_used - self._tolerance), self._lam_min, self._lam_max
-        )
-        self._steps += 1
-        return self._value
+        return d if self._ema_value is None else self._ema_value
 
-    def state_dict(self) -> dict[str, Any]:
-        """Configuration and state, plain Python values; ``load_state_dict`` restores both."""
+    def _state(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "init": self._init,
-            "eta": self._eta,
             "tolerance": self._tolerance,
             "lam_min": self._lam_min,
             "lam_max": self._lam_max,
@@ -136,6 +108,58 @@ class LagrangeMultiplier:
             "ema_value": self._ema_value,
             "last_measured": self._last_measured,
         }
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        self._value = _check_value_in_bounds(state["value"], self._lam_min, self._lam_max)
+        self._steps = _check_steps(state["steps"])
+        self._ema_value = _optional_float("ema_value", state["ema_value"])
+        self._last_measured = _optional_float("last_measured", state["last_measured"])
+
+
+class LagrangeMultiplier(_MultiplierState):
+    """Projected dual ascent, the DCMDP paper's multiplier update (arXiv 2606.08779).
+
+    update(D):  D_used = D, or with ``ema`` = beta the smoothed D_ema <- beta D_ema + (1 - beta) D
+                (the first measurement initialises D_ema = D);
+                lambda <- clip(lambda + eta (D_used - c), lam_min, lam_max).
+
+    Below the tolerance (D < c) lambda shrinks by eta (c - D) per step until it reaches lam_min;
+    above it lambda grows by eta (D - c) per step, up to lam_max.
+
+    Args:
+        init: lambda_0, within [lam_min, lam_max]. Paper: 0.1.
+        eta: dual step size, > 0. Paper: 1.0.
+        tolerance: c, > 0. Paper: 0.0037.
+        lam_min, lam_max: projection bounds, 0 <= lam_min <= lam_max.
+        ema: decay beta in (0, 1) of an exponential moving average of D, or None for raw D.
+    """
+
+    kind = "dual_ascent"
+
+    def __init__(
+        self,
+        init: float = PAPER_LAMBDA_0,
+        eta: float = PAPER_ETA,
+        tolerance: float = PAPER_TOLERANCE,
+        lam_min: float = 0.0,
+        lam_max: float = 10.0,
+        ema: float | None = None,
+    ) -> None:
+        self._init_state(init, tolerance, lam_min, lam_max, ema)
+        self._eta = _check_positive("eta", eta)
+
+    def update(self, measured: float) -> float:
+        """One projected dual step on the measured D; returns the new lambda."""
+        d_used = self._smoothed(measured)
+        self._value = _clip(
+            self._value + self._eta * (d_used - self._tolerance), self._lam_min, self._lam_max
+        )
+        self._steps += 1
+        return self._value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Configuration and state, plain Python values; ``load_state_dict`` restores both."""
+        return {**self._state(), "eta": self._eta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore configuration and state (the checkpoint's hyperparameters win)."""
@@ -148,17 +172,14 @@ class LagrangeMultiplier:
             lam_max=state["lam_max"],
             ema=state["ema"],
         )
-        fresh._value = _check_value_in_bounds(state["value"], fresh._lam_min, fresh._lam_max)
-        fresh._steps = _check_steps(state["steps"])
-        fresh._ema_value = _optional_float("ema_value", state["ema_value"])
-        fresh._last_measured = _optional_float("last_measured", state["last_measured"])
+        fresh._restore_state(state)
         self.__dict__.update(fresh.__dict__)
 
     def __repr__(self) -> str:
         return f"LagrangeMultiplier(value={self._value:.6g}, eta={self._eta}, tolerance={self._tolerance})"
 
 
-class PIDMultiplier:
+class PIDMultiplier(_MultiplierState):
     """PID Lagrangian multiplier (Stooke, Achiam & Abbeel 2020, "Responsive Safety in
     Reinforcement Learning by PID Lagrangian Methods", ICML, Algorithm 2).
 
@@ -208,56 +229,23 @@ class PIDMultiplier:
         lam_max: float = 10.0,
         ema: float | None = None,
     ) -> None:
-        self._init, self._lam_min, self._lam_max = _check_bounds(init, lam_min, lam_max)
+        self._init_state(init, tolerance, lam_min, lam_max, ema)
         self._kp = _check_non_negative("kp", kp)
         self._ki = _check_non_negative("ki", ki)
         self._kd = _check_non_negative("kd", kd)
         if self._kp == self._ki == self._kd == 0.0:
             raise ValueError("kp, ki and kd are all 0: the multiplier could never move")
-        self._tolerance = _check_positive("tolerance", tolerance)
-        self._ema = _check_ema(ema)
-        self._value = self._init
-        self._steps = 0
         self._integral = 0.0
         self._prev_used: float | None = None
-        self._ema_value: float | None = None
-        self._last_measured: float | None = None
-
-    @property
-    def value(self) -> float:
-        """The current lambda."""
-        return self._value
-
-    @property
-    def tolerance(self) -> float:
-        """The constraint level c."""
-        return self._tolerance
-
-    @tolerance.setter
-    def tolerance(self, c: float) -> None:
-        self._tolerance = _check_positive("tolerance", c)
-
-    @property
-    def steps(self) -> int:
-        """Number of updates so far."""
-        return self._steps
 
     @property
     def integral(self) -> float:
         """The clipped, ki-scaled error sum I."""
         return self._integral
 
-    @property
-    def last_measured(self) -> float | None:
-        """The raw D of the last update (None before the first)."""
-        return self._last_measured
-
     def update(self, measured: float) -> float:
         """One PID step on the measured D; returns the new lambda."""
-        d = _check_measured(measured)
-        self._last_measured = d
-        self._ema_value = _ema_step(self._ema, self._ema_value, d)
-        d_used = d if self._ema_value is None else self._ema_value
+        d_used = self._smoothed(measured)
         error = d_used - self._tolerance
         self._integral = _clip(
             self._integral + self._ki * error, self._lam_min - self._init, self._lam_max - self._init
@@ -272,21 +260,12 @@ class PIDMultiplier:
     def state_dict(self) -> dict[str, Any]:
         """Configuration and state, plain Python values; ``load_state_dict`` restores both."""
         return {
-            "kind": self.kind,
-            "init": self._init,
+            **self._state(),
             "kp": self._kp,
             "ki": self._ki,
             "kd": self._kd,
-            "tolerance": self._tolerance,
-            "lam_min": self._lam_min,
-            "lam_max": self._lam_max,
-            "ema": self._ema,
-            "value": self._value,
-            "steps": self._steps,
             "integral": self._integral,
             "prev_used": self._prev_used,
-            "ema_value": self._ema_value,
-            "last_measured": self._last_measured,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -302,12 +281,9 @@ class PIDMultiplier:
             lam_max=state["lam_max"],
             ema=state["ema"],
         )
-        fresh._value = _check_value_in_bounds(state["value"], fresh._lam_min, fresh._lam_max)
-        fresh._steps = _check_steps(state["steps"])
+        fresh._restore_state(state)
         fresh._integral = _check_finite("integral", state["integral"])
         fresh._prev_used = _optional_float("prev_used", state["prev_used"])
-        fresh._ema_value = _optional_float("ema_value", state["ema_value"])
-        fresh._last_measured = _optional_float("last_measured", state["last_measured"])
         self.__dict__.update(fresh.__dict__)
 
     def __repr__(self) -> str:
@@ -453,6 +429,41 @@ def make_multiplier(kind: str, **kwargs: Any) -> LagrangeMultiplier | PIDMultipl
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for multiplier {kind!r}; accepted: {accepted}")
     return cls(**kwargs)
+
+
+def build_multiplier(
+    kind: str,
+    *,
+    init: float,
+    tolerance: float | None,
+    lam_min: float = 0.0,
+    lam_max: float = 10.0,
+    ema: float | None = None,
+    eta: float = 1.0,
+    kp: float = 1.0,
+    ki: float = 1.0,
+    kd: float = 0.0,
+    auto_warmup_steps: int = 5,
+    auto_quantile: float = 0.5,
+    auto_multiple: float = 1.0,
+) -> Multiplier:
+    """The multiplier a run uses: ``kind`` "dual_ascent" (uses ``eta``) or "pid" (``kp``, ``ki``,
+    ``kd``), with a fixed ``tolerance`` c, or ``tolerance=None`` for an automatic c
+    (``AutoTolerance`` over the first ``auto_warmup_steps`` measurements).
+
+    The one place the trainer and the TRL / verl integrations build their multiplier from settings.
+    """
+    kwargs: dict[str, Any] = {"init": init, "lam_min": lam_min, "lam_max": lam_max, "ema": ema}
+    if kind == "dual_ascent":
+        kwargs["eta"] = eta
+    else:
+        kwargs.update(kp=kp, ki=ki, kd=kd)
+    if tolerance is None:
+        inner = make_multiplier(kind, tolerance=1.0, **kwargs)  # placeholder c, set after the warm-up
+        return AutoTolerance(
+            inner, warmup_steps=auto_warmup_steps, quantile=auto_quantile, multiple=auto_multiple
+        )
+    return make_multiplier(kind, tolerance=tolerance, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -40,7 +40,7 @@ from dcmdp.evaluate import evaluate_accuracy
 from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.models import load_model, load_tokenizer, resolve_model
-from dcmdp.multiplier import AutoTolerance, make_multiplier
+from dcmdp.multiplier import build_multiplier
 from dcmdp.tasks import Problem, Task, make_task
 
 Logger = Callable[[str], None]
@@ -83,19 +83,23 @@ def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
     )
 
 
-def build_multiplier(m: MultiplierConfig) -> Any:
-    """The Lagrange multiplier object for a config (dual ascent or PID, fixed or automatic c)."""
-    common: dict[str, Any] = dict(init=m.init, lam_min=m.lam_min, lam_max=m.lam_max, ema=m.ema)
-    if m.type == "dual_ascent":
-        common["eta"] = m.eta
-    else:
-        common.update(kp=m.kp, ki=m.ki, kd=m.kd)
-    if m.tolerance is None:
-        inner = make_multiplier(m.type, tolerance=1.0, **common)  # placeholder c, set after warm-up
-        return AutoTolerance(
-            inner, warmup_steps=m.auto_warmup_steps, quantile=m.auto_quantile, multiple=m.auto_multiple
-        )
-    return make_multiplier(m.type, tolerance=m.tolerance, **common)
+def multiplier_from_config(m: MultiplierConfig) -> Any:
+    """The Lagrange multiplier for a config (dual ascent or PID, fixed or automatic c)."""
+    return build_multiplier(
+        m.type,
+        init=m.init,
+        tolerance=m.tolerance,
+        lam_min=m.lam_min,
+        lam_max=m.lam_max,
+        ema=m.ema,
+        eta=m.eta,
+        kp=m.kp,
+        ki=m.ki,
+        kd=m.kd,
+        auto_warmup_steps=m.auto_warmup_steps,
+        auto_quantile=m.auto_quantile,
+        auto_multiple=m.auto_multiple,
+    )
 
 
 def loss_settings(cfg: Config, lam: float, tolerance: float | None) -> LossSettings:
@@ -301,7 +305,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     )
     total_updates = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_updates))
-    multiplier = build_multiplier(cfg.multiplier)
+    multiplier = multiplier_from_config(cfg.multiplier)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start_step = 0

@@ -141,6 +141,14 @@ def make_engine(spec: EngineSpec) -> RolloutEngine:
     return ENGINES[spec.type](spec)
 
 
+def check_generate_args(prompts: Sequence[Sequence[int]], n: int) -> None:
+    """The argument checks every engine's ``generate`` starts with."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+
+
 def validate_completions(
     completions: Sequence[Completion], vocab_size: int
 ) -> tuple[list[Completion], dict[str, int]]:

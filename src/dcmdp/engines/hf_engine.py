@@ -31,6 +31,7 @@ from dcmdp.engines.base import (
     EngineSpec,
     GenerateResult,
     SamplingSettings,
+    check_generate_args,
     register_engine,
     validate_completions,
 )
@@ -84,10 +85,7 @@ class TransformersEngine:
         seed: int | None = None,
     ) -> GenerateResult:
         t0 = time.perf_counter()
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_generate_args(prompts, n)
         if not prompts:
             return GenerateResult(completions=[], timings={"generate": 0.0})
         gen = self._generator if seed is None else torch.Generator(device=self.device).manual_seed(seed)

@@ -39,6 +39,7 @@ from dcmdp.engines.base import (
     EngineSpec,
     GenerateResult,
     SamplingSettings,
+    check_generate_args,
     register_engine,
     validate_completions,
 )
@@ -239,8 +240,7 @@ class LlamaCppEngine:
     ) -> GenerateResult:
         if self._ctx is None:
             raise RuntimeError("engine is closed")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_generate_args(prompts, n)
         t_start = time.perf_counter()
         if seed is None:
             seed = self.spec.seed + self._calls

@@ -104,6 +104,7 @@ from dcmdp.engines.base import (
     EngineSpec,
     GenerateResult,
     SamplingSettings,
+    check_generate_args,
     register_engine,
     validate_completions,
 )
@@ -292,10 +293,7 @@ class VLLMEngine:
     ) -> GenerateResult:
         """``n`` samples per prompt, ``completions[i*n:(i+1)*n]`` from prompt ``i`` before validation."""
         llm = self._require_open()
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt must hold at least one token")
+        check_generate_args(prompts, n)
         if not prompts:
             return GenerateResult([], timings={"generate": 0.0})
         from vllm import SamplingParams

@@ -29,10 +29,9 @@ from dcmdp.multiplier import (
     PAPER_ETA,
     PAPER_LAMBDA_0,
     PAPER_TOLERANCE,
-    AutoTolerance,
     Multiplier,
-    make_multiplier,
 )
+from dcmdp.multiplier import build_multiplier as build_core_multiplier
 
 #: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
 LOSS_FORMS: dict[str, str] = {
@@ -103,28 +102,24 @@ class DCMDPOptions:
 def build_multiplier(options: DCMDPOptions) -> Multiplier:
     """The Lagrange multiplier for ``options``: dual ascent or PID, fixed or automatic c.
 
-    Built from ``dcmdp.multiplier`` (``make_multiplier`` and ``AutoTolerance``), so it updates and
+    Built by ``dcmdp.multiplier.build_multiplier``, so it updates and
     checkpoints exactly as in dcmdp's own trainer.
     """
-    kwargs: dict[str, float | None] = {
-        "init": options.lambda_init,
-        "lam_min": options.lambda_min,
-        "lam_max": options.lambda_max,
-        "ema": options.ema,
-    }
-    if options.multiplier == "dual_ascent":
-        kwargs["eta"] = options.eta
-    else:
-        kwargs.update(kp=options.pid_kp, ki=options.eta, kd=options.pid_kd)
-    if options.tolerance is None:
-        inner = make_multiplier(options.multiplier, tolerance=1.0, **kwargs)  # c is set after the warm-up
-        return AutoTolerance(
-            inner,
-            warmup_steps=options.auto_warmup_steps,
-            quantile=options.auto_quantile,
-            multiple=options.auto_multiple,
-        )
-    return make_multiplier(options.multiplier, tolerance=options.tolerance, **kwargs)
+    return build_core_multiplier(
+        options.multiplier,
+        init=options.lambda_init,
+        tolerance=options.tolerance,
+        lam_min=options.lambda_min,
+        lam_max=options.lambda_max,
+        ema=options.ema,
+        eta=options.eta,
+        kp=options.pid_kp,
+        ki=options.eta,  # the PID integral gain plays eta's role
+        kd=options.pid_kd,
+        auto_warmup_steps=options.auto_warmup_steps,
+        auto_quantile=options.auto_quantile,
+        auto_multiple=options.auto_multiple,
+    )
 
 
 def loss_tolerance(multiplier: Multiplier) -> float:
