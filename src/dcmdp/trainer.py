@@ -15,6 +15,7 @@ Per step (see ../docs/concepts.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -103,24 +104,15 @@ def multiplier_from_config(m: MultiplierConfig) -> Any:
 
 
 def loss_settings(cfg: Config, lam: float, tolerance: float | None) -> LossSettings:
-    c = cfg.loss
-    return LossSettings(
-        clip_low=c.clip_low,
-        clip_high=c.clip_high,
-        agg=c.agg,
-        agg_constant=c.agg_constant,
-        tis_cap=c.tis_cap,
-        icepop_low=c.icepop_low,
-        icepop_high=c.icepop_high,
-        seq_cap=c.seq_cap,
-        geo_low=c.geo_low,
-        geo_high=c.geo_high,
-        opsm_delta=c.opsm_delta,
-        lam=lam,
-        # Before an automatic tolerance is set, a tolerance of 1 (the largest possible gap)
-        # turns the hinge off: the warm-up measures the discrepancy without acting on it.
-        tolerance=tolerance if tolerance is not None else 1.0,
-    )
+    """The loss knobs of ``cfg.loss`` (same field names) plus this step's lambda and c."""
+    knobs = {
+        f.name: getattr(cfg.loss, f.name)
+        for f in dataclasses.fields(LossSettings)
+        if hasattr(cfg.loss, f.name)
+    }
+    # Before an automatic tolerance is set, a tolerance of 1 (the largest possible gap) turns the
+    # hinge off: the warm-up measures the discrepancy without acting on it.
+    return LossSettings(**knobs, lam=lam, tolerance=tolerance if tolerance is not None else 1.0)
 
 
 def lr_lambda(cfg: Config, total_updates: int) -> Callable[[int], float]:
