@@ -40,32 +40,31 @@ def make_batch(prompts: int, group: int, length: int, vocab: int, seed: int = 0)
     return build_token_batch(prompt_ids, comps, pad_id=0), torch.randn(prompts * group, generator=g)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="HF model dir (default: a fresh tiny Qwen3)")
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--length", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
-    model_dir = args.model or build_tiny_model(tempfile.mkdtemp() + "/tiny", TinyModelSpec())
-    model = load_model(model_dir)
-    batch, adv = make_batch(args.prompts, args.group, args.length, model.config.vocab_size - 30)
-    sampling = SamplingSettings(max_tokens=args.length)
+def time_losses(
+    model: torch.nn.Module,
+    prompts: int,
+    group: int,
+    length: int,
+    repeats: int,
+    losses: tuple[str, ...] = LOSSES,
+) -> dict[str, list[float]]:
+    """Seconds per `update_policy` for each loss, timed in alternation after two warm-up rounds."""
+    device = next(model.parameters()).device
+    batch, adv = make_batch(prompts, group, length, model.config.vocab_size - 30)
+    batch, adv = batch.to(device), adv.to(device)
+    sampling = SamplingSettings(max_tokens=length)
     with torch.no_grad():
         old = sequence_logprobs(model, batch, sampling)
-    times: dict[str, list[float]] = {name: [] for name in LOSSES}
-    for r in range(args.repeats + 2):
-        for name in LOSSES:
+    times: dict[str, list[float]] = {name: [] for name in losses}
+    for r in range(repeats + 2):
+        for name in losses:
             cfg = load_config(
-                overrides=[
-                    f"loss.type={name}",
-                    f"run.prompts_per_step={args.prompts}",
-                    f"run.group_size={args.group}",
-                ]
+                overrides=[f"loss.type={name}", f"run.prompts_per_step={prompts}", f"run.group_size={group}"]
             )
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             update_policy(
                 cfg,
@@ -81,17 +80,39 @@ def main() -> None:
                 loss_settings(cfg, 0.1, 0.0037),
                 torch.Generator().manual_seed(0),
             )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if r >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def print_table(times: dict[str, list[float]]) -> None:
     base = statistics.median(times["grpo"])
+    print(f"{'loss':16s} {'median s':>10s} {'vs grpo':>9s}")
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"{name:16s} {med:10.4f} {100 * (med / base - 1):+8.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="HF model dir (default: a fresh tiny Qwen3)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--length", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (trainer precision)")
+    args = ap.parse_args()
+    model_dir = args.model or build_tiny_model(tempfile.mkdtemp() + "/tiny", TinyModelSpec())
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    times = time_losses(model, args.prompts, args.group, args.length, args.repeats)
     print(
         f"update_policy on {args.prompts}x{args.group} sequences of {args.length} tokens, "
-        f"{args.repeats} repeats, threads={torch.get_num_threads()}"
+        f"{args.repeats} repeats, {args.device} {args.dtype}, threads={torch.get_num_threads()}"
     )
-    print(f"{'loss':16s} {'median s':>10s} {'vs grpo':>9s}")
-    for name in LOSSES:
-        med = statistics.median(times[name])
-        print(f"{name:16s} {med:10.4f} {100 * (med / base - 1):+8.1f}%")
+    print_table(times)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ COMMON = ["run.steps=60", "run.eval_every=20", "run.checkpoint_every=0", "run.te
 VLLM_BF16 = ["engine.type=vllm", "engine.dtype=bfloat16"]
 INT4 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int4"]
 INT8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int8"]
+FP32_HF = ["engine.type=transformers", "engine.dtype=float32"]
 FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
 
 METHODS = {
@@ -92,6 +93,18 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             for e in (0.3, 1, 3)
         },
     },
+    # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
+    # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
+    "harm_search": {
+        f"grpo_{eng}_lr{lr}": [
+            *(INT4 if eng == "int4" else FP32_HF),
+            "loss.type=grpo",
+            f"optim.lr={lr}",
+            "run.steps=150",
+        ]
+        for lr in ("3e-4", "1e-3")
+        for eng in ("int4", "fp32")
+    },
 }
 # The tolerance sweep is relative to the discrepancy measured at the start of training; the
 # placeholders above are multiplied by START_D when the runs are launched.
@@ -110,10 +123,12 @@ def finished(path: Path, steps: int) -> bool:
 
 
 def steps_of(overrides: list[str]) -> int:
+    """The run length: the last run.steps override wins, as in `dcmdp train`."""
+    steps = 60
     for o in overrides:
         if o.startswith("run.steps="):
-            return int(o.split("=")[1])
-    return 60
+            steps = int(o.split("=")[1])
+    return steps
 
 
 def start_discrepancy(experiment: str, seeds: list[int]) -> float:

@@ -25,6 +25,7 @@ from dcmdp.losses import POLICY_LOSSES
 MULTIPLIER_TYPES = ("dual_ascent", "pid")
 LR_SCHEDULES = ("constant", "cosine")
 TRAINER_DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,8 @@ class ModelConfig:
     "default": the tiny Qwen3 warm-started on the default task (built by `dcmdp pretrain`)."""
     dtype: str = "float32"
     """Trainer precision: float32 | bfloat16."""
+    device: str = "auto"
+    """Trainer device: auto (cuda when a GPU is visible, else cpu) | cpu | cuda. The engine follows."""
     cache_dir: str = ".cache/models"
     """Where named and warm-started models are built and reused."""
 
@@ -228,6 +231,7 @@ def _positive(name: str, value: float, strict: bool = True) -> None:
 
 def validate(cfg: Config) -> None:
     _choice("model.dtype", cfg.model.dtype, TRAINER_DTYPES)
+    _choice("model.device", cfg.model.device, DEVICES)
     _choice("engine.type", cfg.engine.type, engine_names())
     _choice("engine.dtype", cfg.engine.dtype, DTYPES)
     _choice("loss.type", cfg.loss.type, sorted(POLICY_LOSSES))

@@ -61,6 +61,15 @@ class TokenBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask_BT.sum())
 
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids_BL.to(device),
+            self.attention_mask_BL.to(device),
+            self.targets_BT.to(device),
+            self.response_mask_BT.to(device),
+            self.engine_logp_BT.to(device),
+        )
+
     def select(self, rows: Tensor | slice) -> TokenBatch:
         return TokenBatch(
             self.input_ids_BL[rows],

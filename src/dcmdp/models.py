@@ -147,6 +147,13 @@ def load_tokenizer(model_path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(model_path))
 
 
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; other values pass through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """Load a local HF causal LM for training or as the Transformers engine."""
     from transformers import AutoModelForCausalLM

@@ -40,7 +40,7 @@ from dcmdp.engines.base import Completion, EngineSpec, RolloutEngine, SamplingSe
 from dcmdp.evaluate import evaluate_accuracy
 from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
-from dcmdp.models import load_model, load_tokenizer, resolve_model
+from dcmdp.models import load_model, load_tokenizer, resolve_device, resolve_model
 from dcmdp.multiplier import build_multiplier
 from dcmdp.tasks import Problem, Task, make_task
 
@@ -81,6 +81,7 @@ def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
         seed=cfg.run.seed,
         max_model_len=e.max_model_len,
         kv_cache_gb=e.kv_cache_gb,
+        device=cfg.model.device,
     )
 
 
@@ -287,8 +288,9 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     base_path = resolve_base_model(cfg, log)
     tokenizer = load_tokenizer(base_path)
     dtype = getattr(torch, cfg.model.dtype)
-    model = load_model(ckpt if ckpt is not None else base_path, dtype=dtype)
-    ref_model = load_model(base_path, dtype=dtype).eval() if cfg.loss.kl_coef > 0 else None
+    device = resolve_device(cfg.model.device)
+    model = load_model(ckpt if ckpt is not None else base_path, dtype=dtype, device=device)
+    ref_model = load_model(base_path, dtype=dtype, device=device).eval() if cfg.loss.kl_coef > 0 else None
     task = make_task(cfg.task.name, **cfg.task.options)
     sampling = sampling_settings(cfg, tokenizer.eos_token_id)
     greedy = SamplingSettings(1.0, 1.0, 1, cfg.sampling.max_tokens, (tokenizer.eos_token_id,))
@@ -409,7 +411,9 @@ def train_step(
     ro = rollout(engine, task, tokenizer, problems, sampling, cfg.run.group_size, seed)
 
     advantages_N = grpo_advantages(ro.rewards_N, cfg.run.group_size, scale_by_std=cfg.loss.scale_adv_by_std)
-    batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id).to(device)
+    advantages_N = advantages_N.to(device)
 
     t0 = time.perf_counter()
     with torch.no_grad():

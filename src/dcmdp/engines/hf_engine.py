@@ -36,16 +36,10 @@ from dcmdp.engines.base import (
     validate_completions,
 )
 from dcmdp.logprobs import process_logits
+from dcmdp.models import resolve_device
 from dcmdp.quantize import QUANT_MODES, quantize_linear_weights_, quantize_weight
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; other values pass through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class TransformersEngine:

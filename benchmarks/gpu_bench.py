@@ -1,0 +1,195 @@
+"""The performance benchmark in one go on a GPU (about 5 minutes on one H100).
+
+    python benchmarks/gpu_bench.py [--out gpu_bench.json]     # on a CUDA machine
+    python benchmarks/gpu_bench.py --smoke                     # seconds, on CPU: checks the script
+
+What it measures, all in bfloat16 on one device:
+  1. a Qwen3 of about 60M parameters (hidden 768, 8 layers, the char tokenizer), random init;
+  2. `dcmdp train` for --steps steps of --prompts x --group completions of up to --max-tokens
+     tokens (random weights never emit EOS, so every completion is full length), with the vLLM
+     engine when vLLM is importable and the Transformers engine otherwise; prints the median
+     time of each phase (rollout, log-prob recompute, update, dual step, weight sync), the
+     evaluation time and the rollout tokens per second;
+  3. the cost of the DCMDP term: `update_policy` with each loss, timed in alternation on the
+     same batch (benchmarks/bench_loss_overhead.py), median and ratio to grpo;
+  4. with --trl and trl installed: benchmarks/bench_trl.py on the same device.
+Prints the GPU name beside the figures and writes them all to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from dcmdp.checkpoint import read_metrics
+from dcmdp.config import load_config
+from dcmdp.models import TinyModelSpec, build_tiny_model, load_model
+from dcmdp.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loss_overhead import print_table, time_losses
+
+PHASES = ("time/rollout", "time/recompute", "time/update", "time/dual", "time/sync", "time/step")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def model_spec(smoke: bool) -> TinyModelSpec:
+    if smoke:
+        return TinyModelSpec(hidden_size=64, num_layers=2, head_dim=16, intermediate_size=192)
+    # About 60M parameters: 8 x (attention 4 x 768^2 + MLP 3 x 768 x 2304) + embeddings.
+    return TinyModelSpec(
+        hidden_size=768,
+        num_layers=8,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=2304,
+        max_position_embeddings=512,
+    )
+
+
+def training_run(model_dir: Path, out_dir: Path, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    """One `dcmdp train` run; returns per-phase medians (first step excluded: warm-up)."""
+    overrides = [
+        f"model.path={model_dir}",
+        f"model.dtype={args.dtype}",
+        f"model.device={args.device}",
+        f"engine.type={engine}",
+        f"engine.dtype={args.dtype}",
+        f"engine.max_model_len={64 + args.max_tokens}",
+        "loss.type=dcmdp",
+        f"run.steps={args.steps}",
+        f"run.prompts_per_step={args.prompts}",
+        f"run.group_size={args.group}",
+        f"sampling.max_tokens={args.max_tokens}",
+        f"run.eval_every={args.steps}",
+        f"run.eval_problems={args.prompts}",
+        "run.checkpoint_every=0",
+        "run.tensorboard=false",
+        f"run.out_dir={out_dir}",
+    ]
+    t0 = time.perf_counter()
+    train(load_config(overrides=overrides), log=lambda msg: None)
+    wall = time.perf_counter() - t0
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    steps = [r for r in rows if r.get("kind") == "train"][1:] or [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    result: dict[str, Any] = {k: statistics.median(r[k] for r in steps) for k in PHASES}
+    result["perf/tokens_per_s"] = statistics.median(r["perf/tokens_per_s"] for r in steps)
+    result["rollout/tokens"] = statistics.median(r["rollout/tokens"] for r in steps)
+    result["time/eval"] = statistics.median(r["time/eval"] for r in evals) if evals else float("nan")
+    result["wall_s"] = wall
+    result["steps_per_min"] = 60.0 / result["time/step"]
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, CPU: checks the script")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 20; smoke 3)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 64; smoke 4)")
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 64; smoke 8")
+    ap.add_argument("--repeats", type=int, default=None, help="loss-cost repeats (default 9; smoke 2)")
+    ap.add_argument("--engine", default="auto", help="auto (vllm when importable) | vllm | transformers")
+    ap.add_argument("--trl", action="store_true", help="also run benchmarks/bench_trl.py on the device")
+    ap.add_argument("--out", default="gpu_bench.json")
+    args = ap.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    args.dtype = "float32" if args.smoke else "bfloat16"
+    args.steps = args.steps or (3 if args.smoke else 20)
+    args.prompts = args.prompts or (4 if args.smoke else 64)
+    args.max_tokens = args.max_tokens or (8 if args.smoke else 64)
+    args.repeats = args.repeats or (2 if args.smoke else 9)
+    if args.group < 2:
+        ap.error("--group must be at least 2 (GRPO groups)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible; run with --smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if importlib.util.find_spec("vllm") is not None and not args.smoke else "transformers"
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="dcmdp-gpu-bench-"))
+    model_dir = build_tiny_model(work / "model", model_spec(args.smoke))
+    n_params = sum(p.numel() for p in load_model(model_dir).parameters())
+    name = device_name(args.device)
+    report: dict[str, Any] = {
+        "device": name,
+        "torch": torch.__version__,
+        "params_M": n_params / 1e6,
+        "engine": engine,
+        "dtype": args.dtype,
+        "batch": f"{args.prompts} prompts x {args.group} x {args.max_tokens} tokens",
+        "steps": args.steps,
+    }
+    print(
+        f"device: {name} | model {n_params / 1e6:.1f}M params | {report['batch']} | engine {engine} {args.dtype}"
+    )
+
+    print("\n[1/3] training run (dcmdp loss)", flush=True)
+    run = training_run(model_dir, work / "run", args, engine)
+    report["train"] = run
+    for k in PHASES:
+        print(f"  {k:16s} median {run[k]:.4f} s")
+    print(f"  time/eval        {run['time/eval']:.3f} s ({args.prompts} problems, greedy + sampled)")
+    print(f"  rollout          {run['perf/tokens_per_s']:.0f} tokens/s; {run['steps_per_min']:.1f} steps/min")
+
+    print("\n[2/3] cost of the DCMDP term (update_policy, alternating, same batch)", flush=True)
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    times = time_losses(model, args.prompts, args.group, args.max_tokens, args.repeats)
+    print_table(times)
+    report["loss_cost"] = {k: statistics.median(v) for k, v in times.items()}
+    del model
+    if args.device == "cuda":
+        report["peak_gpu_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+
+    if args.trl:
+        print("\n[3/3] TRL GRPOTrainer against dcmdp train (benchmarks/bench_trl.py)", flush=True)
+        if importlib.util.find_spec("trl") is None:
+            print("  skipped: trl is not installed (pip install -e .[trl])")
+        else:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).with_name("bench_trl.py")),
+                "--json",
+                str(work / "trl.json"),
+            ]
+            rc = subprocess.call(cmd)
+            if rc == 0 and (work / "trl.json").exists():
+                report["trl"] = json.loads((work / "trl.json").read_text())
+            else:
+                print(f"  bench_trl.py exited with {rc}")
+    else:
+        print("\n[3/3] TRL comparison skipped (pass --trl)")
+
+    report["total_s"] = time.perf_counter() - t_start
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\ntotal {report['total_s']:.0f} s on {name}; figures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
