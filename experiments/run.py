@@ -25,10 +25,13 @@ RUNS = ROOT / "experiments" / "runs"
 # Shared budget: the default job's settings (tiny Qwen3 warm-started on 2-digit addition,
 # 32 prompts x 8 samples, 60 steps). Arms differ only in what the arm name says.
 COMMON = ["run.steps=60", "run.eval_every=20", "run.checkpoint_every=0", "run.tensorboard=false"]
+MOE_MODEL = ".cache/models/tiny-qwen3-moe-arithmetic"  # built by PREPARE["moe"]
 VLLM_BF16 = ["engine.type=vllm", "engine.dtype=bfloat16"]
 INT4 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int4"]
 INT8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int8"]
 FP32_HF = ["engine.type=transformers", "engine.dtype=float32"]
+INT3 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int3"]
+ENGINES_BY_NAME = {"fp32": FP32_HF, "int4": INT4, "int3": INT3}
 FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
 
 METHODS = {
@@ -93,22 +96,33 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             for e in (0.3, 1, 3)
         },
     },
+    # 5. Mixture of experts: the tiny Qwen3-MoE (4 experts, top-2) warm-started on the same task,
+    # vLLM bf16 rollout (the model is built by `dcmdp pretrain`, see PREPARE below).
+    "moe": {
+        name: [f"model.path={MOE_MODEL}", *engine, *METHODS[method]]
+        for name, engine, method in (
+            ("grpo", VLLM_BF16, "grpo"),
+            ("tis", VLLM_BF16, "tis"),
+            ("dcmdp", VLLM_BF16, "dcmdp"),
+            ("dcmdp_hinge", VLLM_BF16, "dcmdp_hinge"),
+            ("grpo_fp32_ceiling", ["engine.type=vllm", "engine.dtype=float32"], "grpo"),
+        )
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
-        f"grpo_{eng}_lr{lr}": [
-            *(INT4 if eng == "int4" else FP32_HF),
-            "loss.type=grpo",
-            f"optim.lr={lr}",
-            "run.steps=150",
-        ]
-        for lr in ("3e-4", "1e-3")
-        for eng in ("int4", "fp32")
+        f"grpo_{eng}_lr{lr}": [*ENGINES_BY_NAME[eng], "loss.type=grpo", f"optim.lr={lr}", "run.steps=150"]
+        for lr in ("1e-4", "3e-4", "1e-3")
+        for eng in ("int3", "int4", "fp32")
     },
 }
 # The tolerance sweep is relative to the discrepancy measured at the start of training; the
 # placeholders above are multiplied by START_D when the runs are launched.
 START_D_KEY = "discrepancy/prob_gap_mean"
+# Models an experiment needs beyond the default one, and the command that builds each (cached).
+PREPARE = {
+    "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
+}
 
 
 def run_dir(experiment: str, arm: str, seed: int) -> Path:
@@ -147,6 +161,10 @@ def start_discrepancy(experiment: str, seeds: list[int]) -> float:
 
 
 def launch(experiment: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]) -> None:
+    for cmd in PREPARE.get(experiment, []):
+        print(f"[{experiment}] dcmdp {' '.join(cmd)}", flush=True)
+        if subprocess.call([sys.executable, "-m", "dcmdp.cli", *cmd], cwd=ROOT) != 0:
+            raise SystemExit(f"preparing {experiment} failed: dcmdp {' '.join(cmd)}")
     scale = start_discrepancy(experiment, seeds) if experiment == "tolerance" else None
     for seed in seeds:
         for arm, overrides in arms.items():

@@ -52,7 +52,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     """Engine precision: float32 | bfloat16 | float16. The deployment setting training aligns to."""
     quantization: str | None = None
-    """vLLM quantization name; transformers: int8 | int4 | fp8; llamacpp: F32 | BF16 | Q8_0 | Q4_0."""
+    """vLLM quantization name; transformers: int8 | int4 | int3 | fp8; llamacpp: F32 | BF16 | Q8_0 | Q4_0."""
     kv_cache_gb: float = 1.0
     """vLLM KV cache on CPU, GiB."""
     max_model_len: int = 128

@@ -41,7 +41,7 @@ GENERIC_PROMPTS = (
     "What is the capital of Italy?",
 )
 # Quantization names each engine type accepts; None = the engine checks them itself.
-_TRANSFORMERS_QUANT = ("int8", "int4", "fp8")
+_TRANSFORMERS_QUANT = ("int8", "int4", "int3", "fp8")
 _LLAMACPP_QUANT = ("F32", "BF16", "F16", "Q8_0", "Q4_0")
 
 

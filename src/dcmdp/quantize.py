@@ -3,7 +3,7 @@
 Each weight matrix is quantized per output channel (one scale per row) and immediately
 dequantized back to the working dtype, so any backend runs the model with plain matmuls while the
 numbers are those of a weight-only int8 / int4 / fp8 deployment. Activations stay in the working
-dtype. This imitates the error of a quantized inference build (what vLLM's fp8 or a GPTQ/AWQ int4
+dtype (int3 stands for an aggressive 3-bit build). This imitates the error of a quantized inference build (what vLLM's fp8 or a GPTQ/AWQ int4
 checkpoint does to the weights), not its speed.
 
 What is quantized: the weight of every ``nn.Linear`` in the transformer blocks (attention
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-QUANT_MODES = ("int8", "int4", "fp8")
+QUANT_MODES = ("int8", "int4", "int3", "fp8")
 FP8_E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn value
 DEFAULT_SKIP = ("lm_head",)
 
@@ -67,6 +67,16 @@ def quantize_int4(w: Tensor) -> Tensor:
     return (torch.clamp(torch.round(w32 / s), -8, 7) * s).to(w.dtype)
 
 
+def quantize_int3(w: Tensor) -> Tensor:
+    """Symmetric per-output-channel int3 RTN, dequantized (an aggressive 3-bit deployment).
+
+    s_i = max_j |w_ij| / 3;  q_ij = clamp(round(w_ij / s_i), -4, 3);  w'_ij = s_i * q_ij.
+    """
+    w32 = w.float()
+    s = _safe_scale(_row_absmax(w32), 3.0)
+    return (torch.clamp(torch.round(w32 / s), -4, 3) * s).to(w.dtype)
+
+
 def quantize_fp8(w: Tensor) -> Tensor:
     """Per-output-channel fp8 e4m3 round trip, dequantized.
 
@@ -80,7 +90,7 @@ def quantize_fp8(w: Tensor) -> Tensor:
     return (q * s).to(w.dtype)
 
 
-_QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
+_QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "int3": quantize_int3, "fp8": quantize_fp8}
 
 
 def quantize_weight(w: Tensor, mode: str) -> Tensor:
