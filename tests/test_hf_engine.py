@@ -19,6 +19,7 @@ from dcmdp.quantize import (
     QUANT_MODES,
     quantizable_weight_names,
     quantize_fp8,
+    quantize_int3,
     quantize_int4,
     quantize_int8,
     quantize_linear_weights_,
@@ -178,7 +179,7 @@ def test_bf16_and_quantized_engines_disagree(hf_model_dir, trainer):
 
 
 def test_unknown_quantization_is_rejected(hf_model_dir):
-    with pytest.raises(ValueError, match="int8, int4, fp8"):
+    with pytest.raises(ValueError, match="int8, int4, int3, fp8"):
         _engine(hf_model_dir, quantization="nf4")
 
 
@@ -260,6 +261,9 @@ def test_quantizers_hand_checked():
     torch.testing.assert_close(quantize_int8(w), expected8, rtol=0, atol=1e-6)
     torch.testing.assert_close(quantize_int4(w), expected4, rtol=0, atol=1e-6)
     torch.testing.assert_close(quantize_fp8(w), expected_fp8, rtol=0, atol=1e-6)
+    # int3: s = 2/3; -0.3/s = -0.45 -> 0; 0.7/s = 1.05 -> 1
+    expected3 = torch.tensor([[2.0, 0.0, 2 / 3], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(quantize_int3(w), expected3, rtol=0, atol=1e-6)
     # Per output channel: scaling one row leaves the other untouched.
     w2 = torch.tensor([[2.0, -0.3, 0.7], [20.0, -3.0, 7.0]])
     torch.testing.assert_close(quantize_int4(w2)[0], expected4[0], rtol=0, atol=1e-6)
@@ -276,11 +280,15 @@ def test_quantizers_keep_dtype_and_levels():
     levels = (q4 / (q4.abs().amax(dim=-1, keepdim=True) / 7)).round()
     assert all(len(row.unique()) <= 16 for row in levels)
     assert levels.min() >= -8 and levels.max() <= 7
+    q3 = quantize_int3(torch.randn(8, 256, generator=g))
+    levels3 = (q3 / (q3.abs().amax(dim=-1, keepdim=True) / 3)).round()
+    assert all(len(row.unique()) <= 8 for row in levels3)
+    assert levels3.min() >= -4 and levels3.max() <= 3
 
 
 def test_unknown_quant_mode_lists_valid():
-    with pytest.raises(ValueError, match="valid: int8, int4, fp8"):
-        quantize_weight(torch.ones(2, 2), "int3")
+    with pytest.raises(ValueError, match="valid: int8, int4, int3, fp8"):
+        quantize_weight(torch.ones(2, 2), "int2")
 
 
 def test_which_weights_are_quantized(tmp_path):

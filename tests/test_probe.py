@@ -69,7 +69,7 @@ def test_probe_table_output(probe_model_dir, capsys):
     [
         ("nope:float32", r"engine 'nope' is unknown; valid: .*transformers"),
         ("transformers:float64", r"dtype 'float64' is unknown; valid: float32, bfloat16, float16"),
-        ("transformers:float32:int3", r"quantization 'int3' is unknown for engine transformers; valid: int8"),
+        ("transformers:float32:int2", r"quantization 'int2' is unknown for engine transformers; valid: int8"),
         ("transformers", r"engine:dtype\[:quantization\]"),
     ],
 )
