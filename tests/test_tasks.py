@@ -334,3 +334,27 @@ def test_jsonl_duplicate_questions_share_a_split(tmp_path: Path) -> None:
     train = {p.prompt for p in task.problems("train", 10_000, 0)}
     evals = {p.prompt for p in task.problems("eval", 10_000, 0)}
     assert train and evals and not train & evals
+
+
+def test_arithmetic_shots_prefix_and_first_line_grading() -> None:
+    task = make_task("arithmetic", digits=[1, 2], shots=2)
+    plain = make_task("arithmetic", digits=[1, 2])
+    problems = task.problems("eval", 20, seed=3)
+    # Same problems as without shots, each behind the same two solved train problems.
+    assert [p.id for p in problems] == [p.id for p in plain.problems("eval", 20, seed=3)]
+    prefixes = {p.prompt.rsplit("\n", 1)[0] for p in problems}
+    assert len(prefixes) == 1
+    demos = prefixes.pop().split("\n")
+    assert len(demos) == 2
+    for line in demos:
+        question, answer = line.split("=")
+        a, b = question.split("+")
+        assert int(a) + int(b) == int(answer)
+        assert f"arithmetic:{question}" not in {p.id for p in plain.problems("eval", 10_000, seed=0)}
+    p = problems[0]
+    assert task.reward(p, p.answer + "\n3+4=7\n") == 1.0
+    assert task.reward(p, " " + p.answer + " \n") == 1.0
+    assert task.reward(p, "9" + p.answer) == 0.0
+    assert plain.reward(p, p.answer + "\n3+4=7") == 0.0  # without shots the whole text counts
+    with pytest.raises(ValueError, match="shots"):
+        make_task("arithmetic", shots=-1)
