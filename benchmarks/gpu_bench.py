@@ -37,15 +37,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from dcmdp.checkpoint import read_metrics
-from dcmdp.config import load_config
 from dcmdp.models import TinyModelSpec, build_tiny_model, load_model
-from dcmdp.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss_overhead import print_table, time_losses
-
-PHASES = ("time/rollout", "time/recompute", "time/update", "time/dual", "time/sync", "time/step")
+from bench_step_time import print_summary, run_job
 
 
 def device_name(device: str) -> str:
@@ -70,7 +66,7 @@ def model_spec(smoke: bool) -> TinyModelSpec:
 
 
 def training_run(model_dir: Path, out_dir: Path, args: argparse.Namespace, engine: str) -> dict[str, Any]:
-    """One `dcmdp train` run; returns per-phase medians (first step excluded: warm-up)."""
+    """One `dcmdp train` run (dcmdp loss); per-phase medians over steps 2..N, wall time."""
     overrides = [
         f"model.path={model_dir}",
         f"model.dtype={args.dtype}",
@@ -87,21 +83,9 @@ def training_run(model_dir: Path, out_dir: Path, args: argparse.Namespace, engin
         f"run.eval_problems={args.prompts}",
         "run.checkpoint_every=0",
         "run.tensorboard=false",
-        f"run.out_dir={out_dir}",
     ]
-    t0 = time.perf_counter()
-    train(load_config(overrides=overrides), log=lambda msg: None)
-    wall = time.perf_counter() - t0
-    rows = read_metrics(out_dir / "metrics.jsonl")
-    steps = [r for r in rows if r.get("kind") == "train"][1:] or [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    result: dict[str, Any] = {k: statistics.median(r[k] for r in steps) for k in PHASES}
-    result["perf/tokens_per_s"] = statistics.median(r["perf/tokens_per_s"] for r in steps)
-    result["rollout/tokens"] = statistics.median(r["rollout/tokens"] for r in steps)
-    result["time/eval"] = statistics.median(r["time/eval"] for r in evals) if evals else float("nan")
-    result["wall_s"] = wall
-    result["steps_per_min"] = 60.0 / result["time/step"]
-    return result
+    summary, wall = run_job(overrides, out_dir)
+    return {**summary, "wall_s": wall}
 
 
 def main() -> int:
@@ -152,10 +136,7 @@ def main() -> int:
     print("\n[1/3] training run (dcmdp loss)", flush=True)
     run = training_run(model_dir, work / "run", args, engine)
     report["train"] = run
-    for k in PHASES:
-        print(f"  {k:16s} median {run[k]:.4f} s")
-    print(f"  time/eval        {run['time/eval']:.3f} s ({args.prompts} problems, greedy + sampled)")
-    print(f"  rollout          {run['perf/tokens_per_s']:.0f} tokens/s; {run['steps_per_min']:.1f} steps/min")
+    print_summary(run)
 
     print("\n[2/3] cost of the DCMDP term (update_policy, alternating, same batch)", flush=True)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)

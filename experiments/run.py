@@ -26,6 +26,17 @@ RUNS = ROOT / "experiments" / "runs"
 # 32 prompts x 8 samples, 60 steps). Arms differ only in what the arm name says.
 COMMON = ["run.steps=60", "run.eval_every=20", "run.checkpoint_every=0", "run.tensorboard=false"]
 MOE_MODEL = ".cache/models/tiny-qwen3-moe-arithmetic"  # built by PREPARE["moe"]
+SMOLLM2 = [
+    "model.path=smollm2-135m",
+    "task.options={digits: [1, 2], shots: 2}",
+    "sampling.max_tokens=4",
+    "optim.lr=2e-5",
+    "run.steps=20",
+    "run.prompts_per_step=8",
+    "run.group_size=8",
+    "run.eval_every=20",
+    "run.eval_problems=128",
+]
 VLLM_BF16 = ["engine.type=vllm", "engine.dtype=bfloat16"]
 INT4 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int4"]
 INT8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int8"]
@@ -108,6 +119,9 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             ("grpo_fp32_ceiling", ["engine.type=vllm", "engine.dtype=float32"], "grpo"),
         )
     },
+    # 6. A real pretrained model: SmolLM2-135M-Instruct, 1-2 digit addition with a 2-shot prefix,
+    # vLLM bf16 rollout, small batches (a step takes tens of seconds on one CPU core).
+    "smollm2": {name: [*SMOLLM2, *VLLM_BF16, f"loss.type={name}"] for name in ("grpo", "dcmdp")},
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
