@@ -1,0 +1,160 @@
+"""Why mismatch does not hurt at this scale: how far it turns the policy gradient, next to noise.
+
+    python experiments/gradient_bias.py [--model DIR] [--batches 4]
+        [--settings vllm:bfloat16 transformers:float32:int8 transformers:float32:fp8
+                    transformers:float32:int4 transformers:float32:int3]
+
+For each engine setting, K rollout batches (the default job's shape: 32 prompts x 8 samples of
+the default task) are drawn from the engine with the warm-started model, and on each batch two
+gradients of the policy surrogate are taken with respect to all weights:
+
+- g_naive: vanilla GRPO on the engine's samples, as if they came from the trainer's policy pi;
+- g_is: the same with every token weighted by pi / mu (untruncated token importance sampling),
+  the correction that turns samples from the engine mu into an estimate of the on-policy
+  gradient.
+
+The figures: cos(g_naive, g_is) and |g_naive - g_is| / |g_is| on the same batch (how much the
+mismatch turns and changes the update), next to cos(g_naive of batch k, g_naive of batch k+1)
+(how much two equally valid batches disagree: sampling noise). Mismatch can only matter when its
+effect is not small next to that noise. Also printed: the spread of the token ratio pi / mu.
+Writes docs/results/gradient_bias/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from dcmdp.advantages import grpo_advantages
+from dcmdp.config import load_config
+from dcmdp.engines.base import EngineSpec, make_engine
+from dcmdp.logprobs import build_token_batch, sequence_logprobs
+from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
+from dcmdp.models import load_model, load_tokenizer
+from dcmdp.probe import parse_setting
+from dcmdp.tasks import make_task
+from dcmdp.trainer import resolve_base_model, rollout, sampling_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SETTINGS = [
+    "vllm:bfloat16",
+    "transformers:float32:int8",
+    "transformers:float32:fp8",
+    "transformers:float32:int4",
+    "transformers:float32:int3",
+]
+
+
+def flat_grad(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str, Any]:
+    cfg = load_config()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    task = make_task(cfg.task.name, **cfg.task.options)
+    sampling = sampling_settings(cfg, tokenizer.eos_token_id)
+    s = parse_setting(setting)
+    engine = make_engine(
+        EngineSpec(type=s.engine, model=str(model_dir), dtype=s.dtype, quantization=s.quantization, seed=seed)
+    )
+    naive_fn, is_fn = get_policy_loss("grpo"), get_policy_loss("tis")
+    settings = LossSettings(tis_cap=1e9)
+    rows: list[dict[str, float]] = []
+    grads: list[torch.Tensor] = []
+    ratios: list[torch.Tensor] = []
+    try:
+        engine.load_weights(model.named_parameters())
+        for k in range(batches):
+            problems = task.problems("train", cfg.run.prompts_per_step, seed=seed * 1000 + k)
+            ro = rollout(engine, task, tokenizer, problems, sampling, cfg.run.group_size, seed * 1000 + k)
+            batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id)
+            adv = grpo_advantages(ro.rewards_N, cfg.run.group_size).unsqueeze(1)
+            logp = sequence_logprobs(model, batch, sampling)
+            old = logp.detach()
+            inputs = LossInputs(logp, old, batch.engine_logp_BT, adv.expand_as(logp), batch.response_mask_BT)
+            g_naive = flat_grad(model, naive_fn(inputs, settings).loss)
+            logp = sequence_logprobs(model, batch, sampling)
+            inputs = LossInputs(logp, old, batch.engine_logp_BT, adv.expand_as(logp), batch.response_mask_BT)
+            g_is = flat_grad(model, is_fn(inputs, settings).loss)
+            mask = batch.response_mask_BT
+            ratios.append(torch.exp(old - batch.engine_logp_BT)[mask])
+            rows.append(
+                {
+                    "cos_naive_is": cos(g_naive, g_is),
+                    "rel_diff": float((g_naive - g_is).norm() / g_is.norm()),
+                    "reward_mean": float(ro.rewards_N.mean()),
+                }
+            )
+            grads.append(g_naive)
+    finally:
+        engine.close()
+    noise = [cos(grads[i], grads[i + 1]) for i in range(len(grads) - 1)]
+    r = torch.cat(ratios)
+    q = torch.quantile(r.double(), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
+    return {
+        "setting": setting,
+        "cos_naive_is": statistics.median(x["cos_naive_is"] for x in rows),
+        "rel_diff": statistics.median(x["rel_diff"] for x in rows),
+        "cos_between_batches": statistics.median(noise) if noise else float("nan"),
+        "ratio_p01": float(q[0]),
+        "ratio_p50": float(q[1]),
+        "ratio_p99": float(q[2]),
+        "ratio_min": float(r.min()),
+        "ratio_max": float(r.max()),
+        "tokens": int(r.numel()),
+        "batches": rows,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model dir (default: the default job's warm start)")
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="engine:dtype[:quant]")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "gradient_bias" / "summary.json"))
+    args = ap.parse_args()
+    if args.batches < 2:
+        ap.error("--batches must be at least 2 (the noise reference compares two batches)")
+    for text in args.settings:
+        parse_setting(text)  # fail before any engine starts
+    model_dir = Path(args.model) if args.model else resolve_base_model(load_config(), print)
+    torch.manual_seed(args.seed)
+    results = []
+    for setting in args.settings:
+        res = measure(setting, model_dir, args.batches, args.seed)
+        results.append(res)
+        print(
+            f"{setting:28s} cos(naive, IS) {res['cos_naive_is']:.4f}  |naive-IS|/|IS| {res['rel_diff']:.4f}  "
+            f"cos(batch, next batch) {res['cos_between_batches']:.3f}  "
+            f"pi/mu p1 {res['ratio_p01']:.3f} p99 {res['ratio_p99']:.3f} max {res['ratio_max']:.2f}",
+            flush=True,
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model_dir), "results": results}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
