@@ -42,6 +42,7 @@ INT4 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization
 INT8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int8"]
 FP32_HF = ["engine.type=transformers", "engine.dtype=float32"]
 INT3 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int3"]
+HARM = ["optim.lr=1e-3", "run.steps=150", "run.eval_every=30"]
 ENGINES_BY_NAME = {"fp32": FP32_HF, "int4": INT4, "int3": INT3}
 FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
 
@@ -68,7 +69,14 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     # 1. Methods under real engine mismatch: fp32 training, bf16 vLLM rollout (+ fp32 ceiling).
     "mismatch": _arms(VLLM_BF16, ["engine.type=vllm", "engine.dtype=float32"]),
     # 1b. Heterogeneous deployment: weight-only int4 / int8 / fp8 rollout engines.
-    "int4": _arms(INT4, ["engine.type=transformers", "engine.dtype=float32"]),
+    "int4": {
+        k: v
+        for k, v in _arms(INT4, FP32_HF).items()
+        if k in ("grpo", "tis", "icepop", "dcmdp", "dcmdp_shaping", "dcmdp_hinge", "grpo_fp32_ceiling")
+    },
+    # 1c. Where mismatch does hurt vanilla GRPO here (found by harm_search): int3 rollout, lr 1e-3,
+    # 150 steps. Every method on the same budget, and the matched fp32 rollout as the ceiling.
+    "harm": {k: [*v, *HARM] for k, v in _arms(INT3, FP32_HF).items()},
     "int8": {
         k: v
         for k, v in _arms(INT8, ["engine.type=transformers", "engine.dtype=float32"]).items()
