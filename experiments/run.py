@@ -227,12 +227,13 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
         return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
 
     lines = [
-        "| arm | seeds | greedy acc start | greedy acc end | sampled acc end | D first 5 | D last 10 | lambda end |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | greedy acc start | greedy acc end | greedy acc, mean of last 3 evals | "
+        "sampled acc end | train reward, last 20 steps | D first 5 | D last 10 | lambda end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     record = {}
     for arm in arms:
-        acc0, acc1, sacc, d0, d1, lam = [], [], [], [], [], []
+        acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], []
         for seed in seeds:
             rows = read_metrics(run_dir(experiment, arm, seed) / "metrics.jsonl")
             evals = [r for r in rows if r.get("kind") == "eval"]
@@ -241,6 +242,8 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
                 continue
             acc0.append(evals[0]["eval/accuracy_greedy"])
             acc1.append(evals[-1]["eval/accuracy_greedy"])
+            acc3.append(statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]))
+            rew.append(statistics.mean(r["reward/mean"] for r in train[-20:]))
             sacc.append(evals[-1]["eval/accuracy_sampled"])
             d0.append(statistics.mean(r[START_D_KEY] for r in train[:5]))
             d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
@@ -248,13 +251,16 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
         record[arm] = {
             "acc_start": acc0,
             "acc_end": acc1,
+            "acc_last3": acc3,
+            "reward_last20": rew,
             "sampled_end": sacc,
             "d_first5": d0,
             "d_last10": d1,
             "lambda_end": lam,
         }
         lines.append(
-            f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(sacc, '.3f')} | "
+            f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(acc3, '.3f')} | "
+            f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} |"
         )
     out = ROOT / "docs" / "results" / experiment / "summary.json"
