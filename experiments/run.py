@@ -266,7 +266,38 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
     out = ROOT / "docs" / "results" / experiment / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
+    tradeoff_plot(experiment, record)
     return "\n".join(lines)
+
+
+def tradeoff_plot(experiment: str, record: dict[str, dict[str, list[float]]]) -> Path | None:
+    """One point per arm: discrepancy at the end (x) against deployment accuracy (y), mean and
+    std over seeds, so the reward / discrepancy trade-off of a sweep reads off one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = {a: r for a, r in record.items() if r["d_last10"] and r["acc_last3"]}
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for arm, r in points.items():
+        x, y = statistics.mean(r["d_last10"]), statistics.mean(r["acc_last3"])
+        xe = statistics.stdev(r["d_last10"]) if len(r["d_last10"]) > 1 else 0.0
+        ye = statistics.stdev(r["acc_last3"]) if len(r["acc_last3"]) > 1 else 0.0
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3)
+        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("D at the end (mean prob gap, last 10 steps)")
+    ax.set_ylabel("greedy accuracy, deployment engine\n(mean of the last 3 evals)")
+    seeds = max(len(r["acc_last3"]) for r in points.values())
+    ax.set_title(f"{experiment}: accuracy against discrepancy ({seeds} seeds, mean ± std)")
+    ax.grid(alpha=0.3)
+    out = ROOT / "docs" / "results" / experiment / "tradeoff.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main() -> int:
