@@ -130,6 +130,14 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     # 6. A real pretrained model: SmolLM2-135M-Instruct, 1-2 digit addition with a 2-shot prefix,
     # vLLM bf16 rollout, small batches (a step takes tens of seconds on one CPU core).
     "smollm2": {name: [*SMOLLM2, *VLLM_BF16, f"loss.type={name}"] for name in ("grpo", "dcmdp")},
+    # Why every DCMDP arm collapsed in "harm": lambda grew until the gap penalty swamped the
+    # reward signal. The same arms with the multiplier capped (lam_max) so it never can.
+    "harm_capped": {
+        f"{k}_lammax{cap}": [*v, *HARM, f"multiplier.lam_max={cap}"]
+        for k, v in _arms(INT3, FP32_HF).items()
+        if k in ("dcmdp", "dcmdp_hinge", "dcmdp_auto_c")
+        for cap in ("0.3",)
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
