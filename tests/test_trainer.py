@@ -500,3 +500,19 @@ def test_tampered_checkpoint_cannot_run_code(tiny_model_dir: Path, tmp_path: Pat
     with pytest.raises(pickle.UnpicklingError):
         load_trainer_state(ckpt)
     assert not marker.exists()
+
+
+def test_unreachable_tolerance_warning() -> None:
+    from dcmdp.trainer import unreachable_tolerance
+
+    c = 0.0037
+    far = [0.02] * 20
+    msg = unreachable_tolerance(far, c, uses_multiplier=True)
+    assert msg is not None and "multiplier.tolerance=null" in msg and "0.0037" in msg
+    assert unreachable_tolerance(far[:19], c, uses_multiplier=True) is None  # not long enough yet
+    assert unreachable_tolerance([*far[:19], 0.007], c, uses_multiplier=True) is None  # one step within 2c
+    assert unreachable_tolerance(far, c, uses_multiplier=False) is None  # grpo: lambda unused
+    assert unreachable_tolerance(far, None, uses_multiplier=True) is None  # automatic c not set yet
+    assert (
+        unreachable_tolerance([0.0, *far], c, uses_multiplier=True) is not None
+    )  # only the last window counts

@@ -116,6 +116,28 @@ def loss_settings(cfg: Config, lam: float, tolerance: float | None) -> LossSetti
     return LossSettings(**knobs, lam=lam, tolerance=tolerance if tolerance is not None else 1.0)
 
 
+def unreachable_tolerance(
+    recent_d: list[float], tolerance: float | None, uses_multiplier: bool, window: int = 20
+) -> str | None:
+    """A warning when the measured gap stayed above twice c for ``window`` steps in a row.
+
+    Then the constraint is out of the engine's reach: lambda only grows and the gap penalty takes
+    over the update (docs/RESULTS.md: runs with c far below the engine's floor gap lost accuracy
+    or collapsed). None when all is well or the loss does not use lambda.
+    """
+    if not uses_multiplier or tolerance is None or len(recent_d) < window:
+        return None
+    last = recent_d[-window:]
+    if min(last) <= 2 * tolerance:
+        return None
+    return (
+        f"warning: the measured gap D stayed above 2c for {window} steps (min {min(last):.4g}, c {tolerance:.4g}): "
+        "the tolerance looks out of this engine's reach, so lambda keeps growing and the gap penalty "
+        "can swamp the reward signal. Consider multiplier.tolerance=null (automatic c from the "
+        "measured gap), a larger c, or a cap such as multiplier.lam_max=0.3 (see docs/RESULTS.md)."
+    )
+
+
 def lr_lambda(cfg: Config, total_updates: int) -> Callable[[int], float]:
     warm = cfg.optim.warmup_steps
 
@@ -345,6 +367,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             emit(metrics_log, writers, {"kind": "eval", "step": step, **row})
             return row
 
+        recent_d: list[float] = []
+        warned = False
         if start_step == 0 and cfg.run.eval_every:
             before = run_eval(0)
             log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
@@ -364,6 +388,11 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                 generator,
             )
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
+            recent_d.append(row["discrepancy/prob_gap_mean"])
+            warning = unreachable_tolerance(recent_d, multiplier.tolerance, cfg.loss.type.startswith("dcmdp"))
+            if warning is not None and not warned:
+                log(warning)
+                warned = True
             log(
                 f"step {step:4d}/{cfg.run.steps} reward {row['reward/mean']:.3f} "
                 f"D {row['discrepancy/prob_gap_mean']:.5f} lambda {row['multiplier/lambda']:.4f} "
