@@ -85,3 +85,17 @@ def test_smollm2_named_model_builds_and_answers(tmp_path: Path) -> None:
         logits = model(input_ids=ids).logits[0, -1]
     top = tok.decode([int(logits.argmax())])
     assert "Paris" in top, f"a pretrained model should know this; got {top!r}"
+
+
+def test_resolve_device() -> None:
+    import torch
+
+    from dcmdp.models import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="valid: auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            resolve_device("cuda")

@@ -369,6 +369,7 @@ def test_reward_errors_are_counted(
     [
         (["loss.type=ppo"], "loss.type: 'ppo' is not allowed; valid values: dcmdp"),
         (["engine.dtype=int3"], "engine.dtype"),
+        (["model.device=tpu"], "model.device: 'tpu' is not allowed"),
         (["optim.lrr=1"], "optim.lrr: unknown field; valid fields:"),
         (["trainer.lr=1"], "unknown section 'trainer'"),
         (["optim.lr=fast"], "optim.lr: expected float"),

@@ -148,9 +148,15 @@ def load_tokenizer(model_path: str | Path) -> Any:
 
 
 def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; other values pass through."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; "cpu" / "cuda" are checked."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was asked for but no CUDA device is visible (torch.cuda.is_available() is False)"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is unknown; valid: auto, cpu, cuda")
     return device
 
 
