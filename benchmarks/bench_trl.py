@@ -81,6 +81,7 @@ class Settings:
     lr: float = 1e-4
     seed: int = 0
     dcmdp_loss: str = "grpo"
+    device: str = "cpu"  # "cuda": TRL without use_cpu, dcmdp with model.device=cuda (both fp32)
 
 
 @dataclass
@@ -217,7 +218,7 @@ def trl_config(settings: Settings, out_dir: str) -> Any:
         loss_type="dapo",
         scale_rewards="group",
         use_vllm=False,
-        use_cpu=True,
+        use_cpu=settings.device == "cpu",
         bf16=False,
         fp16=False,
         max_steps=settings.steps,
@@ -307,7 +308,7 @@ def run_trl(settings: Settings, t_start: float) -> ArmResult:
 def dcmdp_overrides(settings: Settings, engine: str, dtype: str, out_dir: str) -> list[str]:
     return [
         f"model.path={settings.model}",
-        "model.device=cpu",
+        f"model.device={settings.device}",
         "model.dtype=float32",
         f"engine.type={engine}",
         f"engine.dtype={dtype}",
@@ -459,6 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dcmdp-loss", default="grpo", help="dcmdp loss.type (TRL runs its GRPO loss)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every arm trains")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
@@ -481,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         dcmdp_loss=args.dcmdp_loss,
+        device=args.device,
     )
     print(f"settings: {settings}\nenvironment: {environment()}", flush=True)
     results: dict[str, list[ArmResult]] = {arm: [] for arm in args.arms}

@@ -12,7 +12,8 @@ What it measures, all in bfloat16 on one device:
      evaluation time and the rollout tokens per second;
   3. the cost of the DCMDP term: `update_policy` with each loss, timed in alternation on the
      same batch (benchmarks/bench_loss_overhead.py), median and ratio to grpo;
-  4. with --trl and trl installed: benchmarks/bench_trl.py on the same device.
+  4. with --trl and trl installed: benchmarks/bench_trl.py on the same device (TRL's GRPOTrainer
+     against `dcmdp train` on the warm-started tiny model: steps/min and peak memory).
 Prints the GPU name beside the figures and writes them all to --out as JSON.
 """
 
@@ -156,6 +157,8 @@ def main() -> int:
             cmd = [
                 sys.executable,
                 str(Path(__file__).with_name("bench_trl.py")),
+                "--device",
+                args.device,
                 "--json",
                 str(work / "trl.json"),
             ]
