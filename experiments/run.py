@@ -129,7 +129,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     },
     # 6. A real pretrained model: SmolLM2-135M-Instruct, 1-2 digit addition with a 2-shot prefix,
     # vLLM bf16 rollout, small batches (a step takes tens of seconds on one CPU core).
-    "smollm2": {name: [*SMOLLM2, *VLLM_BF16, f"loss.type={name}"] for name in ("grpo", "dcmdp")},
+    "smollm2": {
+        **{name: [*SMOLLM2, *VLLM_BF16, f"loss.type={name}"] for name in ("grpo", "dcmdp")},
+        # The fix suggested by `harm`: c from the measured gap, lambda capped.
+        "dcmdp_auto_c_lammax0.3": [
+            *SMOLLM2,
+            *VLLM_BF16,
+            "loss.type=dcmdp",
+            "multiplier.tolerance=null",
+            "multiplier.lam_max=0.3",
+        ],
+    },
     # Why every DCMDP arm collapsed in "harm": lambda grew until the gap penalty swamped the
     # reward signal. The same arms with the multiplier capped (lam_max) so it never can.
     "harm_capped": {
