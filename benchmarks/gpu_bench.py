@@ -1,4 +1,4 @@
-"""The performance benchmark in one go on a GPU (about 5 minutes on one H100).
+"""The performance benchmark in one go on a GPU (sized to finish within 8 minutes; not yet run on one).
 
     python benchmarks/gpu_bench.py [--out gpu_bench.json]     # on a CUDA machine
     python benchmarks/gpu_bench.py --smoke                     # seconds, on CPU: checks the script
