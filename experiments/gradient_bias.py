@@ -58,9 +58,12 @@ DEFAULT_SETTINGS = [
 
 
 def flat_grad(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    """d loss / d weights as one vector; keeps the graph so a second loss can reuse the forward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)]
+    )
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,12 +92,10 @@ def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str,
             ro = rollout(engine, task, tokenizer, problems, sampling, cfg.run.group_size, seed * 1000 + k)
             batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id)
             adv = grpo_advantages(ro.rewards_N, cfg.run.group_size).unsqueeze(1)
-            logp = sequence_logprobs(model, batch, sampling)
+            logp = sequence_logprobs(model, batch, sampling)  # one forward, both gradients from it
             old = logp.detach()
             inputs = LossInputs(logp, old, batch.engine_logp_BT, adv.expand_as(logp), batch.response_mask_BT)
             g_naive = flat_grad(model, naive_fn(inputs, settings).loss)
-            logp = sequence_logprobs(model, batch, sampling)
-            inputs = LossInputs(logp, old, batch.engine_logp_BT, adv.expand_as(logp), batch.response_mask_BT)
             g_is = flat_grad(model, is_fn(inputs, settings).loss)
             mask = batch.response_mask_BT
             ratios.append(torch.exp(old - batch.engine_logp_BT)[mask])

@@ -79,14 +79,10 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     "harm": {k: [*v, *HARM] for k, v in _arms(INT3, FP32_HF).items()},
     "int8": {
         k: v
-        for k, v in _arms(INT8, ["engine.type=transformers", "engine.dtype=float32"]).items()
+        for k, v in _arms(INT8, FP32_HF).items()
         if k in ("grpo", "tis", "dcmdp", "dcmdp_hinge", "grpo_fp32_ceiling")
     },
-    "fp8": {
-        k: v
-        for k, v in _arms(FP8, ["engine.type=transformers", "engine.dtype=float32"]).items()
-        if k in ("grpo", "tis", "dcmdp", "dcmdp_hinge")
-    },
+    "fp8": {k: v for k, v in _arms(FP8, FP32_HF).items() if k in ("grpo", "tis", "dcmdp", "dcmdp_hinge")},
     # 2. Self-correction: the penalty on (strong, c tiny) vs off, on the int4 engine.
     "self_correction": {
         "penalty_on": [*INT4, "loss.type=dcmdp", "multiplier.tolerance=0.0001", "multiplier.init=1.0"],

@@ -619,3 +619,10 @@ def test_register_policy_loss() -> None:
         assert got == pytest.approx(2 * grpo_loss(x, LossSettings()).loss.item())
     finally:
         POLICY_LOSSES.pop("test_double_grpo")
+
+
+def test_multiplier_losses_are_the_dcmdp_forms() -> None:
+    from dcmdp.losses import MULTIPLIER_LOSSES, POLICY_LOSSES
+
+    assert {"dcmdp", "dcmdp_shaping", "dcmdp_hinge"} == MULTIPLIER_LOSSES
+    assert set(POLICY_LOSSES) >= MULTIPLIER_LOSSES

@@ -139,15 +139,20 @@ class LossOutput:
 
 PolicyLossFn = Callable[[LossInputs, LossSettings], LossOutput]
 POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+MULTIPLIER_LOSSES: set[str] = set()
+"""Names of the losses that read ``LossSettings.lam`` (the Lagrange multiplier)."""
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator adding a loss to :data:`POLICY_LOSSES` under ``name``; a taken name raises ``ValueError``."""
+def register_policy_loss(name: str, uses_multiplier: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator adding a loss to :data:`POLICY_LOSSES` under ``name``; a taken name raises ``ValueError``.
+    ``uses_multiplier``: the loss reads lambda (listed in :data:`MULTIPLIER_LOSSES`)."""
 
     def register(fn: PolicyLossFn) -> PolicyLossFn:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
         POLICY_LOSSES[name] = fn
+        if uses_multiplier:
+            MULTIPLIER_LOSSES.add(name)
         return fn
 
     return register
@@ -520,7 +525,7 @@ def _dcmdp_metrics(prob_gap: Tensor, penalty: Tensor, lam: float) -> dict[str, T
     }
 
 
-@register_policy_loss("dcmdp")
+@register_policy_loss("dcmdp", uses_multiplier=True)
 def dcmdp_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     """DCMDP reading (a), differentiable penalty:
     ``agg(l_t) + lam * token-mean(|exp(logp_t) - exp(engine_logp_t)|)``.
@@ -538,7 +543,7 @@ def dcmdp_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     return _output(total, policy, metrics | _dcmdp_metrics(gap, penalty, settings.lam))
 
 
-@register_policy_loss("dcmdp_shaping")
+@register_policy_loss("dcmdp_shaping", uses_multiplier=True)
 def dcmdp_shaping_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     """DCMDP reading (b), advantage shaping: ``A'_t = A_t - lam * delta_t.detach()``, then
     ``agg(-min(r A', clip(r) A'))``.
@@ -561,7 +566,7 @@ def dcmdp_shaping_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput
     return _output(policy, policy, metrics | _dcmdp_metrics(gap, settings.lam * gap, settings.lam))
 
 
-@register_policy_loss("dcmdp_hinge")
+@register_policy_loss("dcmdp_hinge", uses_multiplier=True)
 def dcmdp_hinge_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     """DCMDP hinge variant: ``agg(l_t) + lam * token-mean(max(0, delta_t - tolerance))``.
 

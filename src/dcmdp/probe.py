@@ -230,8 +230,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcmdp.engines.hf_engine import TORCH_DTYPES, resolve_device
-    from dcmdp.models import load_model, load_tokenizer, resolve_model
+    from dcmdp.engines.hf_engine import TORCH_DTYPES
+    from dcmdp.models import load_model, load_tokenizer, resolve_device, resolve_model
 
     try:
         if args.setting:

