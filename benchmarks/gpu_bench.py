@@ -2,6 +2,22 @@
 
     python benchmarks/gpu_bench.py [--out gpu_bench.json]     # on a CUDA machine
     python benchmarks/gpu_bench.py --smoke                     # seconds, on CPU: checks the script
+    python benchmarks/gpu_bench.py --smoke --dtype bfloat16    # the same at the GPU run's dtype
+
+On the lent GPU machine (Python 3.12, torch 2.11, transformers 5.17, accelerate, safetensors,
+tokenizers, pytest; no vLLM, TRL, verl, gguf, matplotlib or tensorboard, nothing installable), do
+not install the project (pyproject pins torch 2.13 and Python 3.11); run it from the tree:
+
+    PYTHONPATH=src python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json"
+
+(the script also finds ../src by itself when dcmdp is not importable). Without vLLM the rollout
+engine is the Transformers one, and --trl reports itself skipped. Checked on CPU, not on a GPU:
+in a Python 3.12 venv with exactly torch 2.11.0 (the PyPI build, CUDA libraries present but no
+GPU) and transformers 5.17.0 plus accelerate, safetensors, tokenizers, pyyaml, numpy, pytest and
+nothing else, `--smoke` and `--smoke --dtype bfloat16` ran to the end; the only third-party
+packages imported were torch, transformers and their own dependencies. tests/test_gpu_bench.py
+runs --smoke with vllm, trl, verl, gguf, matplotlib, tensorboard, wandb and llama_cpp blocked, so
+an optional import on this path fails `make test`.
 
 What it measures, all in bfloat16 on one device:
   1. a Qwen3 of about 60M parameters (hidden 768, 8 layers, the char tokenizer), random init;
@@ -20,6 +36,7 @@ Prints the GPU name beside the figures and writes them all to --out as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -36,6 +53,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# Run from the source tree without installing the project (the GPU machine): find ../src.
+if importlib.util.find_spec("dcmdp") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
@@ -100,10 +121,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="loss-cost repeats (default 9; smoke 2)")
     ap.add_argument("--engine", default="auto", help="auto (vllm when importable) | vllm | transformers")
     ap.add_argument("--trl", action="store_true", help="also run benchmarks/bench_trl.py on the device")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="model and engine dtype (default bfloat16; smoke float32)",
+    )
     ap.add_argument("--out", default="gpu_bench.json")
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
-    args.dtype = "float32" if args.smoke else "bfloat16"
+    args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
     args.steps = args.steps or (3 if args.smoke else 20)
     args.prompts = args.prompts or (4 if args.smoke else 64)
     args.max_tokens = args.max_tokens or (8 if args.smoke else 64)
@@ -116,6 +143,11 @@ def main() -> int:
     engine = args.engine
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") is not None and not args.smoke else "transformers"
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        print(
+            "--engine vllm: vLLM is not installed here; use --engine transformers (or auto)", file=sys.stderr
+        )
+        return 2
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="dcmdp-gpu-bench-"))
@@ -125,6 +157,8 @@ def main() -> int:
     report: dict[str, Any] = {
         "device": name,
         "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
+        "python": platform.python_version(),
         "params_M": n_params / 1e6,
         "engine": engine,
         "dtype": args.dtype,
@@ -152,7 +186,7 @@ def main() -> int:
     if args.trl:
         print("\n[3/3] TRL GRPOTrainer against dcmdp train (benchmarks/bench_trl.py)", flush=True)
         if importlib.util.find_spec("trl") is None:
-            print("  skipped: trl is not installed (pip install -e .[trl])")
+            print("  skipped: trl is not installed (where it can be: pip install -e .[trl])")
         else:
             cmd = [
                 sys.executable,
