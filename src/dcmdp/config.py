@@ -8,7 +8,9 @@ the command line. It is at most two levels deep. Every run writes its resolved c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -20,7 +22,8 @@ import yaml
 
 from dcmdp.aggregation import AGG_MODES
 from dcmdp.engines.base import DTYPES, engine_names
-from dcmdp.losses import POLICY_LOSSES
+from dcmdp.losses import POLICY_LOSSES, LossSettings
+from dcmdp.tasks import TASKS, Task, make_task, task_options
 
 MULTIPLIER_TYPES = ("dual_ascent", "pid")
 LR_SCHEDULES = ("constant", "cosine")
@@ -272,6 +275,54 @@ def validate(cfg: Config) -> None:
         section, key = name.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{name}: must be >= 0 (0 = off)")
+    _check_loss_knobs(cfg)
+    _check_task_options(cfg)
+
+
+def _check_loss_knobs(cfg: Config) -> None:
+    # The trainer builds these LossSettings at every step; a bad knob fails here instead.
+    knobs = {
+        f.name: getattr(cfg.loss, f.name)
+        for f in dataclasses.fields(LossSettings)
+        if hasattr(cfg.loss, f.name)
+    }
+    try:
+        LossSettings(**knobs)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("LossSettings.", "loss.")) from None
+
+
+def _check_task_options(cfg: Config) -> None:
+    """The task name and its option names (cheap: nothing is read; see :func:`build_task`)."""
+    _choice("task.name", cfg.task.name, sorted(TASKS))
+    valid = task_options(cfg.task.name)
+    unknown = sorted(set(cfg.task.options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"task.options: task {cfg.task.name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(valid) or '(none)'}"
+        )
+    missing = [k for k, d in valid.items() if d is inspect.Parameter.empty and k not in cfg.task.options]
+    if missing:
+        raise ConfigError(
+            f"task.options: task {cfg.task.name!r} needs option(s) "
+            + ", ".join(f"{k} (task.options.{k}=...)" for k in missing)
+        )
+
+
+def build_task(cfg: Config) -> Task:
+    """Build the config's task and draw one problem of each split the trainer uses.
+
+    A bad option value or a data file whose usable rows leave a split empty raises ``ConfigError``
+    here, so ``train`` can call it before any model is loaded.
+    """
+    try:
+        task = make_task(cfg.task.name, **cfg.task.options)
+        task.problems("train", 1, seed=cfg.run.seed)
+        task.problems("eval", 1, seed=cfg.run.seed + 10_000)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"task.options: {' '.join(str(exc).split())}") from None
+    return task
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -346,7 +397,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.field=value`` strings (values parsed as YAML scalars) to a config dict."""
-    out = {k: dict(v) for k, v in data.items()}
+    out = {k: copy.deepcopy(v) if v is not None else {} for k, v in data.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r}: expected section.field=value, e.g. optim.lr=3e-4")
@@ -354,23 +405,136 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         section, name = key.split(".", 1)
         if section not in SECTIONS:
             raise ConfigError(f"{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(out.setdefault(section, {}), dict):
+            raise ConfigError(f"{section}: expected a mapping of fields, got {out[section]!r}")
         value = yaml.safe_load(raw) if raw != "" else ""
         if section == "task" and name.startswith("options."):
-            out.setdefault("task", {}).setdefault("options", {})[name.split(".", 1)[1]] = value
+            options = out["task"].get("options") or {}
+            if not isinstance(options, dict):
+                raise ConfigError(f"task.options: expected a mapping, got {options!r}")
+            out["task"]["options"] = {**options, name.split(".", 1)[1]: value}
         else:
-            out.setdefault(section, {})[name] = value
+            out[section][name] = value
     return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = loaded or {}
+    data = _read_config_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _read_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    loaded = yaml.safe_load(text)
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
+# Fields a resumed run may change: where and how it runs, how long, and what it reports. Any
+# other change (loss, task, model, engine, sampling, optimizer, multiplier, seed, batch shape)
+# would make the resumed run a different experiment than the one its first steps belong to.
+RESUME_CHANGEABLE = (
+    "run.steps",
+    "run.out_dir",
+    "run.eval_every",
+    "run.eval_problems",
+    "run.eval_sampled",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.tensorboard",
+    "run.wandb",
+    "run.wandb_project",
+    "run.threads",
+    "model.device",
+    "engine.kv_cache_gb",
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One field that differs between a run's saved config and the config it resumes with."""
+
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(value: Any) -> str:
+    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True)
+    return text.strip().removesuffix("...").strip()
+
+
+def config_changes(old: Config, new: Config) -> list[Change]:
+    """The fields whose values differ, as ``section.field`` in config order."""
+    a, b = old.to_dict(), new.to_dict()
+    return [
+        Change(f"{section}.{key}", a[section][key], b[section][key])
+        for section in SECTIONS
+        for key in a[section]
+        if a[section][key] != b[section][key]
+    ]
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for section, fields_ in top.items():
+        if not isinstance(fields_, dict) or not isinstance(out.get(section), dict):
+            out[section] = copy.deepcopy(fields_)
+            continue
+        for key, value in fields_.items():
+            if key == "options" and isinstance(value, dict) and isinstance(out[section].get(key), dict):
+                out[section][key] = {**out[section][key], **value}
+            else:
+                out[section][key] = value
+    return out
+
+
+def load_resume_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[Config, list[Change]]:
+    """The config to resume a run with, and what the command line changed in it.
+
+    The run directory is ``run.out_dir`` of ``path`` and ``overrides`` (the default otherwise). Its
+    saved ``config.yaml`` is the base; the fields of ``path`` and then ``overrides`` apply on top.
+    A change to a field outside :data:`RESUME_CHANGEABLE` raises ``ConfigError``.
+    """
+    top = apply_overrides(_read_config_file(path) if path is not None else {}, overrides or [])
+    run_top = top.get("run") or {}
+    out_dir = Path(str(run_top.get("out_dir", RunConfig.out_dir)))
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.is_file():
+        what = "no such directory" if not out_dir.is_dir() else "it holds no config.yaml"
+        raise ConfigError(
+            f"--resume: cannot resume {out_dir} ({what}); pass run.out_dir=DIR of a run started by `dcmdp train`"
+        )
+    try:
+        saved = config_from_dict(_read_config_file(saved_path))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"--resume: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
+        ) from None
+    merged = _merge(dataclasses.asdict(saved), top)
+    merged["run"]["out_dir"] = str(out_dir)  # the directory resumed, wherever the run first lived
+    cfg = config_from_dict(merged)
+    changes = config_changes(saved, cfg)
+    refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
+    if refused:
+        from dcmdp.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(out_dir) or out_dir / "checkpoints" / "step_NNNNNN"
+        raise ConfigError(
+            f"--resume refuses to change what the run in {out_dir} trains: "
+            f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the override, "
+            f"or start a new run from its checkpoint (model.path={ckpt} run.out_dir=NEW_DIR)"
+        )
+    return cfg, changes
 
 
 def dump_config(cfg: Config) -> str:

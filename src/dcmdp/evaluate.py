@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from typing import Any
 
 from dcmdp.engines.base import EngineSpec, RolloutEngine, SamplingSettings, make_engine
@@ -59,25 +60,54 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _setup(args: argparse.Namespace) -> tuple[Any, Task, list[Problem]]:
+    """Model path, task and eval problems, checked before any engine starts (``ValueError``)."""
     import yaml
 
-    from dcmdp.models import load_tokenizer, resolve_model
+    from dcmdp.engines.base import DTYPES, engine_names
+    from dcmdp.models import resolve_model
     from dcmdp.tasks import make_task
 
-    path = resolve_model(args.model)
+    if args.engine not in engine_names():
+        raise ValueError(f"--engine {args.engine!r} is unknown; valid engines: {', '.join(engine_names())}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is unknown; valid dtypes: {', '.join(DTYPES)}")
+    for flag, value in (("--problems", args.problems), ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     options = {}
     for item in args.task_option:
-        key, _, value = item.partition("=")
-        options[key] = yaml.safe_load(value)
-    task = make_task(args.task, **options)
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE, e.g. --task-option digits=3")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--task-option {item!r}: the value is not valid YAML") from None
+    try:
+        task = make_task(args.task, **options)
+        problems = task.problems("eval", args.problems, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--task {args.task}: {exc}") from None
+    return resolve_model(args.model), task, problems
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcmdp.models import load_tokenizer
+
+    try:
+        path, task, problems = _setup(args)
+    except ValueError as exc:  # a mistake on the command line: one line, exit status 2
+        print(f"dcmdp eval: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     tokenizer = load_tokenizer(path)
     eos = (tokenizer.eos_token_id,)
     engine = make_engine(
         EngineSpec(type=args.engine, model=str(path), dtype=args.dtype, quantization=args.quantization)
     )
     try:
-        problems = task.problems("eval", args.problems, seed=args.seed)
         result = evaluate_accuracy(
             engine,
             task,

@@ -659,8 +659,18 @@ class JsonlTask:
                 # Split by the question (whitespace-normalised): duplicates share a split.
                 self._rows[split_of(" ".join(q.split()), self.eval_fraction)].append(problem)
         if not any(self._rows.values()):
-            counts = ", ".join(f"{k}: {v}" for k, v in self.skipped_counts.most_common())
-            raise ValueError(f"jsonl task: no usable rows in {self.path} (skipped {counts or 'nothing'})")
+            raise ValueError(f"jsonl task: no usable rows in {self.path} ({self.skipped_summary()})")
+
+    def skipped_summary(self, lines_shown: int = 3) -> str:
+        """One line: how many rows were skipped and why, with the first line numbers per reason."""
+        if not self.skipped_rows:
+            return "no rows skipped"
+        parts = []
+        for reason, count in self.skipped_counts.most_common():
+            lines = [r.line for r in self.skipped_rows if r.reason == reason]
+            shown = ", ".join(map(str, lines[:lines_shown])) + (", ..." if len(lines) > lines_shown else "")
+            parts.append(f"{reason}: {count} (line{'s' if len(lines) > 1 else ''} {shown})")
+        return f"skipped {len(self.skipped_rows)} row(s): " + "; ".join(parts)
 
     def split_size(self, split: str) -> int:
         _check_split(split)
@@ -671,7 +681,12 @@ class JsonlTask:
         _check_split(split)
         rows = list(self._rows[split])
         if not rows:
-            raise ValueError(f"jsonl task: the {split} split of {self.path} is empty")
+            train, evals = len(self._rows["train"]), len(self._rows["eval"])
+            raise ValueError(
+                f"jsonl task: the {split} split of {self.path} is empty: {train + evals} usable row(s), "
+                f"{train} train / {evals} eval (eval_fraction={self.eval_fraction} holds out questions "
+                f"by hash; add rows or change eval_fraction); {self.skipped_summary()}"
+            )
         random.Random(f"jsonl|{split}|{seed}").shuffle(rows)
         return rows[: max(n, 0)]
 

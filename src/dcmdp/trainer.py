@@ -34,7 +34,7 @@ from dcmdp.checkpoint import (
     save_checkpoint,
     set_random_states,
 )
-from dcmdp.config import Config, MultiplierConfig, dump_config
+from dcmdp.config import Config, ConfigError, MultiplierConfig, build_task, dump_config
 from dcmdp.discrepancy import discrepancy_metrics
 from dcmdp.engines.base import Completion, EngineSpec, RolloutEngine, SamplingSettings, make_engine
 from dcmdp.evaluate import evaluate_accuracy
@@ -297,17 +297,24 @@ def update_policy(
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another run.out_dir"
         )
+    done = int(ckpt.name.split("_")[1]) if ckpt is not None else 0
+    if ckpt is not None and done > cfg.run.steps:
+        raise ConfigError(f"run.steps={cfg.run.steps}: the run in {run_dir} is already at step {done}")
+    if ckpt is not None and done == cfg.run.steps:
+        log(f"{run_dir} already finished (step {done} of run.steps={done}); to extend it, raise run.steps")
+        return {"run_dir": str(run_dir), "finished": True, "step": done}
+    build_task(cfg)  # a bad task option or data file fails here, before any model is loaded
+    base_path = resolve_base_model(cfg, log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    base_path = resolve_base_model(cfg, log)
     tokenizer = load_tokenizer(base_path)
     dtype = getattr(torch, cfg.model.dtype)
     device = resolve_device(cfg.model.device)
@@ -520,7 +527,10 @@ def resolve_base_model(cfg: Config, log: Logger) -> Path:
 
         log("base model: the default tiny Qwen3 warm-started on arithmetic (cached after the first run)")
         return Path(ensure_base_model(cache_dir=cfg.model.cache_dir))
-    return resolve_model(cfg.model.path, cache_dir=cfg.model.cache_dir)
+    try:
+        return resolve_model(cfg.model.path, cache_dir=cfg.model.cache_dir)
+    except ValueError as exc:  # neither a model directory nor a named model
+        raise ConfigError(f"model.path: {exc}") from None
 
 
 class _TensorBoard:

@@ -1,0 +1,214 @@
+"""`dcmdp train --resume` takes the run's saved config.yaml as its base (issue 10, item 6).
+
+Overrides apply on top and are printed; changes that would alter what the run trains are refused
+(exit 2); a finished run says so and exits without loading a model or starting an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dcmdp.checkpoint import latest_checkpoint, read_metrics
+from dcmdp.cli import main
+from dcmdp.config import ConfigError, dump_config, load_config, load_resume_config
+
+
+def tiny_run(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    values: dict[str, object] = {
+        "model.path": str(model_dir),
+        "engine.type": "fake",
+        "engine.dtype": "float32",
+        "loss.type": "grpo",
+        "sampling.max_tokens": 3,
+        "run.steps": 3,
+        "run.prompts_per_step": 2,
+        "run.group_size": 2,
+        "run.eval_every": 0,
+        "run.checkpoint_every": 1,
+        "run.tensorboard": False,
+        "run.threads": 1,
+        "run.out_dir": str(out),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def saved(out: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((out / "config.yaml").read_text())
+    return data
+
+
+def last_err_line(capsys: pytest.CaptureFixture) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.fixture
+def losses_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the policy losses the trainer asks for; warm-starting the default model fails."""
+    import dcmdp.trainer
+
+    names: list[str] = []
+    real = dcmdp.trainer.get_policy_loss
+
+    def spy(name: str) -> Any:
+        names.append(name)
+        return real(name)
+
+    def no_warm_start(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the resumed run fell back to the default model")
+
+    monkeypatch.setattr(dcmdp.trainer, "get_policy_loss", spy)
+    monkeypatch.setattr("dcmdp.pretrain.ensure_base_model", no_warm_start)
+    return names
+
+
+def test_resume_keeps_the_runs_loss_and_extends_it(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, losses_used: list[str]
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
+    assert train_steps(out) == [1, 2, 3] and set(losses_used) == {"grpo"}
+    capsys.readouterr()
+    losses_used.clear()
+
+    # The README's pattern: only the directory and the new length on the command line.
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=5"]) == 0
+    printed = capsys.readouterr().out
+    assert "run.steps: 3 -> 5" in printed
+    assert "loss.type" not in printed
+    assert train_steps(out) == [1, 2, 3, 4, 5]
+    assert set(losses_used) == {"grpo"}, "the resumed steps used another loss"
+    cfg = saved(out)
+    assert cfg["loss"]["type"] == "grpo" and cfg["run"]["steps"] == 5
+    assert cfg["engine"]["type"] == "fake" and cfg["model"]["path"] == str(tiny_model_dir)
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_000005"
+
+
+def test_resume_refuses_a_change_of_meaning(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"run.steps": 2})]) == 0
+    before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr("dcmdp.trainer.make_engine", refuse)
+    for override, needle in [
+        ("loss.type=dcmdp", "loss.type: grpo -> dcmdp"),
+        ("loss.clip_high=0.5", "loss.clip_high: 0.28 -> 0.5"),
+        ("task.options.digits=3", "task.options: {} -> {digits: 3}"),
+        ("engine.type=transformers", "engine.type: fake -> transformers"),
+        ("model.dtype=bfloat16", "model.dtype: float32 -> bfloat16"),
+        ("optim.lr=1.0", "optim.lr: 0.0001 -> 1.0"),
+    ]:
+        assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=4", override]) == 2, override
+        line = last_err_line(capsys)
+        assert line.startswith("config error: --resume refuses to change what the run in ") and needle in line
+        assert f"model.path={out}/checkpoints/step_000002 run.out_dir=NEW_DIR" in line
+        assert "run.steps" not in line, "an allowed change is not listed as refused"
+    assert (out / "config.yaml").read_text() == before
+    assert train_steps(out) == [1, 2]
+
+
+def test_resume_of_a_finished_run_starts_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "done"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"run.steps": 2})]) == 0
+    before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model was loaded or an engine started")
+
+    for name in ("make_engine", "load_model", "load_tokenizer", "resolve_base_model"):
+        monkeypatch.setattr(f"dcmdp.trainer.{name}", refuse)
+    assert main(["train", "--resume", f"run.out_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "already finished (step 2 of run.steps=2)" in printed
+    assert (out / "config.yaml").read_text() == before
+    # Asking for fewer steps than the run already took is a mistake, not a finished run.
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=1"]) == 2
+    assert "already at step 2" in last_err_line(capsys)
+
+
+def test_resume_needs_a_saved_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--resume", f"run.out_dir={empty}"]) == 2
+    assert "holds no config.yaml" in last_err_line(capsys)
+    assert main(["train", "--resume", f"run.out_dir={tmp_path / 'nowhere'}"]) == 2
+    assert "no such directory" in last_err_line(capsys)
+    (empty / "config.yaml").write_text("loss: {type: ppo}\n")
+    assert main(["train", "--resume", f"run.out_dir={empty}"]) == 2
+    assert "config.yaml is not a valid config: loss.type: 'ppo'" in last_err_line(capsys)
+
+
+# ----------------------------------------------------------------------------- config merging only
+
+
+def _save_run(run_dir: Path, *overrides: str) -> None:
+    run_dir.mkdir(parents=True)
+    cfg = load_config(overrides=[*overrides, f"run.out_dir={run_dir}"])
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+
+def test_saved_config_is_the_base(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    _save_run(run, "loss.type=tis", "run.steps=30", "task.options.digits=3", "optim.betas=[0.8, 0.9]")
+    cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
+    assert (cfg.loss.type, cfg.run.steps, cfg.task.options, cfg.optim.betas) == (
+        "tis",
+        30,
+        {"digits": 3},
+        (0.8, 0.9),
+    )
+    assert changes == []
+    # Repeating the original command line changes nothing.
+    cfg, changes = load_resume_config(None, ["loss.type=tis", "task.options.digits=3", f"run.out_dir={run}"])
+    assert changes == []
+
+
+def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _save_run(tmp_path / "orig", "loss.type=grpo")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "orig").rename(tmp_path / "runs" / "default")  # a copy keeps its old run.out_dir
+    cfg, changes = load_resume_config(None, [])
+    assert cfg.loss.type == "grpo" and cfg.run.out_dir == "runs/default"
+    assert [c.field for c in changes] == ["run.out_dir"]
+
+
+def test_config_file_applies_as_overrides(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    _save_run(run, "loss.type=grpo", "run.steps=10")
+    same = tmp_path / "same.yaml"
+    same.write_text(f"loss: {{type: grpo}}\nrun: {{out_dir: {run}, steps: 20, eval_every: 5}}\n")
+    cfg, changes = load_resume_config(same, ["run.eval_every=4"])
+    assert [str(c) for c in changes] == ["run.steps: 10 -> 20", "run.eval_every: 10 -> 4"]
+    assert cfg.loss.type == "grpo"
+    other = tmp_path / "other.yaml"
+    other.write_text(f"loss: {{type: tis}}\nrun: {{out_dir: {run}}}\n")
+    with pytest.raises(ConfigError, match=r"--resume refuses to change .*: loss\.type: grpo -> tis\."):
+        load_resume_config(other, [])
+
+
+def test_resume_help_documents_the_rules(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config.yaml is the base" in text and "--config FILE" in text and "run.steps" in text
