@@ -7,11 +7,18 @@ into a markdown table (mean ± std over seeds) and plotted with `dcmdp report`.
 
 Same task, model, budget and seeds in every arm of an experiment; accuracy is always measured on
 the arm's deployment engine. Runs land in experiments/runs/<experiment>/<arm>/seed<k>/.
+
+The table, summary.json and plots go to docs/results/<experiment>/ (the published results)
+only for the documented grid: every arm, seeds 0 1 2, and no --set beyond run.threads. Anything
+less (--arms, other seeds, other settings) writes them under experiments/runs/ instead and says
+where, unless --publish is given. Runs with extra settings also get their own run directories
+(experiments/runs/<experiment>+<hash of the settings>/), so they never mix with the grid's runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -161,6 +168,38 @@ PREPARE = {
 }
 
 
+DOCUMENTED_SEEDS = [0, 1, 2]
+# --set overrides that change how fast a run goes, not what it computes.
+NEUTRAL_OVERRIDES = ("run.threads=",)
+
+
+def meaningful(extra: list[str]) -> list[str]:
+    return [o for o in extra if not o.startswith(NEUTRAL_OVERRIDES)]
+
+
+def runs_key(experiment: str, extra: list[str]) -> str:
+    """The runs folder of an experiment: its name, plus a hash when --set changes its settings."""
+    changed = meaningful(extra)
+    if not changed:
+        return experiment
+    return f"{experiment}+{hashlib.sha256(' '.join(changed).encode()).hexdigest()[:8]}"
+
+
+def is_documented_grid(experiment: str, arms: list[str], seeds: list[int], extra: list[str]) -> bool:
+    return (
+        sorted(arms) == sorted(EXPERIMENTS[experiment])
+        and sorted(seeds) == DOCUMENTED_SEEDS
+        and not meaningful(extra)
+    )
+
+
+def results_dir(experiment: str, published: bool, key: str | None = None) -> Path:
+    """docs/results/<experiment> for the documented grid (or --publish), else under experiments/runs."""
+    if published:
+        return ROOT / "docs" / "results" / experiment
+    return RUNS / (key or experiment) / "results"
+
+
 def run_dir(experiment: str, arm: str, seed: int) -> Path:
     return RUNS / experiment / arm / f"seed{seed}"
 
@@ -196,7 +235,9 @@ def start_discrepancy(experiment: str, seeds: list[int]) -> float:
     return statistics.median(ds)
 
 
-def launch(experiment: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]) -> None:
+def launch(
+    experiment: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str], key: str | None = None
+) -> None:
     for cmd in PREPARE.get(experiment, []):
         print(f"[{experiment}] dcmdp {' '.join(cmd)}", flush=True)
         if subprocess.call([sys.executable, "-m", "dcmdp.cli", *cmd], cwd=ROOT) != 0:
@@ -212,7 +253,7 @@ def launch(experiment: str, arms: dict[str, list[str]], seeds: list[int], extra:
                     else o
                     for o in overrides
                 ]
-            out = run_dir(experiment, arm, seed)
+            out = run_dir(key or experiment, arm, seed)
             full = COMMON + overrides + extra + [f"run.seed={seed}", f"run.out_dir={out}"]
             if finished(out, steps_of(full)):
                 continue
@@ -231,7 +272,9 @@ def launch(experiment: str, arms: dict[str, list[str]], seeds: list[int], extra:
             print(f"    rc={rc} in {time.time() - t0:.0f}s (log {log.relative_to(ROOT)})", flush=True)
 
 
-def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> str:
+def summarise(
+    experiment: str, arms: dict[str, list[str]], seeds: list[int], out_dir: Path, key: str | None = None
+) -> str:
     from dcmdp.checkpoint import read_metrics
 
     def ms(values: list[float], fmt: str) -> str:
@@ -249,7 +292,7 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
     for arm in arms:
         acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], []
         for seed in seeds:
-            rows = read_metrics(run_dir(experiment, arm, seed) / "metrics.jsonl")
+            rows = read_metrics(run_dir(key or experiment, arm, seed) / "metrics.jsonl")
             evals = [r for r in rows if r.get("kind") == "eval"]
             train = [r for r in rows if r.get("kind") == "train"]
             if not evals or not train:
@@ -261,7 +304,8 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
             sacc.append(evals[-1]["eval/accuracy_sampled"])
             d0.append(statistics.mean(r[START_D_KEY] for r in train[:5]))
             d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
-            lam.append(train[-1]["multiplier/lambda_next"])
+            if "multiplier/lambda_next" in train[-1]:  # only losses that read lambda log it
+                lam.append(train[-1]["multiplier/lambda_next"])
         record[arm] = {
             "acc_start": acc0,
             "acc_end": acc1,
@@ -277,14 +321,14 @@ def summarise(experiment: str, arms: dict[str, list[str]], seeds: list[int]) -> 
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} |"
         )
-    out = ROOT / "docs" / "results" / experiment / "summary.json"
+    out = out_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
-    tradeoff_plot(experiment, record)
+    tradeoff_plot(experiment, record, out_dir)
     return "\n".join(lines)
 
 
-def tradeoff_plot(experiment: str, record: dict[str, dict[str, list[float]]]) -> Path | None:
+def tradeoff_plot(experiment: str, record: dict[str, dict[str, list[float]]], out_dir: Path) -> Path | None:
     """One point per arm: discrepancy at the end (x) against deployment accuracy (y), mean and
     std over seeds, so the reward / discrepancy trade-off of a sweep reads off one plot."""
     import matplotlib
@@ -307,7 +351,7 @@ def tradeoff_plot(experiment: str, record: dict[str, dict[str, list[float]]]) ->
     seeds = max(len(r["acc_last3"]) for r in points.values())
     ax.set_title(f"{experiment}: accuracy against discrepancy ({seeds} seeds, mean ± std)")
     ax.grid(alpha=0.3)
-    out = ROOT / "docs" / "results" / experiment / "tradeoff.png"
+    out = out_dir / "tradeoff.png"
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -321,6 +365,12 @@ def main() -> int:
     ap.add_argument("--arms", nargs="+", default=None, help="a subset of the experiment's arms")
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the table and plots to docs/results/<experiment> even when this is not the full "
+        "documented grid (every arm, seeds 0 1 2, no --set beyond run.threads)",
+    )
     ap.add_argument(
         "--set",
         nargs="+",
@@ -340,13 +390,21 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"unknown arms {sorted(unknown)}; valid: {', '.join(arms)}")
         arms = {k: v for k, v in arms.items() if k in args.arms}
+    key = runs_key(args.experiment, args.overrides)
+    published = args.publish or is_documented_grid(args.experiment, list(arms), args.seeds, args.overrides)
+    out_dir = results_dir(args.experiment, published, key)
     if not args.summary_only:
-        launch(args.experiment, arms, args.seeds, args.overrides)
-    print(summarise(args.experiment, arms, args.seeds))
+        launch(args.experiment, arms, args.seeds, args.overrides, key)
+    print(summarise(args.experiment, arms, args.seeds, out_dir, key))
+    if not published:
+        print(
+            f"(not the documented grid, so docs/results/{args.experiment} is left as it is: "
+            f"table and plots in {out_dir}; --publish writes them there)"
+        )
     seed0 = [
-        str(run_dir(args.experiment, a, args.seeds[0]))
+        str(run_dir(key, a, args.seeds[0]))
         for a in arms
-        if (run_dir(args.experiment, a, args.seeds[0]) / "metrics.jsonl").exists()
+        if (run_dir(key, a, args.seeds[0]) / "metrics.jsonl").exists()
     ]
     if seed0:
         subprocess.call(
@@ -357,7 +415,7 @@ def main() -> int:
                 "report",
                 *seed0,
                 "--out",
-                str(ROOT / "docs" / "results" / args.experiment),
+                str(out_dir),
             ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

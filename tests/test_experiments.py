@@ -4,6 +4,7 @@ measurement tells zero mismatch from a real one."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -59,3 +60,51 @@ def test_gradient_bias_is_zero_without_mismatch_and_not_with_int3() -> None:
     assert int3["ratio_p01"] < 0.99 < 1.01 < int3["ratio_p99"]
     for res in (same, int3):
         assert -1.0 <= res["cos_between_batches"] <= 1.0
+
+
+def _fake_runs(root: Path, key: str, arms: list[str], seeds: list[int]) -> None:
+    for arm in arms:
+        for seed in seeds:
+            d = root / key / arm / f"seed{seed}"
+            d.mkdir(parents=True)
+            rows = [
+                {"kind": "eval", "step": 0, "eval/accuracy_greedy": 0.4, "eval/accuracy_sampled": 0.3},
+                {"kind": "train", "step": 1, "reward/mean": 0.5, "discrepancy/prob_gap_mean": 0.001},
+                {"kind": "eval", "step": 1, "eval/accuracy_greedy": 0.5, "eval/accuracy_sampled": 0.4},
+            ]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_reduced_experiment_leaves_published_results_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    published = ROOT / "docs" / "results" / "harm"
+    before = _snapshot(published)
+    assert before, "docs/results/harm holds the published figures"
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    monkeypatch.setattr(run, "launch", lambda *a, **k: None)
+    monkeypatch.setattr(run.subprocess, "call", lambda *a, **k: 0)  # the `dcmdp report` call
+    # one arm, one seed, a shorter run: the issue's example of a reduced reproduction
+    extra = ["run.steps=10"]
+    key = run.runs_key("harm", extra)
+    assert key != "harm"  # runs with other settings do not share the grid's run directories
+    _fake_runs(tmp_path, key, ["grpo"], [0])
+    monkeypatch.setattr(sys, "argv", ["run.py", "harm", "--arms", "grpo", "--seeds", "0", "--set", *extra])
+    assert run.main() == 0
+    assert _snapshot(published) == before
+    assert (tmp_path / key / "results" / "summary.json").exists()
+    assert "left as it is" in capsys.readouterr().out
+
+
+def test_documented_grid_is_recognised() -> None:
+    arms = list(run.EXPERIMENTS["harm"])
+    assert run.is_documented_grid("harm", arms, [2, 1, 0], ["run.threads=1"])
+    assert not run.is_documented_grid("harm", arms[:1], [0, 1, 2], [])
+    assert not run.is_documented_grid("harm", arms, [0], [])
+    assert not run.is_documented_grid("harm", arms, [0, 1, 2], ["run.steps=10"])
+    assert run.runs_key("harm", ["run.threads=1"]) == "harm"
+    assert run.results_dir("harm", True) == ROOT / "docs" / "results" / "harm"

@@ -95,3 +95,32 @@ def test_arithmetic_prompts_for_char_tokenizer(probe_model_dir):
     texts = [tok.decode(p) for p in prompts]
     assert all(re.fullmatch(r"\d{1,2}\+\d{1,2}=", t) for t in texts), texts
     assert make_prompts(tok, 5, seed=3) == prompts
+
+
+@pytest.mark.vllm
+def test_probe_json_stdout_is_one_json_document_with_real_vllm(probe_model_dir):
+    # The documented pipe: `dcmdp probe --json | python -c "import json,sys; json.load(sys.stdin)"`.
+    # vLLM logs to stdout and its C++ kernels print to fd 1: all of it must land on stderr.
+    pytest.importorskip("vllm")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOGGING", "DCMDP_ENGINE"))}
+    argv = [sys.executable, "-m", "dcmdp.cli", "probe", "--model", str(probe_model_dir)]
+    argv += ["--engine", "vllm", "--dtype", "bfloat16", "--prompts", "2", "--samples", "2"]
+    argv += ["--max-tokens", "8", "--json"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    payload = json.loads(quiet.stdout)
+    assert payload["settings"][0]["setting"] == "vllm:bfloat16"
+    assert payload["settings"][0]["samples"] == 4
+    # quiet by default: no engine warnings, progress bars or tracebacks
+    assert "Traceback" not in quiet.stderr
+    assert not re.search(r"WARNING|Loading safetensors", quiet.stderr), quiet.stderr[:2000]
+    assert len(quiet.stderr.splitlines()) <= 3, quiet.stderr[:2000]
+    # --engine-logs shows vLLM's own INFO lines, still on stderr only
+    loud = subprocess.run([*argv, "--engine-logs"], capture_output=True, text=True, env=env, timeout=600)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert json.loads(loud.stdout)["settings"][0]["samples"] == 4
+    assert "INFO" in loud.stderr

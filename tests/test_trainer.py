@@ -517,3 +517,49 @@ def test_unreachable_tolerance_warning() -> None:
     assert (
         unreachable_tolerance([0.0, *far], c, uses_multiplier=True) is not None
     )  # only the last window counts
+
+
+# ----------------------------------------------------------------------------- labels say what ran
+
+
+def test_grpo_run_logs_and_prints_no_lambda(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grpo"
+    extra = {"loss.type": "grpo", "engine.quantization": "int4", "run.checkpoint_every": 0}
+    assert run_cli(small_overrides(tiny_model_dir, out, **extra)) == 0
+    printed = capsys.readouterr().out
+    steps = [line for line in printed.splitlines() if line.startswith("step ") and "reward" in line]
+    assert len(steps) == 2 and not any("lambda" in line or " c " in line for line in steps)
+    assert not any(k.startswith("multiplier/") for r in train_rows(out) for k in r)
+    # the deployment engine is named with its quantization
+    assert "deployment-engine (transformers bfloat16 int4) greedy accuracy" in printed
+    assert "engine: transformers bfloat16 int4 | trainer float32" in printed
+
+
+def test_step_line_names_automatic_tolerance_while_it_measures() -> None:
+    from dcmdp.config import load_config
+    from dcmdp.trainer import engine_label, multiplier_from_config, step_line
+
+    cfg = load_config(overrides=["multiplier.tolerance=null", "multiplier.auto_warmup_steps=3"])
+    lam = multiplier_from_config(cfg.multiplier)
+    row = {
+        "reward/mean": 0.5,
+        "discrepancy/prob_gap_mean": 0.002,
+        "loss/total": 0.1,
+        "time/step": 1.0,
+        "perf/tokens_per_s": 100.0,
+        "multiplier/lambda": 0.1,
+        "multiplier/tolerance": float("nan"),
+    }
+    lam.update(0.002)
+    line = step_line(cfg, 1, row, lam)
+    assert "c auto (measured 1/3 warm-up steps)" in line and "nan" not in line
+    for _ in range(2):
+        lam.update(0.002)
+    assert lam.tolerance is not None
+    line = step_line(cfg, 3, {**row, "multiplier/tolerance": lam.tolerance}, lam)
+    assert f"c {lam.tolerance:.5f}" in line and "auto" not in line
+    assert engine_label(cfg) == "vllm bfloat16"
+    q = load_config(
+        overrides=["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int3"]
+    )
+    assert engine_label(q) == "transformers float32 int3"

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2), file=getattr(args, "data_out", None))
     else:
         print(f"{path} on {args.engine} {args.dtype} {args.quantization or ''}")
         for k, v in result.items():

@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from dcmdp.engines.base import DTYPES, EngineSpec, SamplingSettings, engine_names, make_engine
+from dcmdp.engines.base import (
+    DTYPES,
+    EngineSpec,
+    SamplingSettings,
+    UnsupportedQuantizationError,
+    engine_names,
+    make_engine,
+)
 
 # Text prompts for models without the dcmdp character tokenizer (a task registry comes later).
 GENERIC_PROMPTS = (
@@ -262,8 +269,8 @@ def run(args: argparse.Namespace) -> int:
     for setting in settings:
         if not args.json:
             print(f"probing {setting.label} ...", file=sys.stderr)
-        results.append(
-            probe_setting(
+        try:
+            result = probe_setting(
                 setting,
                 model_path,
                 trainer,
@@ -275,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
                 args.max_model_len,
                 args.device,
             )
-        )
+        except UnsupportedQuantizationError as exc:  # no kernel for it on this CPU
+            print(f"dcmdp probe: error: {setting.label}: {exc}", file=sys.stderr)
+            return 2
+        results.append(result)
 
     if args.json:
         payload = {
@@ -286,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             "sampling": asdict(sampling),
             "settings": [asdict(r) for r in results],
         }
-        print(json.dumps(_json_safe(payload), indent=2))
+        print(json.dumps(_json_safe(payload), indent=2), file=getattr(args, "data_out", None))
     else:
         print(
             f"model {model_path}  trainer {args.trainer_dtype}  {len(prompts)} prompts x {args.samples} samples  "

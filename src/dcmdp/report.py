@@ -129,7 +129,7 @@ def _summary_row(run: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         "acc after": fmt(evals[-1]["eval/accuracy_greedy"]) if evals else "-",
         "D first": fmt(train[0]["discrepancy/prob_gap_mean"], ".5f") if train else "-",
         "D last": fmt(train[-1]["discrepancy/prob_gap_mean"], ".5f") if train else "-",
-        "lambda last": fmt(train[-1]["multiplier/lambda_next"], ".4f") if train else "-",
+        "lambda last": fmt(train[-1].get("multiplier/lambda_next"), ".4f") if train else "-",
         "s/step": fmt(sorted(r["time/step"] for r in train)[len(train) // 2], ".2f") if train else "-",
     }
 

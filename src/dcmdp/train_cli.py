@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resume {cfg.run.out_dir} with its saved config.yaml {how}")
         for change in changes:
             print(f"  {change}")
-    from dcmdp.trainer import DivergenceError, train
+    from dcmdp.trainer import DivergenceError, engine_label, train
 
     try:
         summary = train(cfg, resume=args.resume)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     if "accuracy_before" in summary:
         print(
-            f"deployment-engine ({cfg.engine.type} {cfg.engine.dtype}) greedy accuracy: "
+            f"deployment-engine ({engine_label(cfg)}) greedy accuracy: "
             f"{summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}"
         )
     return 0

@@ -349,9 +349,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     writers = open_writers(cfg, run_dir)
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
-    log(
-        f"engine: {cfg.engine.type} {cfg.engine.dtype} {cfg.engine.quantization or ''} | trainer {cfg.model.dtype}"
-    )
+    log(f"engine: {engine_label(cfg)} | trainer {cfg.model.dtype}")
     engine = make_engine(engine_spec(cfg, base_path))
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
@@ -402,12 +400,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             if warning is not None and not warned:
                 log(warning)
                 warned = True
-            log(
-                f"step {step:4d}/{cfg.run.steps} reward {row['reward/mean']:.3f} "
-                f"D {row['discrepancy/prob_gap_mean']:.5f} lambda {row['multiplier/lambda']:.4f} "
-                f"c {row['multiplier/tolerance']:.5f} loss {row['loss/total']:+.4f} "
-                f"{row['time/step']:.2f}s ({row['perf/tokens_per_s']:.0f} tok/s)"
-            )
+            log(step_line(cfg, step, row, multiplier))
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 ev = run_eval(step)
                 log(f"step {step} eval: greedy accuracy {ev['eval/accuracy_greedy']:.3f}")
@@ -483,8 +476,12 @@ def train_step(
     t_update = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # The dual step, only for losses that read lambda: for the others a changing lambda in the
+    # logs would describe a constraint that is not there.
     lam_used = multiplier.value
-    multiplier.update(disc["discrepancy/prob_gap_mean"])
+    uses_multiplier = cfg.loss.type in MULTIPLIER_LOSSES
+    if uses_multiplier:
+        multiplier.update(disc["discrepancy/prob_gap_mean"])
     t_dual = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -504,9 +501,6 @@ def train_step(
         **ro.counts,
         **disc,
         **upd,
-        "multiplier/lambda": lam_used,
-        "multiplier/lambda_next": multiplier.value,
-        "multiplier/tolerance": float("nan") if multiplier.tolerance is None else float(multiplier.tolerance),
         "time/rollout": ro.seconds,
         "time/recompute": t_recompute,
         "time/update": t_update,
@@ -515,7 +509,41 @@ def train_step(
         "time/step": step_time,
         "perf/tokens_per_s": ro.counts["rollout/tokens"] / max(ro.seconds, 1e-9),
     }
+    if uses_multiplier:
+        row["multiplier/lambda"] = lam_used
+        row["multiplier/lambda_next"] = multiplier.value
+        # NaN while an automatic tolerance is still measuring its warm-up steps
+        row["multiplier/tolerance"] = (
+            math.nan if multiplier.tolerance is None else float(multiplier.tolerance)
+        )
     return row
+
+
+def engine_label(cfg: Config) -> str:
+    """The deployment setting in words, e.g. "vllm bfloat16" or "transformers float32 int3"."""
+    return " ".join(
+        [cfg.engine.type, cfg.engine.dtype] + ([cfg.engine.quantization] if cfg.engine.quantization else [])
+    )
+
+
+def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Any) -> str:
+    """One progress line; lambda and c only for losses that read them, c "auto" while warming up."""
+    parts = [
+        f"step {step:4d}/{cfg.run.steps}",
+        f"reward {row['reward/mean']:.3f}",
+        f"D {row['discrepancy/prob_gap_mean']:.5f}",
+    ]
+    if "multiplier/lambda" in row:
+        parts.append(f"lambda {row['multiplier/lambda']:.4f}")
+        c = row["multiplier/tolerance"]
+        if math.isnan(c):
+            seen = len(getattr(multiplier, "_collected", []))
+            parts.append(f"c auto (measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps)")
+        else:
+            parts.append(f"c {c:.5f}")
+    parts.append(f"loss {row['loss/total']:+.4f}")
+    parts.append(f"{row['time/step']:.2f}s ({row['perf/tokens_per_s']:.0f} tok/s)")
+    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------- plumbing

@@ -6,6 +6,7 @@ from dcmdp.engines.base import (
     GenerateResult,
     RolloutEngine,
     SamplingSettings,
+    UnsupportedQuantizationError,
     make_engine,
     validate_completions,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "GenerateResult",
     "RolloutEngine",
     "SamplingSettings",
+    "UnsupportedQuantizationError",
     "make_engine",
     "validate_completions",
 ]

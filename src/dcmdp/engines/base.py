@@ -26,6 +26,10 @@ import torch
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class UnsupportedQuantizationError(ValueError):
+    """The requested quantization has no kernel on this machine (the message says which do)."""
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How the engine samples. The trainer recomputes log-probs under the same processing."""

