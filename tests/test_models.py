@@ -58,7 +58,7 @@ def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 
 def test_resolve_model_errors_name_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="named models: " + ", ".join(NAMED_MODELS)):
+    with pytest.raises(ValueError, match="named models: default, " + ", ".join(NAMED_MODELS)):
         resolve_model(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(tmp_path)

@@ -185,9 +185,11 @@ def check_logprobs(name: str, tensor: Tensor, mask: Tensor) -> None:
         raise ValueError(f"{name} has {n_posinf} +inf value(s) at response (unmasked) positions")
     if n_neginf:
         raise ValueError(
-            f"{name} has {n_neginf} -inf value(s) at response (unmasked) positions: a log-prob of "
-            "-inf for a sampled token claims an impossible token was sampled (raw instead of "
-            "processed log-probs, or mismatched top-k/top-p truncation?)"
+            f"{name} has {n_neginf} -inf value(s) at response (unmasked) positions: that side gives "
+            "probability 0 to a token the engine sampled. With top-k / top-p and an engine at another "
+            "precision this is expected (the kept sets differ near the cut-off): take such sequences "
+            "out of the mask first, as dcmdp.trainer.drop_trainer_impossible does. Otherwise the "
+            "log-probs are raw where processed ones were needed, or the truncation settings differ."
         )
     if n_pos:
         biggest = float(torch.where(m, x, torch.full_like(x, -math.inf)).max())

@@ -219,17 +219,22 @@ NAMED_MODELS = ("tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m")
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") -> Path:
-    """A local HF model path, or one of NAMED_MODELS built into `cache_dir` on first use.
+    """A local HF model path, one of NAMED_MODELS built into `cache_dir` on first use, or
+    "default": the tiny Qwen3 warm-started on the default task (`dcmdp pretrain`, cached).
 
     Named tiny models are random-initialised (use `dcmdp pretrain` to warm-start them).
     """
     path = Path(name_or_path)
     if (path / "config.json").exists():
         return path
+    if name_or_path == "default":
+        from dcmdp.pretrain import ensure_base_model
+
+        return ensure_base_model(cache_dir=cache_dir)
     if name_or_path not in NAMED_MODELS:
         raise ValueError(
             f"model {name_or_path!r} is neither a local Hugging Face model directory (with config.json) "
-            f"nor a named model; named models: {', '.join(NAMED_MODELS)}"
+            f"nor a named model; named models: default, {', '.join(NAMED_MODELS)}"
         )
     out = Path(cache_dir) / name_or_path
     if (out / "config.json").exists():

@@ -39,7 +39,7 @@ from dcmdp.discrepancy import discrepancy_metrics
 from dcmdp.engines.base import Completion, EngineSpec, RolloutEngine, SamplingSettings, make_engine
 from dcmdp.evaluate import evaluate_accuracy
 from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
-from dcmdp.losses import MULTIPLIER_LOSSES, LossInputs, LossSettings, get_policy_loss
+from dcmdp.losses import MULTIPLIER_LOSSES, LossInputs, LossSettings, get_policy_loss, kl_to_reference_k3
 from dcmdp.models import load_model, load_tokenizer, resolve_device, resolve_model
 from dcmdp.multiplier import build_multiplier
 from dcmdp.tasks import Problem, Task, make_task
@@ -215,12 +215,45 @@ def rollout(
     return Rollout(kept_problems, kept_prompts, kept, torch.tensor(rewards), counts, time.perf_counter() - t0)
 
 
+def drop_trainer_impossible(
+    batch: TokenBatch, old_logp_BT: torch.Tensor
+) -> tuple[TokenBatch, dict[str, float]]:
+    """Take out of the loss and of D every sequence holding a token the trainer gives probability 0.
+
+    Under top-k / top-p at another precision the engine can sample a token outside the trainer's
+    kept set (log pi_old = -inf). Such a sequence has probability 0 under the trainer, so its
+    sequence-level importance weight pi/mu is exactly 0: dropping it is what an unbiased
+    off-policy estimator does. Masking only the token would keep training on the tokens that
+    follow an impossible prefix. The sequence's reward stays in its group's baseline (advantages
+    are computed before this). Returns the batch with those rows' response mask cleared, and the
+    counts (``discrepancy/trainer_impossible_*``, rates over the response tokens and sequences
+    sampled).
+    """
+    mask = batch.response_mask_BT
+    impossible_BT = mask & torch.isneginf(old_logp_BT)
+    drop_B = impossible_BT.any(dim=1)
+    tokens = max(1, int(mask.sum()))
+    seqs = max(1, int(mask.any(dim=1).sum()))
+    counts = {
+        "discrepancy/trainer_impossible_tokens": float(impossible_BT.sum()),
+        "discrepancy/trainer_impossible_token_rate": float(impossible_BT.sum()) / tokens,
+        "discrepancy/trainer_impossible_seq_frac": float(drop_B.sum()) / seqs,
+    }
+    if bool(drop_B.any()):
+        batch = dataclasses.replace(batch, response_mask_BT=mask & ~drop_B.unsqueeze(1))
+    return batch, counts
+
+
 def micro_weight(agg: str, batch: TokenBatch, total_tokens: int, total_seqs: int) -> float:
-    """Share of a minibatch's loss carried by one micro-batch, so accumulation equals one pass."""
+    """Share of a minibatch's loss carried by one micro-batch, so accumulation equals one pass.
+
+    ``total_seqs`` counts the minibatch's sequences with at least one response token, as the
+    seq-mean aggregations do.
+    """
     if agg == "token-mean":
         return batch.num_response_tokens / total_tokens
     if agg.startswith("seq-mean"):
-        return batch.response_mask_BT.shape[0] / total_seqs
+        return int(batch.response_mask_BT.any(dim=1).sum()) / total_seqs
     return 1.0  # "constant": sum / constant already adds up across micro-batches
 
 
@@ -250,9 +283,12 @@ def update_policy(
         order = torch.arange(N) if cfg.optim.minibatches == 1 else torch.randperm(N, generator=generator)
         for mb in torch.tensor_split(order, cfg.optim.minibatches):
             mb_batch = batch.select(mb)
-            total_tokens, total_seqs = mb_batch.num_response_tokens, len(mb)
+            total_tokens = mb_batch.num_response_tokens
+            total_seqs = int(mb_batch.response_mask_BT.any(dim=1).sum())
             for micro in torch.tensor_split(mb, cfg.optim.grad_accum):
                 mbatch = batch.select(micro)
+                if mbatch.num_response_tokens == 0:  # every sequence in it was dropped
+                    continue
                 logp = sequence_logprobs(model, mbatch, sampling)
                 mask = mbatch.response_mask_BT
                 adv = advantages_N[micro].unsqueeze(1).expand_as(logp)
@@ -262,9 +298,7 @@ def update_policy(
                 loss = out.loss
                 metrics: dict[str, Any] = dict(out.metrics)
                 if ref_model is not None and ref_logp_BT is not None:
-                    log_r = ref_logp_BT[micro] - logp  # k3 estimator of KL(pi || ref)
-                    k3 = torch.where(mask, torch.exp(log_r) - 1 - log_r, torch.zeros_like(log_r))
-                    kl = k3.sum() / mask.sum()
+                    kl = kl_to_reference_k3(logp, ref_logp_BT[micro], mask)
                     loss = loss + cfg.loss.kl_coef * kl
                     metrics["loss/kl_ref"] = kl.detach()
                 weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
@@ -373,7 +407,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             return row
 
         recent_d: list[float] = []
-        warned = False
+        warned = warned_impossible = False
         if start_step == 0 and cfg.run.eval_every:
             before = run_eval(0)
             log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
@@ -393,13 +427,24 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                 generator,
             )
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
-            recent_d.append(row["discrepancy/prob_gap_mean"])
+            if math.isfinite(row["discrepancy/prob_gap_mean"]):
+                recent_d.append(row["discrepancy/prob_gap_mean"])
             warning = unreachable_tolerance(
                 recent_d, multiplier.tolerance, cfg.loss.type in MULTIPLIER_LOSSES
             )
             if warning is not None and not warned:
                 log(warning)
                 warned = True
+            dropped = row["discrepancy/trainer_impossible_seq_frac"]
+            if dropped > 0.2 and not warned_impossible:
+                log(
+                    f"warning: {dropped:.0%} of this step's samples hold a token the trainer gives "
+                    "probability 0 under the same top-k / top-p (the engine's kept set differs at its "
+                    "precision); those samples are left out of the loss and of D, so most of the batch "
+                    "is lost. Consider sampling.top_k=0 and sampling.top_p=1.0, or a closer engine "
+                    "precision (docs/concepts.md, 'Tokens the trainer cannot sample')."
+                )
+                warned_impossible = True
             log(step_line(cfg, step, row, multiplier))
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 ev = run_eval(step)
@@ -452,27 +497,32 @@ def train_step(
         old_logp_BT = sequence_logprobs(model, batch, sampling)
         ref_logp_BT = sequence_logprobs(ref_model, batch, sampling) if ref_model is not None else None
     t_recompute = time.perf_counter() - t0
-    disc = {
-        k: float(v)
-        for k, v in discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT).items()
-    }
+    # Tokens the engine sampled that the trainer's processed distribution (top-k / top-p under
+    # its own precision) gives probability 0: their sequences leave the loss and D.
+    batch, impossible = drop_trainer_impossible(batch, old_logp_BT)
+    disc: dict[str, float] = {**impossible, "discrepancy/prob_gap_mean": math.nan}
+    if batch.num_response_tokens > 0:  # else every sample was dropped: no D, no update
+        measured = discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT)
+        disc.update({k: float(v) for k, v in measured.items()})
 
     t0 = time.perf_counter()
     settings = loss_settings(cfg, multiplier.value, multiplier.tolerance)
-    upd = update_policy(
-        cfg,
-        model,
-        ref_model,
-        optimizer,
-        scheduler,
-        batch,
-        old_logp_BT,
-        ref_logp_BT,
-        advantages_N,
-        sampling,
-        settings,
-        generator,
-    )
+    upd: dict[str, float] = {}
+    if batch.num_response_tokens > 0:
+        upd = update_policy(
+            cfg,
+            model,
+            ref_model,
+            optimizer,
+            scheduler,
+            batch,
+            old_logp_BT,
+            ref_logp_BT,
+            advantages_N,
+            sampling,
+            settings,
+            generator,
+        )
     t_update = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -480,7 +530,7 @@ def train_step(
     # logs would describe a constraint that is not there.
     lam_used = multiplier.value
     uses_multiplier = cfg.loss.type in MULTIPLIER_LOSSES
-    if uses_multiplier:
+    if uses_multiplier and math.isfinite(disc["discrepancy/prob_gap_mean"]):
         multiplier.update(disc["discrepancy/prob_gap_mean"])
     t_dual = time.perf_counter() - t0
 
@@ -541,7 +591,9 @@ def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Any) ->
             parts.append(f"c auto (measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps)")
         else:
             parts.append(f"c {c:.5f}")
-    parts.append(f"loss {row['loss/total']:+.4f}")
+    parts.append(
+        f"loss {row['loss/total']:+.4f}" if "loss/total" in row else "no update (every sample dropped)"
+    )
     parts.append(f"{row['time/step']:.2f}s ({row['perf/tokens_per_s']:.0f} tok/s)")
     return " ".join(parts)
 
