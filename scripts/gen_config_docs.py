@@ -25,6 +25,18 @@ the allowed values. Each run writes its resolved config to `RUN_DIR/config.yaml`
 --print-config [overrides]` prints it without running. Examples for each engine and loss are in
 `configs/`.
 
+`multiplier.tolerance=null` means an **automatic** c: the first `multiplier.auto_warmup_steps`
+steps measure D without acting on it (the progress line shows "c auto (measured k/n warm-up
+steps)"), then c is set to `auto_quantile` of those D's times `auto_multiple`.
+
+`dcmdp train --resume run.out_dir=DIR` continues the run in DIR **with the config saved in
+DIR/config.yaml**; `--config` and overrides apply on top and each change is printed. Only
+`run.steps` (to extend a run), `run.out_dir` and the run's reporting settings (`run.eval_*`,
+`run.checkpoint_every`, `run.keep_checkpoints`, `run.tensorboard`, `run.wandb*`, `run.threads`),
+`model.device` and `engine.kv_cache_gb` may change; anything else would make it another
+experiment and is refused (exit 2), with a hint to start a new run from the checkpoint.
+Resuming a finished run says so and exits without loading anything.
+
 This page is generated from `src/dcmdp/config.py` by `scripts/gen_config_docs.py`.
 """
 
