@@ -7,9 +7,10 @@ is closed when its class is done (classes run one after the other).
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,15 +20,17 @@ import torch
 
 pytest.importorskip("vllm")
 
-from dcmdp.engines import EngineSpec, GenerateResult, SamplingSettings, make_engine
+from dcmdp.engines import Completion, EngineSpec, GenerateResult, SamplingSettings, make_engine
 from dcmdp.engines.base import UnsupportedQuantizationError
 from dcmdp.engines.vllm_engine import CPU_QUANTIZATION, VLLMEngine, cpu_quantization_support
 from dcmdp.logprobs import build_token_batch, sequence_logprobs
-from dcmdp.models import PAD, TinyModelSpec, build_tiny_model, char_vocab, load_model
+from dcmdp.models import EOS, PAD, TinyModelSpec, build_tiny_model, char_vocab, load_model
 
 pytestmark = pytest.mark.vllm
 
 PAD_ID = char_vocab()[PAD]
+EOS_ID = char_vocab()[EOS]
+EXTRA_EOS = 5  # a second EOS id in generation_config.json (Qwen3-style models list several)
 SAMPLING = SamplingSettings(temperature=1.0, max_tokens=24)
 
 
@@ -96,6 +99,41 @@ def check_sync(
     to_old = mean_abs_log_ratio(old, PROMPTS, result, SAMPLING)
     assert to_new < tol, f"engine vs new weights {to_new:.2e}"
     assert to_old > 1e-3 and to_old > 5 * to_new, f"engine vs old {to_old:.2e}, vs new {to_new:.2e}"
+
+
+def check_partial_push(
+    engine: VLLMEngine, model_dir: Path, pick: Callable[[str], bool], seed: int, tol: float = 1e-5
+) -> float:
+    """From the saved weights (a full push), push the perturbed values of the parameters ``pick``
+    selects only; the engine must then match the trainer model holding exactly those new values
+    and the saved ones everywhere else. Returns the engine's gap to the saved weights."""
+    base = load_model(model_dir)
+    engine.load_weights(base.named_parameters())
+    new = dict(perturbed(model_dir, seed).named_parameters())
+    names = [name for name in new if pick(name)]
+    engine.load_weights((name, new[name]) for name in names)
+    expected = load_model(model_dir)
+    with torch.no_grad():
+        for name, p in expected.named_parameters():
+            if name in names:
+                p.copy_(new[name])
+    result = engine.generate(PROMPTS, SAMPLING, n=4, seed=seed)
+    gap = mean_abs_log_ratio(expected, PROMPTS, result, SAMPLING)
+    assert gap < tol, f"engine vs the weights it should hold after pushing {names}: {gap:.2e}"
+    return mean_abs_log_ratio(base, PROMPTS, result, SAMPLING)
+
+
+def check_refused(engine: VLLMEngine, model_dir: Path, pick: Callable[[str], bool], match: str) -> None:
+    """A push of the selected parameters is refused (ValueError matching ``match``) and leaves
+    the engine as it was (the saved weights, pushed first)."""
+    base = load_model(model_dir)
+    engine.load_weights(base.named_parameters())
+    new = perturbed(model_dir, 3)
+    with pytest.raises(ValueError, match=match):
+        engine.load_weights((name, p) for name, p in new.named_parameters() if pick(name))
+    result = engine.generate(PROMPTS, SAMPLING, n=4, seed=3)
+    gap = mean_abs_log_ratio(base, PROMPTS, result, SAMPLING)
+    assert gap < 1e-5, f"a refused push changed the engine: {gap:.2e} from the weights it held"
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +314,42 @@ class TestFloat32:
         finally:
             engine.weight_transport = "direct"
 
+    def test_partial_push_of_a_norm(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        moved = check_partial_push(engine, tiny_model_dir, lambda n: n == "model.norm.weight", seed=7)
+        assert moved > 1e-3, "the pushed norm did not reach the engine"
+
+    def test_partial_push_of_a_decoder_layer(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        moved = check_partial_push(engine, tiny_model_dir, lambda n: n.startswith("model.layers.2."), seed=8)
+        assert moved > 1e-3, "the pushed layer did not reach the engine"
+
+    def test_partial_push_of_part_of_a_fused_layer_is_refused(
+        self, engine: VLLMEngine, tiny_model_dir: Path
+    ) -> None:
+        # q_proj without k_proj / v_proj: vLLM would fill the rest of qkv_proj with garbage
+        attn = r"model\.layers\.0\.self_attn\."
+        check_refused(
+            engine,
+            tiny_model_dir,
+            lambda n: n == "model.layers.0.self_attn.q_proj.weight",
+            rf"{attn}qkv_proj .*missing {attn}k_proj\.weight, {attn}v_proj\.weight",
+        )
+        mlp = r"model\.layers\.1\.mlp\."
+        check_refused(
+            engine,
+            tiny_model_dir,
+            lambda n: n.startswith("model.layers.1.") and "up_proj" not in n,
+            rf"{mlp}gate_up_proj .*missing {mlp}up_proj\.weight",
+        )
+        engine.weight_transport = "file"  # the check reads the pushed file's shapes
+        try:
+            check_refused(engine, tiny_model_dir, lambda n: "v_proj" in n, r"missing .*q_proj\.weight")
+        finally:
+            engine.weight_transport = "direct"
+        # with the rest of the group the same tensors load
+        check_partial_push(
+            engine, tiny_model_dir, lambda n: n.startswith("model.layers.0.self_attn."), seed=9
+        )
+
     def test_close_is_idempotent(self, engine: VLLMEngine) -> None:
         engine.close()
         engine.close()
@@ -324,6 +398,31 @@ class TestMoE:
         # Transformers keeps the experts fused in memory (experts.gate_up_proj, experts.down_proj)
         check_sync(engine, tiny_moe_dir, tol=1e-5, seed=1)
 
+    def test_empty_push_changes_nothing(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        # re-packing experts whose weights did not arrive scrambled them (4e-2 mean |log ratio|)
+        check_partial_push(engine, tiny_moe_dir, lambda n: False, seed=2)
+
+    def test_partial_push_of_a_norm(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        moved = check_partial_push(engine, tiny_moe_dir, lambda n: n == "model.norm.weight", seed=3)
+        assert moved > 1e-3, "the pushed norm did not reach the engine"
+
+    def test_partial_push_of_one_layers_experts(self, engine: VLLMEngine, tiny_moe_dir: Path) -> None:
+        moved = check_partial_push(
+            engine, tiny_moe_dir, lambda n: n.startswith("model.layers.1.mlp.experts."), seed=4
+        )
+        assert moved > 1e-4, "the pushed experts did not reach the engine"
+
+    def test_partial_push_of_half_the_experts_is_refused(
+        self, engine: VLLMEngine, tiny_moe_dir: Path
+    ) -> None:
+        # gate_up_proj without down_proj: vLLM would fill w2 with garbage
+        check_refused(
+            engine,
+            tiny_moe_dir,
+            lambda n: n == "model.layers.1.mlp.experts.gate_up_proj",
+            r"model\.layers\.1\.mlp\.experts.* \(from model\.layers\.1\.mlp\.experts\.gate_up_proj;",
+        )
+
 
 class TestMoEInt8:
     @pytest.fixture(scope="class")
@@ -337,3 +436,37 @@ class TestMoEInt8:
         assert 1e-4 < gap < 2e-2 and not math.isnan(gap)
         # the quantized experts are re-quantized from the pushed float32 weights
         check_sync(engine, tiny_moe_dir, tol=1e-2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def multi_eos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a second EOS id in generation_config.json: ``eos_token_id: [1, 5]``."""
+    out = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-multi-eos")
+    config = json.loads((out / "generation_config.json").read_text())
+    config["eos_token_id"] = [EOS_ID, EXTRA_EOS]
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out
+
+
+class TestStopIds:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, multi_eos_model_dir: Path) -> Iterator[VLLMEngine]:
+        yield from vllm_engine(multi_eos_model_dir, "float32")
+
+    def test_stops_exactly_at_the_stop_ids(self, engine: VLLMEngine) -> None:
+        # vLLM by itself also stops at generation_config's eos ids; the other engines do not
+        prompts = make_prompts(8, seed=5)
+
+        def sample(stops: tuple[int, ...]) -> list[Completion]:
+            settings = SamplingSettings(max_tokens=48, stop_token_ids=stops)
+            return engine.generate(prompts, settings, n=8, seed=11).completions
+
+        only_eos = sample((EOS_ID,))
+        for c in only_eos:
+            assert EOS_ID not in c.token_ids[:-1]
+            assert c.finish_reason == "length" or c.token_ids[-1] == EOS_ID, c.token_ids
+        assert sum(c.token_ids.count(EXTRA_EOS) for c in only_eos) > 0, "id 5 never sampled"
+        both = sample((EOS_ID, EXTRA_EOS))
+        assert any(c.finish_reason == "stop" and c.token_ids[-1] == EXTRA_EOS for c in both)
+        assert all(c.finish_reason == "length" for c in sample(()))

@@ -80,14 +80,25 @@ class TokenBatch:
         )
 
 
+def padding_id(pad_id: int | None) -> int:
+    """The id written at padding positions: ``pad_id``, or 0 when the tokenizer has none.
+
+    Padding sits where the attention mask is 0 and is never a target of the response mask, so
+    any id in the vocabulary gives the same log-probs (``tests/test_stop_and_pad.py``); 0 always
+    is one. Used by ``build_token_batch`` and the Transformers engine alike.
+    """
+    return 0 if pad_id is None else int(pad_id)
+
+
 def build_token_batch(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Completion], pad_id: int
+    prompts: Sequence[Sequence[int]], completions: Sequence[Completion], pad_id: int | None
 ) -> TokenBatch:
-    """Pack each completion after its prompt (``prompts[c.prompt_index]``), right-padded."""
+    """Pack each completion after its prompt (``prompts[c.prompt_index]``), right-padded with
+    ``padding_id(pad_id)`` (a tokenizer without a pad token passes None)."""
     seqs = [list(prompts[c.prompt_index]) + list(c.token_ids) for c in completions]
     length = max(len(s) for s in seqs)
     B = len(seqs)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
+    input_ids = torch.full((B, length), padding_id(pad_id), dtype=torch.long)
     attn = torch.zeros((B, length), dtype=torch.long)
     resp = torch.zeros((B, length - 1), dtype=torch.bool)
     eng = torch.zeros((B, length - 1), dtype=torch.float32)

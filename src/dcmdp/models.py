@@ -242,3 +242,28 @@ def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") ->
     if name_or_path == "smollm2-135m":
         return build_smollm2(out)
     return build_tiny_model(out, moe=name_or_path.endswith("moe"))
+
+
+def eos_token_ids(model_dir: str | Path, tokenizer: Any = None) -> tuple[int, ...]:
+    """Every id that ends a response, the tokenizer's ``eos_token_id`` first: it and the
+    ``eos_token_id`` (an int or a list) of ``generation_config.json``, or of ``config.json`` when
+    there is no generation config (as Transformers derives one). These are the ids vLLM and
+    ``model.generate`` stop on by themselves; the trainer passes them all as stop ids so every
+    engine stops on the same ones (Qwen3-style models list several).
+    """
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    path = Path(model_dir)
+    for name in ("generation_config.json", "config.json"):
+        if (path / name).exists():
+            config = json.loads((path / name).read_text())
+            add(config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
+            break
+    return tuple(ids)

@@ -136,7 +136,7 @@ def probe_setting(
     sampling: SamplingSettings,
     samples: int,
     seed: int,
-    pad_id: int,
+    pad_id: int | None,
     max_model_len: int,
     device: str,
 ) -> SettingResult:
@@ -238,7 +238,7 @@ def _json_safe(x: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from dcmdp.engines.hf_engine import TORCH_DTYPES
-    from dcmdp.models import load_model, load_tokenizer, resolve_device, resolve_model
+    from dcmdp.models import eos_token_ids, load_model, load_tokenizer, resolve_device, resolve_model
 
     try:
         if args.setting:
@@ -258,10 +258,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     tokenizer = load_tokenizer(model_path)
-    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    stop = eos_token_ids(model_path, tokenizer)  # all the model's EOS ids, as the trainer
     sampling = dataclasses.replace(sampling, stop_token_ids=stop)
     prompts = make_prompts(tokenizer, args.prompts, args.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id  # None: build_token_batch pads with 0
     device = resolve_device(args.device)
     trainer = load_model(model_path, dtype=TORCH_DTYPES[args.trainer_dtype], device=device).eval()
 

@@ -66,9 +66,12 @@ class Rollout:
 # ----------------------------------------------------------------------------- set-up helpers
 
 
-def sampling_settings(cfg: Config, eos_id: int) -> SamplingSettings:
+def sampling_settings(cfg: Config, eos_ids: int | tuple[int, ...]) -> SamplingSettings:
+    """The rollout settings; every engine stops exactly at ``eos_ids`` (all the model's EOS ids,
+    ``dcmdp.models.eos_token_ids``)."""
     s = cfg.sampling
-    return SamplingSettings(s.temperature, s.top_p, s.top_k, s.max_tokens, stop_token_ids=(eos_id,))
+    stop = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids)
+    return SamplingSettings(s.temperature, s.top_p, s.top_k, s.max_tokens, stop_token_ids=stop)
 
 
 def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
@@ -355,8 +358,10 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     model = load_model(ckpt if ckpt is not None else base_path, dtype=dtype, device=device)
     ref_model = load_model(base_path, dtype=dtype, device=device).eval() if cfg.loss.kl_coef > 0 else None
     task = make_task(cfg.task.name, **cfg.task.options)
-    sampling = sampling_settings(cfg, tokenizer.eos_token_id)
-    greedy = SamplingSettings(1.0, 1.0, 1, cfg.sampling.max_tokens, (tokenizer.eos_token_id,))
+    from dcmdp.models import eos_token_ids
+
+    sampling = sampling_settings(cfg, eos_token_ids(base_path, tokenizer))
+    greedy = SamplingSettings(1.0, 1.0, 1, cfg.sampling.max_tokens, sampling.stop_token_ids)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )

