@@ -82,6 +82,8 @@ else
     start=$(date +%s)
     TMP=$(mktemp -d "$CACHE_ROOT/.tmp-build.XXXXXX")
     trap 'rm -rf "$TMP"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS="$LLAMA_CMAKE_ARGS" \
       "$PY" -m pip wheel --quiet --no-deps --no-cache-dir --wheel-dir "$TMP" "llama-cpp-python==$LLAMA_VERSION"
     BUILT=$(compgen -G "$TMP/llama_cpp_python-$LLAMA_VERSION-*.whl" | head -n 1 || true)
