@@ -144,6 +144,32 @@ def test_stop_tokens_end_rows(hf_model_dir, trainer):
     assert mean < 1e-5
 
 
+def test_stops_exactly_at_the_stop_ids_not_generation_config_eos(tmp_path):
+    """generation_config.json lists a second EOS id (5); the engine stops only at the stop ids."""
+    import json
+
+    out = build_tiny_model(tmp_path / "multi-eos")
+    config = json.loads((out / "generation_config.json").read_text())
+    eos = config["eos_token_id"]
+    config["eos_token_id"] = [eos, 5]
+    (out / "generation_config.json").write_text(json.dumps(config))
+    engine = _engine(out)
+    prompts = [[5 + i, 20 + 3 * i, 40] for i in range(8)]
+
+    def sample(stops):
+        return engine.generate(prompts, SamplingSettings(max_tokens=48, stop_token_ids=stops), n=8, seed=11)
+
+    only_eos = sample((eos,)).completions
+    for c in only_eos:
+        assert eos not in c.token_ids[:-1]
+        assert c.finish_reason == "length" or c.token_ids[-1] == eos, c.token_ids
+    assert sum(c.token_ids.count(5) for c in only_eos) > 0, "id 5 never sampled"
+    both = sample((eos, 5)).completions
+    assert any(c.finish_reason == "stop" and c.token_ids[-1] == 5 for c in both)
+    assert all(c.finish_reason == "length" for c in sample(()).completions)
+    engine.close()
+
+
 def test_seeded_generation_is_reproducible(hf_model_dir):
     engine = _engine(hf_model_dir)
     a = engine.generate(PROMPTS, PLAIN, n=2, seed=7)
