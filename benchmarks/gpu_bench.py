@@ -1,6 +1,6 @@
 """The performance benchmark in one go on a GPU (sized to finish within 8 minutes; not yet run on one).
 
-    python benchmarks/gpu_bench.py [--out gpu_bench.json]     # on a CUDA machine
+    python benchmarks/gpu_bench.py [--out runs/gpu_bench.json]     # on a CUDA machine
     python benchmarks/gpu_bench.py --smoke                     # seconds, on CPU: checks the script
     python benchmarks/gpu_bench.py --smoke --dtype bfloat16    # the same at the GPU run's dtype
 
@@ -127,7 +127,7 @@ def main() -> int:
         choices=("float32", "bfloat16", "float16"),
         help="model and engine dtype (default bfloat16; smoke float32)",
     )
-    ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--out", default="runs/gpu_bench.json")
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
     args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
@@ -205,6 +205,7 @@ def main() -> int:
         print("\n[3/3] TRL comparison skipped (pass --trl)")
 
     report["total_s"] = time.perf_counter() - t_start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\ntotal {report['total_s']:.0f} s on {name}; figures written to {args.out}")
     return 0
