@@ -95,7 +95,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Task, list[Problem]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcmdp.models import load_tokenizer
+    from dcmdp.models import eos_token_ids, load_tokenizer
 
     try:
         path, task, problems = _setup(args)
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dcmdp eval: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(path)
-    eos = (tokenizer.eos_token_id,)
+    eos = eos_token_ids(path, tokenizer)  # every EOS id of the model, as in training
     engine = make_engine(
         EngineSpec(type=args.engine, model=str(path), dtype=args.dtype, quantization=args.quantization)
     )

@@ -440,10 +440,10 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             if warning is not None and not warned:
                 log(warning)
                 warned = True
-            dropped = row["discrepancy/trainer_impossible_seq_frac"]
-            if dropped > 0.2 and not warned_impossible:
+            dropped_frac = row["discrepancy/trainer_impossible_seq_frac"]
+            if dropped_frac > 0.2 and not warned_impossible:
                 log(
-                    f"warning: {dropped:.0%} of this step's samples hold a token the trainer gives "
+                    f"warning: {dropped_frac:.0%} of this step's samples hold a token the trainer gives "
                     "probability 0 under the same top-k / top-p (the engine's kept set differs at its "
                     "precision); those samples are left out of the loss and of D, so most of the batch "
                     "is lost. Consider sampling.top_k=0 and sampling.top_p=1.0, or a closer engine "
