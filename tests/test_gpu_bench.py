@@ -94,7 +94,7 @@ def test_gpu_bench_refuses_without_gpu_unless_smoke() -> None:
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is visible: the script would run for real")
+        pytest.skip("hardware: a GPU is visible, so the script would run for real")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py")],
         capture_output=True,

@@ -142,18 +142,21 @@ def test_export_from_model_object(qwen3_dir: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- agreement
+# The engine keeps its KV cache in F32 (llama.cpp's default is F16) for these bounds: measured
+# 1.4e-6 / 1.3e-6 (tiny Qwen3) and 1.9e-7 (tiny Llama); with an F16 KV cache 7.0e-4 / 6.5e-4 and
+# 5.7e-5, which the earlier bounds (1e-3, 1e-4) let through.
 def test_f32_matches_transformers(qwen3_dir: Path) -> None:
-    assert _measure(qwen3_dir, "F32") < 1e-3
+    assert _measure(qwen3_dir, "F32") < 1e-5
 
 
 def test_f32_matches_transformers_with_top_k_top_p(qwen3_dir: Path) -> None:
     sampling = SamplingSettings(temperature=0.7, top_k=20, top_p=0.9, max_tokens=24)
-    assert _measure(qwen3_dir, "F32", sampling) < 1e-3
+    assert _measure(qwen3_dir, "F32", sampling) < 1e-5
 
 
 def test_llama_arch_f32_matches_transformers(llama_dir: Path) -> None:
-    # 2e-7 measured; without the q/k permutation it is 3e-3
-    assert _measure(llama_dir, "F32") < 1e-4
+    # 1.9e-7 measured; without the q/k permutation it is 3e-3
+    assert _measure(llama_dir, "F32") < 2e-6
 
 
 @pytest.mark.slow
@@ -216,9 +219,13 @@ def test_load_weights_follows_trainer(qwen3_dir: Path) -> None:
             engine.load_weights([("nope.weight", torch.zeros(1))])  # type: ignore[attr-defined]
     finally:
         engine.close()  # type: ignore[attr-defined]
-    assert mean_abs_log_ratio(old, before, PLAIN) < 1e-3
-    assert mean_abs_log_ratio(new, after, PLAIN) < 1e-3
-    assert mean_abs_log_ratio(old, after, PLAIN) > 0.05
+    before_old, after_new = mean_abs_log_ratio(old, before, PLAIN), mean_abs_log_ratio(new, after, PLAIN)
+    after_old = mean_abs_log_ratio(old, after, PLAIN)
+    print(f"before sync vs old {before_old:.3g}; after sync vs new {after_new:.3g}, vs old {after_old:.3g}")
+    # measured 1.3e-6 (old) and 1.7e-6 (new); an F16 KV cache gives ~7e-4
+    assert before_old < 1e-5
+    assert after_new < 1e-5
+    assert after_old > 0.05
     bang = sum(t == VOCAB["!"] for c in after.completions for t in c.token_ids)
     bang_before = sum(t == VOCAB["!"] for c in before.completions for t in c.token_ids)
     assert bang > bang_before
