@@ -222,14 +222,8 @@ def one_update(
 
 
 # A token-mean term beside the aggregated surrogate (the DCMDP gap penalty, the KL to the
-# reference) is weighted by the agg mode's micro-batch share (micro_weight), which is the wrong
-# share for it unless agg is token-mean: found by this test, left for the trainer's owners.
-TOKEN_MEAN_TERM_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="known bug: with grad_accum > 1 a token-mean penalty / KL term gets the seq-mean or "
-    "constant micro-batch weight (trainer.micro_weight), so accumulation differs from one pass "
-    "(docs/testing.md); remove this mark once it is fixed",
-)
+# reference) carries the micro-batch's token share, the surrogate the share of its agg mode.
+# (This test found the bug where both got the agg mode's share.)
 
 
 @pytest.mark.parametrize(
@@ -240,11 +234,14 @@ TOKEN_MEAN_TERM_BUG = pytest.mark.xfail(
         ("seq-mean-token-sum", "grpo"),
         ("constant", "grpo"),
         ("token-mean", "dcmdp"),
-        pytest.param("seq-mean-token-mean", "dcmdp", marks=TOKEN_MEAN_TERM_BUG),
-        pytest.param("seq-mean-token-sum", "dcmdp", marks=TOKEN_MEAN_TERM_BUG),
-        pytest.param("constant", "dcmdp", marks=TOKEN_MEAN_TERM_BUG),
+        ("seq-mean-token-mean", "dcmdp"),
+        ("seq-mean-token-sum", "dcmdp"),
+        ("constant", "dcmdp"),
         ("token-mean", "grpo+kl"),
-        pytest.param("seq-mean-token-mean", "grpo+kl", marks=TOKEN_MEAN_TERM_BUG),
+        ("seq-mean-token-sum", "grpo+kl"),
+        ("constant", "grpo+kl"),
+        ("seq-mean-token-mean", "dcmdp_hinge"),
+        ("seq-mean-token-mean", "grpo+kl"),
     ],
 )
 def test_grad_accum_2_equals_one_pass_with_unequal_micro_batches(

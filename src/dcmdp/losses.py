@@ -135,6 +135,10 @@ class LossOutput:
     """Scalar, differentiable with respect to ``LossInputs.logp_BT``."""
     metrics: dict[str, Tensor]
     """Detached 0-d tensors keyed by the names in the module docstring."""
+    token_mean_part: Tensor | None = None
+    """The part of ``loss`` that is a token mean whatever ``settings.agg`` (the DCMDP gap
+    penalty), or None. Gradient accumulation weighs it by the micro-batch's token share while
+    the rest of ``loss`` gets the share of its aggregation (sequences for the seq-mean modes)."""
 
 
 PolicyLossFn = Callable[[LossInputs, LossSettings], LossOutput]
@@ -375,9 +379,13 @@ def _weighted_surrogate(
     return policy, metrics
 
 
-def _output(total: Tensor, policy: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
+def _output(
+    total: Tensor, policy: Tensor, metrics: dict[str, Tensor], penalty: Tensor | None = None
+) -> LossOutput:
     metrics = {"loss/total": total.detach(), "loss/policy": policy.detach(), **metrics}
-    return LossOutput(loss=total, metrics={k: v.detach() for k, v in metrics.items()})
+    return LossOutput(
+        loss=total, metrics={k: v.detach() for k, v in metrics.items()}, token_mean_part=penalty
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +548,7 @@ def dcmdp_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     gap = _token_mean(token_prob_gap(x.logp_BT, x.engine_logp_BT), x.mask_BT)
     penalty = settings.lam * gap
     total = policy + penalty
-    return _output(total, policy, metrics | _dcmdp_metrics(gap, penalty, settings.lam))
+    return _output(total, policy, metrics | _dcmdp_metrics(gap, penalty, settings.lam), penalty)
 
 
 @register_policy_loss("dcmdp_shaping", uses_multiplier=True)
@@ -584,7 +592,7 @@ def dcmdp_hinge_loss(inputs: LossInputs, settings: LossSettings) -> LossOutput:
     metrics["dcmdp/over_tol_frac"] = _token_mean(
         (delta_BT.detach() > settings.tolerance).to(delta_BT.dtype), x.mask_BT
     )
-    return _output(total, policy, metrics)
+    return _output(total, policy, metrics, penalty)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -300,14 +300,22 @@ def update_policy(
                 )
                 loss = out.loss
                 metrics: dict[str, Any] = dict(out.metrics)
+                # Token-mean terms (the gap penalty, the KL to the reference) carry this
+                # micro-batch's token share; the aggregated surrogate the share of its agg mode.
+                token_terms = out.token_mean_part
                 if ref_model is not None and ref_logp_BT is not None:
                     kl = kl_to_reference_k3(logp, ref_logp_BT[micro], mask)
                     loss = loss + cfg.loss.kl_coef * kl
+                    token_terms = cfg.loss.kl_coef * kl + (0.0 if token_terms is None else token_terms)
                     metrics["loss/kl_ref"] = kl.detach()
-                weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
-                (loss * weight).backward()
+                weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
+                token_weight = mbatch.num_response_tokens / total_tokens
+                if token_terms is None or weight == token_weight:
+                    (loss * weight).backward()
+                else:
+                    ((loss - token_terms) * weight + token_terms * token_weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
