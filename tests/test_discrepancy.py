@@ -375,8 +375,8 @@ def test_non_finite_logprobs_raise(bad: float, needle: str, which: str) -> None:
     with pytest.raises(ValueError, match="logp_BT") as info:
         discrepancy_metrics(logp, engine, mask)
     assert which in str(info.value) and needle in str(info.value)
-    if bad == -INF:
-        assert "impossible token" in str(info.value)
+    if bad == -INF:  # the message names the likely cause and the remedy
+        assert "probability 0" in str(info.value) and "drop_trainer_impossible" in str(info.value)
 
 
 def test_counts_every_bad_position() -> None:
