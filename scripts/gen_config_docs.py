@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -37,12 +38,15 @@ DIR/config.yaml**; `--config` and overrides apply on top and each change is prin
 experiment and is refused (exit 2), with a hint to start a new run from the checkpoint.
 Resuming a finished run says so and exits without loading anything.
 
-This page is generated from `src/dcmdp/config.py` by `scripts/gen_config_docs.py`.
+This page is generated from `src/dcmdp/config.py` (the `multiplier` section from
+`src/dcmdp/algo/multiplier.py`, where the multiplier's settings are defined once) by
+`scripts/gen_config_docs.py`.
 """
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    tree = ast.parse(Path(config.__file__).read_text())
+    """Field -> docstring, read from the source file that defines ``cls``."""
+    tree = ast.parse(Path(inspect.getsourcefile(cls) or config.__file__).read_text())
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs: dict[str, str] = {}
     body = node.body

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the optional llama.cpp engine dependencies into $VENV (default .venv):
-#   - gguf 0.19.0 (GGUF writer/reader and quantizers used by dcmdp.gguf_export)
+#   - gguf 0.19.0 (GGUF writer/reader and quantizers used by dcmdp.engines.gguf_export)
 #   - llama-cpp-python 0.3.36, built from source with a PORTABLE CPU configuration.
 # The default build uses -march=native, which on this VM enables AMX tiles that the hypervisor
 # advertises but does not allow: every model then dies with "Illegal instruction". The flags

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +19,18 @@ from typing import Any
 
 import yaml
 
-from dcmdp.aggregation import AGG_MODES
+from dcmdp.algo.aggregation import AGG_MODES
+from dcmdp.algo.losses import POLICY_LOSSES, LossSettings
+from dcmdp.algo.multiplier import MULTIPLIER_KINDS, MultiplierSettings, build_multiplier
+from dcmdp.config_parse import ConfigError, coerce_value, read_config_file
 from dcmdp.engines.base import DTYPES, engine_names
-from dcmdp.losses import POLICY_LOSSES, LossSettings
 from dcmdp.tasks import TASKS, Task, make_task, task_options
 
-MULTIPLIER_TYPES = ("dual_ascent", "pid")
+#: The valid ``multiplier.type`` values: the multiplier registry's kinds.
+MULTIPLIER_TYPES = MULTIPLIER_KINDS
 LR_SCHEDULES = ("constant", "cosine")
 TRAINER_DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value; the message names the field and what is allowed."""
 
 
 @dataclass
@@ -114,35 +112,30 @@ class LossConfig:
     scale_adv_by_std: bool = True
     """GRPO advantages divided by the group std (False = Dr. GRPO)."""
 
+    def settings(self, lam: float = 0.0, tolerance: float = LossSettings.tolerance) -> LossSettings:
+        """The loss knobs as the losses read them, with this step's lambda and c: the one mapping
+        from this section to :class:`~dcmdp.algo.losses.LossSettings`, field by field (a test
+        checks that every ``LossSettings`` field but ``lam`` and ``tolerance`` is set here)."""
+        return LossSettings(
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            agg=self.agg,
+            agg_constant=self.agg_constant,
+            tis_cap=self.tis_cap,
+            icepop_low=self.icepop_low,
+            icepop_high=self.icepop_high,
+            seq_cap=self.seq_cap,
+            geo_low=self.geo_low,
+            geo_high=self.geo_high,
+            opsm_delta=self.opsm_delta,
+            lam=lam,
+            tolerance=tolerance,
+        )
 
-@dataclass
-class MultiplierConfig:
-    type: str = "dual_ascent"
-    """dual_ascent (the paper's projected dual ascent) | pid (PID Lagrangian)."""
-    init: float = 0.1
-    """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
-    eta: float = 1.0
-    """Dual step size (paper: 1.0). PID uses kp/ki/kd instead."""
-    tolerance: float | None = 0.0037
-    """c, the tolerated mean probability gap (paper: 0.0037 dense, 0.005 MoE). null = automatic."""
-    lam_min: float = 0.0
-    """Lower bound of the projection."""
-    lam_max: float = 10.0
-    """Upper bound of the projection."""
-    ema: float | None = None
-    """EMA decay of the measured discrepancy before the dual step (null = raw)."""
-    kp: float = 1.0
-    """PID: proportional gain."""
-    ki: float = 1.0
-    """PID: integral gain (ki = eta, kp = kd = 0 is plain dual ascent)."""
-    kd: float = 0.0
-    """PID: derivative gain (on increases of D only)."""
-    auto_warmup_steps: int = 5
-    """Automatic tolerance: steps measured before c is set."""
-    auto_quantile: float = 0.5
-    """Automatic tolerance: c = quantile of the warm-up D's ..."""
-    auto_multiple: float = 1.0
-    """... times this multiple."""
+
+#: The ``multiplier`` section is the multiplier's own settings record: its fields, defaults and
+#: docstrings are defined once, in :class:`dcmdp.algo.multiplier.MultiplierSettings`.
+MultiplierConfig = MultiplierSettings
 
 
 @dataclass
@@ -276,20 +269,24 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{name}: must be >= 0 (0 = off)")
     _check_loss_knobs(cfg)
+    _check_multiplier(cfg)
     _check_task_options(cfg)
 
 
 def _check_loss_knobs(cfg: Config) -> None:
     # The trainer builds these LossSettings at every step; a bad knob fails here instead.
-    knobs = {
-        f.name: getattr(cfg.loss, f.name)
-        for f in dataclasses.fields(LossSettings)
-        if hasattr(cfg.loss, f.name)
-    }
     try:
-        LossSettings(**knobs)
+        cfg.loss.settings()
     except ValueError as exc:
         raise ConfigError(str(exc).replace("LossSettings.", "loss.")) from None
+
+
+def _check_multiplier(cfg: Config) -> None:
+    # The trainer builds this multiplier once the model is loaded; every check it makes runs here.
+    try:
+        build_multiplier(cfg.multiplier)
+    except ValueError as exc:
+        raise ConfigError(f"multiplier: {exc}") from None
 
 
 def _check_task_options(cfg: Config) -> None:
@@ -325,55 +322,6 @@ def build_task(cfg: Config) -> Task:
     return task
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert a YAML / command-line value to the field's declared type, or fail naming the field."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
-        if is_null and type(None) in args:
-            return None
-        others = [a for a in args if a is not type(None)]
-        return _coerce(name, value, others[0])
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            number = (
-                float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
-            )
-        except ValueError:
-            raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
-        if hint is int and (not isinstance(number, int) or isinstance(number, bool)):
-            if isinstance(number, float) and number.is_integer():
-                return int(number)
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return float(number) if hint is float else number
-    if hint is str:
-        if not isinstance(value, str | int | float):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(name, v, a) for v, a in zip(value, args, strict=True))
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
 def _section_from_dict(section: str, data: Any) -> Any:
     cls = SECTIONS[section]
     if not isinstance(data, dict):
@@ -384,7 +332,7 @@ def _section_from_dict(section: str, data: Any) -> Any:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{section}.{key}: unknown field; valid fields: {', '.join(sorted(known))}")
-        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        kwargs[key] = coerce_value(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
@@ -419,19 +367,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data = _read_config_file(path) if path is not None else {}
+    data = read_config_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
-
-
-def _read_config_file(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-    loaded = yaml.safe_load(text)
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return loaded or {}
 
 
 # Fields a resumed run may change: where and how it runs, how long, and what it reports. Any
@@ -505,7 +442,7 @@ def load_resume_config(
     saved ``config.yaml`` is the base; the fields of ``path`` and then ``overrides`` apply on top.
     A change to a field outside :data:`RESUME_CHANGEABLE` raises ``ConfigError``.
     """
-    top = apply_overrides(_read_config_file(path) if path is not None else {}, overrides or [])
+    top = apply_overrides(read_config_file(path) if path is not None else {}, overrides or [])
     run_top = top.get("run") or {}
     out_dir = Path(str(run_top.get("out_dir", RunConfig.out_dir)))
     saved_path = out_dir / "config.yaml"
@@ -515,7 +452,7 @@ def load_resume_config(
             f"--resume: cannot resume {out_dir} ({what}); pass run.out_dir=DIR of a run started by `dcmdp train`"
         )
     try:
-        saved = config_from_dict(_read_config_file(saved_path))
+        saved = config_from_dict(read_config_file(saved_path))
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"--resume: {saved_path} is not a valid config: {' '.join(str(exc).split())}"

@@ -3,7 +3,7 @@
 For each setting (engine type, dtype, optional quantization) the probe samples completions with
 that engine, recomputes their log-probs with the trainer (Transformers, float32 by default) under
 the same temperature / top-k / top-p processing, and reports every measure of
-``dcmdp.discrepancy.discrepancy_metrics`` side by side, plus throughput and sample counts.
+``dcmdp.algo.discrepancy.discrepancy_metrics`` side by side, plus throughput and sample counts.
 
     dcmdp probe --model tiny-qwen3 --setting transformers:float32 --setting transformers:float32:int4
     dcmdp probe --model PATH --engine vllm --dtype bfloat16 --json
@@ -141,8 +141,8 @@ def probe_setting(
     device: str,
 ) -> SettingResult:
     """Sample with one engine setting, recompute with the trainer, and measure the discrepancy."""
-    from dcmdp.discrepancy import discrepancy_metrics
-    from dcmdp.logprobs import build_token_batch, sequence_logprobs
+    from dcmdp.algo.discrepancy import discrepancy_metrics
+    from dcmdp.rollout import build_token_batch, sequence_logprobs
 
     spec = EngineSpec(
         type=setting.engine,

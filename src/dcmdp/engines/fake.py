@@ -35,7 +35,7 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
-from dcmdp.logprobs import process_logits
+from dcmdp.rollout.logprobs import process_logits
 
 ScriptFn = Callable[[Sequence[Sequence[int]], SamplingSettings, int, "int | None"], list[Completion]]
 FAILURES = ("nan_logprob", "empty", "out_of_vocab", "length_mismatch")

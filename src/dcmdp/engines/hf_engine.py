@@ -2,7 +2,7 @@
 
 A reference engine. At float32 with no quantization it samples from exactly the distribution the
 trainer recomputes (the discrepancy is float round-off, ~1e-7 nats); at bfloat16 / float16, or
-with weight-only ``int8`` / ``int4`` / ``fp8`` fake quantization (see ``dcmdp.quantize``), it is a
+with weight-only ``int8`` / ``int4`` / ``fp8`` fake quantization (see ``dcmdp.engines.quantize``), it is a
 controllable source of train-inference discrepancy that needs nothing beyond PyTorch.
 
 The sampling loop is written out here rather than delegated to ``model.generate`` so the
@@ -35,9 +35,10 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
-from dcmdp.logprobs import padding_id, process_logits
+from dcmdp.engines.quantize import QUANT_MODES, quantize_linear_weights_, quantize_weight
 from dcmdp.models import resolve_device
-from dcmdp.quantize import QUANT_MODES, quantize_linear_weights_, quantize_weight
+from dcmdp.rollout.batch import padding_id
+from dcmdp.rollout.logprobs import process_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -2,12 +2,12 @@
 
 - At load and on every ``load_weights(named_tensors)`` the weights are written to a GGUF file of
   type ``EngineSpec.quantization`` ("F32" default, "F16", "BF16", "Q8_0", "Q4_0"; see
-  dcmdp.gguf_export) in a temp dir (/dev/shm when present), and llama.cpp reloads the model
+  dcmdp.engines.gguf_export) in a temp dir (/dev/shm when present), and llama.cpp reloads the model
   (``last_sync_timings`` holds the export and reload seconds).
 - ``generate`` runs up to ``parallel`` (default 16) sequences at once, one llama.cpp sequence
   each (separate KV streams, ``max_model_len`` positions each), on one thread by default, and
   asks llama.cpp for the last position's logits only. Sampling is done here in torch: the logits
-  go through ``dcmdp.logprobs.process_logits`` (temperature, top-k, top-p: the same code the
+  go through ``dcmdp.rollout.logprobs.process_logits`` (temperature, top-k, top-p: the same code the
   trainer recomputes with), a seeded ``torch.multinomial`` draws the token, and its log-prob
   under the processed distribution is returned.
 - The KV cache is kept in F32 (llama.cpp's default is F16) and flash attention is off, so that an
@@ -43,8 +43,8 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
-from dcmdp.gguf_export import check_qtype, load_hf_tensors, vocab_for, write_gguf
-from dcmdp.logprobs import process_logits
+from dcmdp.engines.gguf_export import check_qtype, load_hf_tensors, vocab_for, write_gguf
+from dcmdp.rollout.logprobs import process_logits
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with
 set), i.e. log mu of the distribution the token was drawn from. Checked against vLLM 0.32's
 sampler (``TopKTopPSampler.forward_cpu/forward_native``: ``apply_top_k_top_p`` then
 ``log_softmax``) and by ``tests/test_vllm_engine.py``, which recomputes those log-probs with
-``dcmdp.logprobs`` at float32 (top_k=5, top_p=0.9) and finds them equal within 1e-4.
+``dcmdp.rollout.logprobs`` at float32 (top_k=5, top_p=0.9) and finds them equal within 1e-4.
 
 Sampling stops exactly at ``SamplingSettings.stop_token_ids`` (or at ``max_tokens``), as in the
 other engines. vLLM by itself would also stop at the tokenizer's EOS and at every ``eos_token_id``

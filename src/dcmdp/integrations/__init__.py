@@ -24,14 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dcmdp.losses import LossInputs, LossOutput, LossSettings, get_policy_loss, token_prob_gap
-from dcmdp.multiplier import (
-    PAPER_ETA,
-    PAPER_LAMBDA_0,
-    PAPER_TOLERANCE,
-    Multiplier,
-)
-from dcmdp.multiplier import build_multiplier as build_core_multiplier
+from dcmdp.algo.discrepancy import prob_gap
+from dcmdp.algo.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
+from dcmdp.algo.multiplier import MULTIPLIER_KINDS, WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings
+from dcmdp.algo.multiplier import build_multiplier as build_core_multiplier
 
 #: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
 LOSS_FORMS: dict[str, str] = {
@@ -39,11 +35,6 @@ LOSS_FORMS: dict[str, str] = {
     "shaping": "dcmdp_shaping",  # reading (b): A <- A - lambda * delta.detach()
     "hinge": "dcmdp_hinge",  # + lambda * token-mean(max(0, delta - c))
 }
-#: Multiplier kinds accepted by :func:`build_multiplier` (``dcmdp.multiplier.MULTIPLIERS``).
-MULTIPLIER_KINDS: tuple[str, ...] = ("dual_ascent", "pid")
-#: Tolerance given to the loss while an automatic c is still being measured: every gap is below 1,
-#: so the hinge is off during the warm-up (as in ``dcmdp.trainer``).
-WARMUP_LOSS_TOLERANCE = 1.0
 
 
 def core_loss_name(form: str) -> str:
@@ -53,38 +44,47 @@ def core_loss_name(form: str) -> str:
     return LOSS_FORMS[form]
 
 
+# Defaults of the multiplier options: the fields of dcmdp's own multiplier settings, so the
+# integrations and `dcmdp train` share one definition of each.
+_M = MultiplierSettings
+
+
 @dataclass(frozen=True)
 class DCMDPOptions:
     """Framework-neutral DCMDP settings; each integration maps its own prefixed fields onto these.
 
+    The multiplier options keep the names the TRL and verl configs have always used
+    (``lambda_init``, ``lambda_min``, ``lambda_max``, ``pid_kp``, ``pid_kd``; the PID integral gain
+    is ``eta``); :meth:`multiplier_settings` is the one mapping onto dcmdp's
+    :class:`~dcmdp.algo.multiplier.MultiplierSettings`, whose defaults these are.
     Validated when built: an impossible combination raises ``ValueError`` naming the field.
     """
 
     loss_form: str = "penalty"
     """penalty (reading (a), the paper's) | shaping (reading (b)) | hinge."""
-    lambda_init: float = PAPER_LAMBDA_0
+    lambda_init: float = _M.init
     """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
-    eta: float = PAPER_ETA
+    eta: float = _M.eta
     """Dual step size (paper: 1.0); the PID multiplier uses it as its integral gain ki."""
-    tolerance: float | None = PAPER_TOLERANCE
+    tolerance: float | None = _M.tolerance
     """c (paper: 0.0037 dense, 0.005 MoE); None = chosen from the first measurements (AutoTolerance)."""
-    lambda_min: float = 0.0
+    lambda_min: float = _M.lam_min
     """Lower bound of the projection."""
-    lambda_max: float = 10.0
+    lambda_max: float = _M.lam_max
     """Upper bound of the projection."""
-    multiplier: str = "dual_ascent"
+    multiplier: str = _M.type
     """dual_ascent (the paper's projected dual ascent) | pid (PID Lagrangian)."""
-    pid_kp: float = 1.0
+    pid_kp: float = _M.kp
     """PID: proportional gain (ignored by dual_ascent)."""
-    pid_kd: float = 0.0
+    pid_kd: float = _M.kd
     """PID: derivative gain on increases of D (ignored by dual_ascent)."""
-    ema: float | None = None
+    ema: float | None = _M.ema
     """EMA decay of the measured D before the dual step; None = raw D."""
-    auto_warmup_steps: int = 5
+    auto_warmup_steps: int = _M.auto_warmup_steps
     """Automatic tolerance: steps measured before c is set."""
-    auto_quantile: float = 0.5
+    auto_quantile: float = _M.auto_quantile
     """Automatic tolerance: c = quantile of the warm-up D's ..."""
-    auto_multiple: float = 1.0
+    auto_multiple: float = _M.auto_multiple
     """... times this multiple."""
 
     def __post_init__(self) -> None:
@@ -98,28 +98,32 @@ class DCMDPOptions:
             raise ValueError("loss form 'hinge' needs a fixed tolerance (tolerance=None is automatic)")
         build_multiplier(self)  # the multiplier's own checks name any bad number
 
+    def multiplier_settings(self) -> MultiplierSettings:
+        """These options as dcmdp's multiplier settings (the one mapping of the names)."""
+        return MultiplierSettings(
+            type=self.multiplier,
+            init=self.lambda_init,
+            eta=self.eta,
+            tolerance=self.tolerance,
+            lam_min=self.lambda_min,
+            lam_max=self.lambda_max,
+            ema=self.ema,
+            kp=self.pid_kp,
+            ki=self.eta,  # the PID integral gain plays eta's role
+            kd=self.pid_kd,
+            auto_warmup_steps=self.auto_warmup_steps,
+            auto_quantile=self.auto_quantile,
+            auto_multiple=self.auto_multiple,
+        )
+
 
 def build_multiplier(options: DCMDPOptions) -> Multiplier:
     """The Lagrange multiplier for ``options``: dual ascent or PID, fixed or automatic c.
 
-    Built by ``dcmdp.multiplier.build_multiplier``, so it updates and
+    Built by ``dcmdp.algo.multiplier.build_multiplier``, so it updates and
     checkpoints exactly as in dcmdp's own trainer.
     """
-    return build_core_multiplier(
-        options.multiplier,
-        init=options.lambda_init,
-        tolerance=options.tolerance,
-        lam_min=options.lambda_min,
-        lam_max=options.lambda_max,
-        ema=options.ema,
-        eta=options.eta,
-        kp=options.pid_kp,
-        ki=options.eta,  # the PID integral gain plays eta's role
-        kd=options.pid_kd,
-        auto_warmup_steps=options.auto_warmup_steps,
-        auto_quantile=options.auto_quantile,
-        auto_multiple=options.auto_multiple,
-    )
+    return build_core_multiplier(options.multiplier_settings())
 
 
 def loss_tolerance(multiplier: Multiplier) -> float:
@@ -169,10 +173,10 @@ def shaped_advantages(
     advantages_BT: Tensor, logp_BT: Tensor, engine_logp_BT: Tensor, mask_BT: Tensor, lam: float
 ) -> Tensor:
     """DCMDP reading (b): ``A_t - lam * delta_t`` with ``delta_t = |exp(logp_t) - exp(engine_logp_t)|``
-    detached (``dcmdp.losses.token_prob_gap``, as ``dcmdp_shaping`` uses it); unchanged outside the mask."""
+    detached (``dcmdp.algo.discrepancy.prob_gap``, as ``dcmdp_shaping`` uses it); unchanged outside the mask."""
     keep_BT = mask_BT != 0
     zero = torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device)
-    delta_BT = token_prob_gap(
+    delta_BT = prob_gap(
         torch.where(keep_BT, logp_BT.detach(), zero), torch.where(keep_BT, engine_logp_BT.detach(), zero)
     )
     return torch.where(keep_BT, advantages_BT - lam * delta_BT, advantages_BT)

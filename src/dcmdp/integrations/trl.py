@@ -38,7 +38,7 @@ averaged gradient is that of lam times the token mean of delta over the whole st
 
 Logged through ``self._metrics`` (TRL averages them per logging step): ``dcmdp/lambda`` (used in the
 step), ``dcmdp/lambda_next``, ``dcmdp/prob_gap`` (the step's D), ``dcmdp/tolerance``,
-``dcmdp/penalty``, and every ``discrepancy/*`` metric of ``dcmdp.discrepancy.discrepancy_metrics``
+``dcmdp/penalty``, and every ``discrepancy/*`` metric of ``dcmdp.algo.discrepancy.discrepancy_metrics``
 (micro-batch values averaged over processes). The multiplier's state is saved in each checkpoint
 as ``dcmdp_multiplier.json`` and restored on resume.
 
@@ -57,7 +57,7 @@ from torch import Tensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from dcmdp.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
+from dcmdp.algo.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
 from dcmdp.integrations import (
     DCMDPOptions,
     build_multiplier,
@@ -65,7 +65,6 @@ from dcmdp.integrations import (
     loss_tolerance,
     shaped_advantages,
 )
-from dcmdp.multiplier import PAPER_ETA, PAPER_LAMBDA_0, PAPER_TOLERANCE
 
 #: File holding the multiplier's state inside each TRL checkpoint folder.
 MULTIPLIER_STATE_FILE = "dcmdp_multiplier.json"
@@ -74,12 +73,16 @@ SAMPLING_LOGPS = "sampling_per_token_logps"
 OLD_LOGPS = "old_per_token_logps"
 
 
+# The defaults of the dcmdp_* fields are DCMDPOptions' (dcmdp's multiplier settings): one definition.
+_O = DCMDPOptions
+
+
 @dataclass
 class DCMDPGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the DCMDP fields (``dcmdp_*``); defaults are the paper's (8B dense)."""
 
     dcmdp_loss_form: str = field(
-        default="penalty",
+        default=_O.loss_form,
         metadata={
             "help": "How the discrepancy reaches the policy: 'penalty' (lambda * token-mean gap, differentiable; "
             "the paper's reading), 'shaping' (advantages minus lambda * gap) or 'hinge' (lambda * token-mean of "
@@ -87,37 +90,45 @@ class DCMDPGRPOConfig(GRPOConfig):
         },
     )
     dcmdp_lambda_init: float = field(
-        default=PAPER_LAMBDA_0, metadata={"help": "Initial multiplier lambda_0 (paper: 0.1 dense, 0.05 MoE)."}
+        default=_O.lambda_init, metadata={"help": "Initial multiplier lambda_0 (paper: 0.1 dense, 0.05 MoE)."}
     )
     dcmdp_eta: float = field(
-        default=PAPER_ETA,
+        default=_O.eta,
         metadata={"help": "Dual step size eta (paper: 1.0); the integral gain of the PID multiplier."},
     )
     dcmdp_tolerance: float | None = field(
-        default=PAPER_TOLERANCE,
+        default=_O.tolerance,
         metadata={
             "help": "Tolerance c on the mean probability gap D (paper: 0.0037 dense, 0.005 MoE). None chooses c "
             "from the first `dcmdp_auto_warmup_steps` measurements."
         },
     )
-    dcmdp_lambda_min: float = field(default=0.0, metadata={"help": "Lower bound of the multiplier."})
-    dcmdp_lambda_max: float = field(default=10.0, metadata={"help": "Upper bound of the multiplier."})
+    dcmdp_lambda_min: float = field(
+        default=_O.lambda_min, metadata={"help": "Lower bound of the multiplier."}
+    )
+    dcmdp_lambda_max: float = field(
+        default=_O.lambda_max, metadata={"help": "Upper bound of the multiplier."}
+    )
     dcmdp_multiplier: str = field(
-        default="dual_ascent",
+        default=_O.multiplier,
         metadata={"help": "'dual_ascent' (the paper's projected dual ascent) or 'pid' (PID Lagrangian)."},
     )
-    dcmdp_pid_kp: float = field(default=1.0, metadata={"help": "PID multiplier: proportional gain."})
-    dcmdp_pid_kd: float = field(default=0.0, metadata={"help": "PID multiplier: derivative gain."})
+    dcmdp_pid_kp: float = field(default=_O.pid_kp, metadata={"help": "PID multiplier: proportional gain."})
+    dcmdp_pid_kd: float = field(default=_O.pid_kd, metadata={"help": "PID multiplier: derivative gain."})
     dcmdp_ema: float | None = field(
-        default=None, metadata={"help": "EMA decay of the measured gap before the dual step; None = raw."}
+        default=_O.ema, metadata={"help": "EMA decay of the measured gap before the dual step; None = raw."}
     )
     dcmdp_auto_warmup_steps: int = field(
-        default=5, metadata={"help": "Automatic tolerance: optimizer steps measured before c is set."}
+        default=_O.auto_warmup_steps,
+        metadata={"help": "Automatic tolerance: optimizer steps measured before c is set."},
     )
     dcmdp_auto_quantile: float = field(
-        default=0.5, metadata={"help": "Automatic tolerance: c = this quantile of the warm-up gaps ..."}
+        default=_O.auto_quantile,
+        metadata={"help": "Automatic tolerance: c = this quantile of the warm-up gaps ..."},
     )
-    dcmdp_auto_multiple: float = field(default=1.0, metadata={"help": "... times this multiple."})
+    dcmdp_auto_multiple: float = field(
+        default=_O.auto_multiple, metadata={"help": "... times this multiple."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

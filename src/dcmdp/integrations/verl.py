@@ -6,7 +6,7 @@ configs/verl/dcmdp_multinode.yaml):
 1. :func:`dcmdp_policy_loss`, registered in verl's ``POLICY_LOSS_REGISTRY`` as ``"dcmdp"`` when verl
    is importable (this module also imports without verl; the function then works on its own). It
    has verl's signature (the 7 keyword arguments of ``verl.workers.utils.losses.ppo_loss``) and
-   computes dcmdp's core loss (``dcmdp.losses``: ``dcmdp``, ``dcmdp_hinge`` or ``dcmdp_shaping``,
+   computes dcmdp's core loss (``dcmdp.algo.losses``: ``dcmdp``, ``dcmdp_hinge`` or ``dcmdp_shaping``,
    the PPO clipped surrogate plus the DCMDP term) on verl's tensors.
 2. :class:`DCMDPController`, on the driver: the Lagrange multiplier. Before each actor update it
    pushes the current lambda to the actor workers (``set_loss_fn`` with an actor config whose
@@ -60,10 +60,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dcmdp.discrepancy import SAFETY_BOUND
+from dcmdp.algo.discrepancy import SAFETY_BOUND
+from dcmdp.algo.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.integrations import DCMDPOptions, build_multiplier, core_loss_name, finite_float, loss_tolerance
-from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
-from dcmdp.multiplier import PAPER_ETA, PAPER_LAMBDA_0, PAPER_TOLERANCE
 
 #: The name the loss is registered under: ``actor_rollout_ref.actor.policy_loss.loss_mode``.
 LOSS_NAME = "dcmdp"
@@ -214,6 +213,10 @@ def _global_batch_scale(agg: str, mask_BT: Tensor, info: Mapping[str, Any]) -> T
 # ----------------------------------------------------------------------------- verl config
 
 
+# The defaults of the dcmdp_* fields are DCMDPOptions' (dcmdp's multiplier settings): one definition.
+_O = DCMDPOptions
+
+
 def _options_from(pl: Any) -> DCMDPOptions:
     """DCMDPOptions from a policy-loss config holding the ``dcmdp_*`` fields (dataclass or DictConfig)."""
     return DCMDPOptions(
@@ -245,31 +248,31 @@ if VERL_AVAILABLE:
         """
 
         loss_mode: str = LOSS_NAME
-        dcmdp_loss_form: str = "penalty"
+        dcmdp_loss_form: str = _O.loss_form
         """penalty (the paper's reading) | shaping | hinge."""
-        dcmdp_lambda_init: float = PAPER_LAMBDA_0
+        dcmdp_lambda_init: float = _O.lambda_init
         """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
-        dcmdp_eta: float = PAPER_ETA
+        dcmdp_eta: float = _O.eta
         """Dual step size (paper: 1.0); the PID integral gain."""
-        dcmdp_tolerance: float | None = PAPER_TOLERANCE
+        dcmdp_tolerance: float | None = _O.tolerance
         """c (paper: 0.0037 dense, 0.005 MoE); null = automatic (not with the hinge)."""
-        dcmdp_lambda_min: float = 0.0
+        dcmdp_lambda_min: float = _O.lambda_min
         """Lower bound of the multiplier."""
-        dcmdp_lambda_max: float = 10.0
+        dcmdp_lambda_max: float = _O.lambda_max
         """Upper bound of the multiplier."""
-        dcmdp_multiplier: str = "dual_ascent"
+        dcmdp_multiplier: str = _O.multiplier
         """dual_ascent | pid."""
-        dcmdp_pid_kp: float = 1.0
+        dcmdp_pid_kp: float = _O.pid_kp
         """PID: proportional gain."""
-        dcmdp_pid_kd: float = 0.0
+        dcmdp_pid_kd: float = _O.pid_kd
         """PID: derivative gain."""
-        dcmdp_ema: float | None = None
+        dcmdp_ema: float | None = _O.ema
         """EMA decay of D before the dual step; null = raw."""
-        dcmdp_auto_warmup_steps: int = 5
+        dcmdp_auto_warmup_steps: int = _O.auto_warmup_steps
         """Automatic tolerance: steps measured before c is set."""
-        dcmdp_auto_quantile: float = 0.5
+        dcmdp_auto_quantile: float = _O.auto_quantile
         """Automatic tolerance: quantile of the warm-up D's ..."""
-        dcmdp_auto_multiple: float = 1.0
+        dcmdp_auto_multiple: float = _O.auto_multiple
         """... times this multiple."""
         dcmdp_measure_key: str = MEASURE_KEY
         """The step metric the driver's dual step reads."""
