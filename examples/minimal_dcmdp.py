@@ -6,7 +6,8 @@ One step: the engine samples G completions per prompt with their log-probs (mu);
 them; GRPO normalises rewards per group; the trainer recomputes its own log-probs (pi_old);
 the policy takes a gradient step on the DCMDP loss with lambda as a plain number; the dual step
 moves lambda on the measured discrepancy D; the new weights go to the engine in memory.
-`tests/test_minimal_example.py` checks this file against `dcmdp.trainer` step for step.
+`tests/test_trainer.py::test_minimal_example_matches_trainer` checks this file against
+`dcmdp.trainer` step for step.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import sys
 
 import torch
 
-from dcmdp.advantages import grpo_advantages
-from dcmdp.discrepancy import discrepancy_metrics
+from dcmdp.algo.advantages import grpo_advantages
+from dcmdp.algo.discrepancy import discrepancy_metrics
+from dcmdp.algo.losses import LossInputs, LossSettings, get_policy_loss
+from dcmdp.algo.multiplier import LagrangeMultiplier
 from dcmdp.engines import EngineSpec, SamplingSettings, make_engine
-from dcmdp.logprobs import build_token_batch, sequence_logprobs
-from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.models import load_model, load_tokenizer
-from dcmdp.multiplier import LagrangeMultiplier
+from dcmdp.rollout import build_token_batch, sequence_logprobs
 from dcmdp.tasks import make_task
 
 
@@ -57,7 +58,7 @@ def main(
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         rewards = torch.tensor([task.reward(problems[c.prompt_index], t) for c, t in zip(completions, texts)])
         adv_N = grpo_advantages(rewards, group)
-        # 4. the trainer's own log-probs of the same tokens (pi_old), 5. the discrepancy D
+        # 4. the trainer's own log-probs of the same tokens (pi_old), 5. D: pi_old against mu, before the update
         batch = build_token_batch(prompt_ids, completions, tokenizer.pad_token_id)
         with torch.no_grad():
             policy.eval()

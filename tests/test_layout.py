@@ -298,3 +298,32 @@ def test_a_short_run_gives_the_pinned_numbers(
     for step, (row, pinned) in enumerate(zip(got, PINNED, strict=True), start=1):
         for key, value in pinned.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-12), f"step {step} {key}"
+
+
+# ----------------------------------------------------------------------------- the README's library snippet
+
+
+def test_readme_library_snippet_runs_and_steps_on_d_before_the_update() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text[text.index("The library is usable without the CLI") :]
+    snippet = after[
+        after.index("```python") + len("```python") : after.index("```", after.index("```python") + 9)
+    ]
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    engine_logp = -torch.rand(2, 3, generator=g) - 0.1
+    old_logp = engine_logp + 0.05 * torch.randn(2, 3, generator=g)
+    # the policy being updated has moved away from pi_old (as after a first minibatch)
+    logp = (old_logp + 0.1 * torch.randn(2, 3, generator=g)).requires_grad_(True)
+    scope: dict[str, Any] = {
+        "logp": logp,
+        "old_logp": old_logp,
+        "engine_logp": engine_logp,
+        "adv": torch.randn(2, 3, generator=g),
+        "mask": mask,
+    }
+    exec(snippet, scope)
+    d_before = float((old_logp.double().exp() - engine_logp.double().exp()).abs().mean())
+    expected = LagrangeMultiplier(init=0.1, eta=1.0, tolerance=0.0037)
+    assert scope["lam"].value == expected.update(d_before)
+    assert logp.grad is not None

@@ -80,32 +80,36 @@ class TaskConfig:
     """Task options, e.g. {digits: 2, ops: "+"}."""
 
 
+# The loss knobs' defaults are LossSettings' (the losses' own record): one definition each.
+_L = LossSettings
+
+
 @dataclass
 class LossConfig:
     type: str = "dcmdp"
     """Policy loss from the registry: grpo, tis, icepop, seq_tis, seq_mis, geo_mask,
     offpolicy_seq_mask, dcmdp (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge."""
-    clip_low: float = 0.2
+    clip_low: float = _L.clip_low
     """PPO ratio clip below: 1 - clip_low."""
-    clip_high: float = 0.28
+    clip_high: float = _L.clip_high
     """PPO ratio clip above: 1 + clip_high (clip-higher, DAPO)."""
-    agg: str = "token-mean"
+    agg: str = _L.agg
     """Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | constant."""
-    agg_constant: float | None = None
+    agg_constant: float | None = _L.agg_constant
     """The normaliser of agg=constant (e.g. batch size x max tokens, Dr. GRPO)."""
-    tis_cap: float = 2.0
+    tis_cap: float = _L.tis_cap
     """tis: token weight min(rho, tis_cap)."""
-    icepop_low: float = 0.5
+    icepop_low: float = _L.icepop_low
     """icepop: lower bound of the kept ratio range."""
-    icepop_high: float = 5.0
+    icepop_high: float = _L.icepop_high
     """icepop: upper bound of the kept ratio range."""
-    seq_cap: float = 2.0
+    seq_cap: float = _L.seq_cap
     """seq_tis: truncation of prod rho; seq_mis: rejection threshold."""
-    geo_low: float = 0.999
+    geo_low: float = _L.geo_low
     """geo_mask: lower bound on the geometric-mean ratio."""
-    geo_high: float = 1.001
+    geo_high: float = _L.geo_high
     """geo_mask: upper bound on the geometric-mean ratio."""
-    opsm_delta: float = 0.5
+    opsm_delta: float = _L.opsm_delta
     """offpolicy_seq_mask: drop negative-advantage sequences whose mean log(mu/pi) exceeds this."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""

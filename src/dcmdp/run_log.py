@@ -63,6 +63,20 @@ def unreachable_tolerance(
     )
 
 
+def impossible_tokens_warning(dropped_frac: float, limit: float = 0.2) -> str | None:
+    """A warning when more than ``limit`` of a step's samples were dropped for holding a token the
+    trainer gives probability 0 (``discrepancy/trainer_impossible_seq_frac``); None otherwise."""
+    if not dropped_frac > limit:
+        return None
+    return (
+        f"warning: {dropped_frac:.0%} of this step's samples hold a token the trainer gives "
+        "probability 0 under the same top-k / top-p (the engine's kept set differs at its "
+        "precision); those samples are left out of the loss and of D, so most of the batch "
+        "is lost. Consider sampling.top_k=0 and sampling.top_p=1.0, or a closer engine "
+        "precision (docs/concepts.md, 'Tokens the trainer cannot sample')."
+    )
+
+
 def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Multiplier) -> str:
     """One progress line; lambda and c only for losses that read them, c "auto" while warming up."""
     parts = [

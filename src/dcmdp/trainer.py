@@ -56,7 +56,15 @@ from dcmdp.rollout import (
     rollout,
     sequence_logprobs,
 )
-from dcmdp.run_log import emit, final_summary, open_writers, step_line, step_metrics, unreachable_tolerance
+from dcmdp.run_log import (
+    emit,
+    final_summary,
+    impossible_tokens_warning,
+    open_writers,
+    step_line,
+    step_metrics,
+    unreachable_tolerance,
+)
 from dcmdp.run_setup import (
     Logger,
     engine_label,
@@ -234,15 +242,9 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             if warning is not None and not warned:
                 log(warning)
                 warned = True
-            dropped_frac = row["discrepancy/trainer_impossible_seq_frac"]
-            if dropped_frac > 0.2 and not warned_impossible:
-                log(
-                    f"warning: {dropped_frac:.0%} of this step's samples hold a token the trainer gives "
-                    "probability 0 under the same top-k / top-p (the engine's kept set differs at its "
-                    "precision); those samples are left out of the loss and of D, so most of the batch "
-                    "is lost. Consider sampling.top_k=0 and sampling.top_p=1.0, or a closer engine "
-                    "precision (docs/concepts.md, 'Tokens the trainer cannot sample')."
-                )
+            impossible = impossible_tokens_warning(row["discrepancy/trainer_impossible_seq_frac"])
+            if impossible is not None and not warned_impossible:
+                log(impossible)
                 warned_impossible = True
             log(step_line(cfg, step, row, multiplier))
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):

@@ -62,7 +62,14 @@ from torch import Tensor
 
 from dcmdp.algo.discrepancy import SAFETY_BOUND
 from dcmdp.algo.losses import LossInputs, LossSettings, get_policy_loss
-from dcmdp.integrations import DCMDPOptions, build_multiplier, core_loss_name, finite_float, loss_tolerance
+from dcmdp.integrations import (
+    WARMUP_LOSS_TOLERANCE,
+    DCMDPOptions,
+    build_multiplier,
+    core_loss_name,
+    finite_float,
+    loss_tolerance,
+)
 
 #: The name the loss is registered under: ``actor_rollout_ref.actor.policy_loss.loss_mode``.
 LOSS_NAME = "dcmdp"
@@ -164,7 +171,7 @@ def dcmdp_policy_loss(
         clip_high=config.clip_ratio if config.clip_ratio_high is None else config.clip_ratio_high,
         agg=loss_agg_mode,
         lam=float(lam),
-        tolerance=1.0 if tolerance is None else float(tolerance),
+        tolerance=WARMUP_LOSS_TOLERANCE if tolerance is None else float(tolerance),
     )
     inputs = LossInputs(
         logp_BT=log_prob,
