@@ -21,7 +21,6 @@ from typing import TextIO
 QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "ERROR",  # vLLM's INFO/WARNING lines (55-158 per command before)
     "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10 warnings such as "NUMA binding: Using MEMBIND policy"
-    "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
