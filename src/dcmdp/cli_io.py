@@ -35,6 +35,7 @@ def configure_engine_logs(verbose: bool) -> None:
     """Engine logs go to stderr always; below ERROR they are shown only when ``verbose``."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if verbose:
+        os.environ.setdefault("DCMDP_LLAMACPP_VERBOSE", "1")  # llama.cpp's own log callback
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
