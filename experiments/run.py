@@ -396,9 +396,7 @@ def main() -> int:
     # Publish only the documented grid, and only once every one of its runs has finished.
     total = [(a, s) for a in arms for s in args.seeds]
     done = [
-        (a, s)
-        for a, s in total
-        if finished(run_dir(key, a, s), steps_of(COMMON + arms[a] + args.overrides))
+        (a, s) for a, s in total if finished(run_dir(key, a, s), steps_of(COMMON + arms[a] + args.overrides))
     ]
     grid = is_documented_grid(args.experiment, list(arms), args.seeds, args.overrides)
     published = args.publish or (grid and len(done) == len(total))
