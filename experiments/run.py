@@ -391,15 +391,26 @@ def main() -> int:
             raise SystemExit(f"unknown arms {sorted(unknown)}; valid: {', '.join(arms)}")
         arms = {k: v for k, v in arms.items() if k in args.arms}
     key = runs_key(args.experiment, args.overrides)
-    published = args.publish or is_documented_grid(args.experiment, list(arms), args.seeds, args.overrides)
-    out_dir = results_dir(args.experiment, published, key)
     if not args.summary_only:
         launch(args.experiment, arms, args.seeds, args.overrides, key)
+    # Publish only the documented grid, and only once every one of its runs has finished.
+    total = [(a, s) for a in arms for s in args.seeds]
+    done = [
+        (a, s) for a, s in total if finished(run_dir(key, a, s), steps_of(COMMON + arms[a] + args.overrides))
+    ]
+    grid = is_documented_grid(args.experiment, list(arms), args.seeds, args.overrides)
+    published = args.publish or (grid and len(done) == len(total))
+    out_dir = results_dir(args.experiment, published, key)
     print(summarise(args.experiment, arms, args.seeds, out_dir, key))
     if not published:
+        why = (
+            f"only {len(done)} of its {len(total)} runs have finished"
+            if grid
+            else "this is not the documented grid (every arm, seeds 0 1 2, no --set beyond run.threads)"
+        )
         print(
-            f"(not the documented grid, so docs/results/{args.experiment} is left as it is: "
-            f"table and plots in {out_dir}; --publish writes them there)"
+            f"({why}, so docs/results/{args.experiment} is left as it is: table and plots in "
+            f"{out_dir}; --publish writes them there)"
         )
     seed0 = [
         str(run_dir(key, a, args.seeds[0]))

@@ -70,6 +70,13 @@ else
     log "installing the cached wheel $WHEEL"
     if install_wheel "$WHEEL"; then
       log "installed from the cache"
+    elif "$PY" -m zipfile -t "$WHEEL" >/dev/null 2>&1 \
+      && "$PY" -m pip install --quiet --no-cache-dir --no-deps --force-reinstall "$WHEEL" >/dev/null 2>&1 \
+      && llama_works; then
+      # The wheel works on its own: what failed was a dependency pip could not install (offline?).
+      # That is not the wheel's fault, so the cache entry (a 5-25 minute build) is kept.
+      log "the cached wheel works, but its dependencies did not install (see pip's message above)"
+      exit 1
     else
       log "the cached wheel does not install or import here: deleting it and rebuilding"
       rm -f "$WHEEL"

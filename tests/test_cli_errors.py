@@ -187,3 +187,42 @@ def test_build_task_accepts_a_good_file(tmp_path: Path) -> None:
     data = _write(tmp_path / "ok.jsonl", rows)
     task = build_task(load_config(overrides=["task.name=jsonl", f"task.options.path={data}"]))
     assert task.problems("eval", 5, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["sampling.top_k=-1"], ["sampling.top_k"]),
+        (["optim.betas=[0.9,2]"], ["optim.betas"]),
+        (["optim.weight_decay=-1"], ["optim.weight_decay"]),
+        (["multiplier.ema=2"], ["multiplier.ema"]),
+        (["multiplier.tolerance=null", "multiplier.auto_quantile=5"], ["multiplier.auto_quantile"]),
+        (["multiplier.tolerance=null", "multiplier.auto_warmup_steps=0"], ["multiplier.auto_warmup_steps"]),
+        (["run.eval_problems=0"], ["run.eval_problems"]),
+        (["engine.max_model_len=4"], ["engine.max_model_len"]),
+        (["engine.kv_cache_gb=-1"], ["engine.kv_cache_gb"]),
+        (["engine.type=transformers", "engine.quantization=int2"], ["engine.quantization", "int4"]),
+        (["engine.type=llamacpp", "engine.quantization=Q2_K"], ["engine.quantization", "Q4_0"]),
+    ],
+)
+def test_more_train_config_mistakes_fail_before_any_work(
+    args: list[str], needles: list[str], capsys: pytest.CaptureFixture, tmp_path: Path, no_model: None
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "engine.type=fake", *args, f"run.out_dir={out}"]) == 2
+    one_line_error(capsys, "config error:", *needles)
+    assert not out.exists()
+
+
+def test_other_commands_mistakes(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    one_line_error(capsys, "dcmdp report", "metrics.jsonl")
+    assert not (tmp_path / "nothing").exists()
+    assert main(["pretrain", "--task", "nope"]) == 2
+    one_line_error(capsys, "dcmdp pretrain", "unknown task")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00")
+    assert main(["train", "--config", str(bad)]) == 2
+    one_line_error(capsys, "not UTF-8")
+    assert main(["train", "engine.type=fake", "run.out_dir=/dev/null/x", "model.path=nowhere"]) == 2
+    one_line_error(capsys, "config error:")

@@ -108,3 +108,17 @@ def test_documented_grid_is_recognised() -> None:
     assert not run.is_documented_grid("harm", arms, [0, 1, 2], ["run.steps=10"])
     assert run.runs_key("harm", ["run.threads=1"]) == "harm"
     assert run.results_dir("harm", True) == ROOT / "docs" / "results" / "harm"
+
+
+def test_summary_of_an_unfinished_grid_is_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # `harm --summary-only` with no runs used to overwrite docs/results/harm with empty lists
+    published = ROOT / "docs" / "results" / "harm"
+    before = _snapshot(published)
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    monkeypatch.setattr(run.subprocess, "call", lambda *a, **k: 0)
+    monkeypatch.setattr(sys, "argv", ["run.py", "harm", "--summary-only"])
+    assert run.main() == 0
+    assert _snapshot(published) == before
+    assert "only 0 of its" in capsys.readouterr().out

@@ -212,3 +212,31 @@ def test_resume_help_documents_the_rules(capsys: pytest.CaptureFixture) -> None:
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "config.yaml is the base" in text and "--config FILE" in text and "run.steps" in text
+
+
+def test_resume_of_a_finished_run_without_checkpoints_starts_nothing(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # experiments/run.py runs with run.checkpoint_every=0: resuming used to retrain from step 0
+    out = tmp_path / "nock"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"run.steps": 2, "run.checkpoint_every": 0})]) == 0
+    log_before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr("dcmdp.trainer.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["train", "--resume", f"run.out_dir={out}"]) == 0
+    assert "already finished (step 2" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == log_before
+
+
+def test_resume_refuses_to_extend_a_cosine_schedule(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # the cosine decay is as long as the run: more steps would restart it from a higher rate
+    out = tmp_path / "cos"
+    assert (
+        main(["train", *tiny_run(tiny_model_dir, out, **{"run.steps": 2, "optim.schedule": "cosine"})]) == 0
+    )
+    capsys.readouterr()
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=4"]) == 2
+    assert "run.steps" in last_err_line(capsys)
+    assert train_steps(out) == [1, 2]

@@ -533,6 +533,7 @@ def test_grpo_run_logs_and_prints_no_lambda(tiny_model_dir: Path, tmp_path: Path
     # the deployment engine is named with its quantization
     assert "deployment-engine (transformers bfloat16 int4) greedy accuracy" in printed
     assert "engine: transformers bfloat16 int4 | trainer float32" in printed
+    assert '"multiplier"' not in printed and '"tolerance"' not in printed  # summary JSON too
 
 
 def test_step_line_names_automatic_tolerance_while_it_measures() -> None:

@@ -177,11 +177,42 @@ def test_vllm_kernel_refusal_names_setting_and_alternatives(
     assert "engine.quantization='experts_int8'" in message
     assert "No Int8 MoE backend supports" in message
     works = [name for name, why in cpu_quantization_support().items() if why is None]
-    assert "fp8_per_channel" in works and f"Works on this CPU: {', '.join(works)}" in message
+    assert (
+        "fp8_per_channel" in works and "Works on this CPU: fp8_per_channel (dense models, bfloat16" in message
+    )
+    assert all(name in message for name in works)
+    # vLLM's whole reason, not its first line (fp8_per_block puts it on the next lines)
+    monkeypatch.setattr(
+        vllm,
+        "LLM",
+        lambda **_: (_ for _ in ()).throw(
+            ValueError(
+                "Failed to find a kernel that can implement the ScaledMM linear layer. Reasons: \nX requires AMX tile support."
+            )
+        ),
+    )
+    with pytest.raises(UnsupportedQuantizationError, match="X requires AMX tile support"):
+        make_engine(spec)
     # any other failure keeps its RuntimeError with context
     monkeypatch.setattr(vllm, "LLM", lambda **_: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(RuntimeError, match="disk full"):
         make_engine(spec)
+
+
+def test_combinations_vllm_fails_on_later_are_refused_at_once(
+    tiny_model_dir: Path, tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", lambda **_: pytest.fail("vLLM should not be started"))
+    for model, dtype, quant, why in (
+        (tiny_model_dir, "float32", "fp8_per_channel", "needs engine.dtype bfloat16 or float16"),
+        (tiny_moe_dir, "bfloat16", "fp8_per_channel", "dense models only"),
+        (tiny_moe_dir, "float16", "fp8_per_block", "dense models only"),
+    ):
+        spec = EngineSpec(type="vllm", model=str(model), dtype=dtype, quantization=quant)
+        with pytest.raises(UnsupportedQuantizationError, match=why):
+            make_engine(spec)
 
 
 def test_cpu_quantization_table_predicts_amx_modes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,6 @@ def _env_defaults() -> None:
     # vLLM in-process (no engine-core subprocess), a small CPU KV cache, and in-memory weight
     # push through collective_rpc (which pickles a function). Users may override each.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

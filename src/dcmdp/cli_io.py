@@ -21,7 +21,6 @@ from typing import TextIO
 QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "ERROR",  # vLLM's INFO/WARNING lines (55-158 per command before)
     "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10 warnings such as "NUMA binding: Using MEMBIND policy"
-    "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
@@ -36,6 +35,7 @@ def configure_engine_logs(verbose: bool) -> None:
     """Engine logs go to stderr always; below ERROR they are shown only when ``verbose``."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if verbose:
+        os.environ.setdefault("DCMDP_LLAMACPP_VERBOSE", "1")  # llama.cpp's own log callback
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)

@@ -23,7 +23,7 @@ from dcmdp.algo.aggregation import AGG_MODES
 from dcmdp.algo.losses import POLICY_LOSSES, LossSettings
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, MultiplierSettings, build_multiplier
 from dcmdp.config_parse import ConfigError, coerce_value, read_config_file
-from dcmdp.engines.base import DTYPES, engine_names
+from dcmdp.engines.base import DTYPES, ENGINE_QUANTIZATIONS, engine_names
 from dcmdp.tasks import TASKS, Task, make_task, task_options
 
 #: The valid ``multiplier.type`` values: the multiplier registry's kinds.
@@ -272,9 +272,47 @@ def validate(cfg: Config) -> None:
         section, key = name.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{name}: must be >= 0 (0 = off)")
+    _check_ranges(cfg)
     _check_loss_knobs(cfg)
     _check_multiplier(cfg)
     _check_task_options(cfg)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that would otherwise fail only after the model is loaded or the engine started."""
+    if cfg.sampling.top_k < 0:
+        raise ConfigError(f"sampling.top_k: must be >= 0 (0 = off), got {cfg.sampling.top_k}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: each must be in [0, 1), got {list(cfg.optim.betas)}")
+    _positive("optim.weight_decay", cfg.optim.weight_decay, strict=False)
+    _positive("optim.grad_clip", cfg.optim.grad_clip, strict=False)
+    _positive("engine.kv_cache_gb", cfg.engine.kv_cache_gb)
+    m = cfg.multiplier
+    if m.ema is not None and not 0 <= m.ema < 1:
+        raise ConfigError(f"multiplier.ema: must be in [0, 1) or null, got {m.ema}")
+    if not 0 <= m.auto_quantile <= 1:
+        raise ConfigError(f"multiplier.auto_quantile: must be in [0, 1], got {m.auto_quantile}")
+    if m.auto_warmup_steps < 1:
+        raise ConfigError(f"multiplier.auto_warmup_steps: must be >= 1, got {m.auto_warmup_steps}")
+    _positive("multiplier.auto_multiple", m.auto_multiple)
+    if cfg.run.eval_problems < 1:
+        raise ConfigError(f"run.eval_problems: must be >= 1, got {cfg.run.eval_problems}")
+    if cfg.engine.max_model_len <= cfg.sampling.max_tokens:
+        raise ConfigError(
+            f"engine.max_model_len ({cfg.engine.max_model_len}) must exceed sampling.max_tokens "
+            f"({cfg.sampling.max_tokens}): it holds the prompt and the response"
+        )
+    allowed = ENGINE_QUANTIZATIONS.get(cfg.engine.type)
+    if cfg.engine.quantization is not None and allowed is not None and cfg.engine.quantization not in allowed:
+        raise ConfigError(
+            f"engine.quantization: {cfg.engine.quantization!r} is not allowed for engine.type="
+            f"{cfg.engine.type}; valid values: {', '.join(allowed)} or null"
+        )
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device: 'cuda' but no CUDA device is visible (use auto or cpu)")
 
 
 def _check_loss_knobs(cfg: Config) -> None:
@@ -466,6 +504,9 @@ def load_resume_config(
     cfg = config_from_dict(merged)
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
+    # A cosine schedule's length is the run's length: extending the run would restart its decay.
+    if cfg.optim.schedule == "cosine":
+        refused += [c for c in changes if c.field == "run.steps"]
     if refused:
         from dcmdp.checkpoint import latest_checkpoint
 

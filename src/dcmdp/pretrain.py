@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -457,6 +458,18 @@ def _main(args: argparse.Namespace) -> int:
         eval_problems=args.eval_problems,
         train_problems=args.train_problems,
     )
+    try:  # the task and the model name, checked before any work
+        make_task(settings.task, **settings.task_options)
+        from dcmdp.models import NAMED_MODELS
+
+        if settings.model not in NAMED_MODELS and not (Path(settings.model) / "config.json").exists():
+            raise ValueError(
+                f"--model {settings.model!r} is neither a named model ({', '.join(NAMED_MODELS)}) "
+                "nor a Hugging Face model directory"
+            )
+    except (ValueError, TypeError) as exc:
+        print(f"dcmdp pretrain: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else default_out_dir(settings, args.cache_dir)
     run_pretrain(settings, out, cache_dir=args.cache_dir, force=args.force)
     print(out)

@@ -29,6 +29,7 @@ import torch
 
 from dcmdp.engines.base import (
     DTYPES,
+    ENGINE_QUANTIZATIONS,
     EngineSpec,
     SamplingSettings,
     UnsupportedQuantizationError,
@@ -48,8 +49,6 @@ GENERIC_PROMPTS = (
     "What is the capital of Italy?",
 )
 # Quantization names each engine type accepts; None = the engine checks them itself.
-_TRANSFORMERS_QUANT = ("int8", "int4", "int3", "fp8")
-_LLAMACPP_QUANT = ("F32", "BF16", "F16", "Q8_0", "Q4_0")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def make_setting(engine: str, dtype: str, quantization: str | None) -> ProbeSett
         raise ValueError(f"engine {engine!r} is unknown; valid: {', '.join(engine_names())}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is unknown; valid: {', '.join(DTYPES)}")
-    allowed = {"transformers": _TRANSFORMERS_QUANT, "llamacpp": _LLAMACPP_QUANT}.get(engine)
+    allowed = ENGINE_QUANTIZATIONS.get(engine)
     if quantization is not None and allowed is not None and quantization not in allowed:
         raise ValueError(
             f"quantization {quantization!r} is unknown for engine {engine}; valid: {', '.join(allowed)} or none"
@@ -252,6 +251,14 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.prompts < 1 or args.samples < 1:
             raise ValueError("--prompts and --samples must be >= 1")
+        if args.max_model_len <= args.max_tokens:
+            raise ValueError(
+                f"--max-model-len ({args.max_model_len}) must exceed --max-tokens ({args.max_tokens})"
+            )
+        if args.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {args.device!r} is unknown; valid: auto, cpu, cuda")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible (use auto or cpu)")
         model_path = resolve_model(args.model)
     except ValueError as exc:
         print(f"dcmdp probe: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,15 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.runs]
-    out = Path(args.out) if args.out else (runs[0] / "report" if len(runs) == 1 else Path("report"))
-    page = make_report(runs, out)
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:  # before anything is written
+        print(f"dcmdp report: no dcmdp run (metrics.jsonl) in: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (runs[0] / "report" if len(runs) == 1 else Path("runs/report"))
+    try:
+        page = make_report(runs, out)
+    except OSError as exc:
+        print(f"dcmdp report: cannot write the report to {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"html": str(page), "images": sorted(p.name for p in out.glob("*.png"))}))
     return 0

@@ -149,12 +149,14 @@ def emit(metrics_log: MetricsLog, writers: list[Any], row: dict[str, Any]) -> No
         w.write(row)
 
 
-def final_summary(run_dir: Path, multiplier: Multiplier) -> dict[str, Any]:
+def final_summary(run_dir: Path, multiplier: Multiplier, uses_multiplier: bool = True) -> dict[str, Any]:
     from dcmdp.checkpoint import read_metrics
 
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
-    out: dict[str, Any] = {"multiplier": multiplier.value, "tolerance": multiplier.tolerance}
-    if evals:
+    out: dict[str, Any] = {}
+    if uses_multiplier:
+        out.update(multiplier=multiplier.value, tolerance=multiplier.tolerance)
+    if evals and evals[0]["step"] == 0:  # "before" is the evaluation before any training step
         out["accuracy_before"] = evals[0]["eval/accuracy_greedy"]
         out["accuracy_after"] = evals[-1]["eval/accuracy_greedy"]
         if "eval/accuracy_sampled" in evals[0]:

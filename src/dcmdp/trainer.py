@@ -152,12 +152,21 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     done = int(ckpt.name.split("_")[1]) if ckpt is not None else 0
     if ckpt is not None and done > cfg.run.steps:
         raise ConfigError(f"run.steps={cfg.run.steps}: the run in {run_dir} is already at step {done}")
-    if ckpt is not None and done == cfg.run.steps:
+    if ckpt is None and resume:  # no checkpoint (run.checkpoint_every=0): the log says how far it got
+        from dcmdp.checkpoint import read_metrics
+
+        logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+        if logged and max(logged) >= cfg.run.steps:
+            done = max(logged)
+    if done >= cfg.run.steps and (ckpt is not None or done > 0):
         log(f"{run_dir} already finished (step {done} of run.steps={done}); to extend it, raise run.steps")
         return {"run_dir": str(run_dir), "finished": True, "step": done}
     build_task(cfg)  # a bad task option or data file fails here, before any model is loaded
     base_path = resolve_base_model(cfg, log)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run.out_dir: cannot create {run_dir} ({exc.strerror or exc})") from None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -260,7 +269,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                     "step": step,
                 }
                 save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.run.keep_checkpoints)
-        summary.update(final_summary(run_dir, multiplier))
+        summary.update(final_summary(run_dir, multiplier, cfg.loss.type in MULTIPLIER_LOSSES))
     finally:
         engine.close()
         for w in writers:
@@ -399,6 +408,7 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
     N = batch.input_ids_BL.shape[0]
     sums: dict[str, float] = {}
     count = 0
+    lr_used = float(learner.scheduler.get_last_lr()[0])
     model.train()
     for _ in range(cfg.optim.epochs):
         # One minibatch needs no shuffle; keeping the rollout order keeps runs bit-reproducible
@@ -454,11 +464,12 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
             sums["optim/grad_norm"] = (
                 sums.get("optim/grad_norm", 0.0) + float(grad_norm) * cfg.optim.grad_accum
             )
+            lr_used = float(learner.scheduler.get_last_lr()[0])  # the rate this optimizer step uses
             learner.optimizer.step()
             learner.scheduler.step()
             learner.optimizer.zero_grad(set_to_none=True)
     out_metrics = {k: v / count for k, v in sums.items()}
-    out_metrics["optim/lr"] = float(learner.scheduler.get_last_lr()[0])
+    out_metrics["optim/lr"] = lr_used
     return out_metrics
 
 

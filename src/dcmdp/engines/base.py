@@ -24,6 +24,11 @@ from typing import Protocol
 import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Quantization names the engines that define their own accept (vLLM checks its names itself).
+ENGINE_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
+    "transformers": ("int8", "int4", "int3", "fp8"),
+    "llamacpp": ("F32", "BF16", "F16", "Q8_0", "Q4_0"),
+}
 
 
 class UnsupportedQuantizationError(ValueError):

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -67,9 +68,15 @@ def _llama() -> Any:
         ) from exc
     if not _backend_ready:
         if not os.environ.get("DCMDP_LLAMACPP_VERBOSE"):
+            last = [0]
 
             def _quiet(level: int, text: bytes, user_data: Any) -> None:
-                return None
+                # ggml levels: 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+                # Errors (and their continuations) still reach stderr; the rest is dropped.
+                if level != 5:
+                    last[0] = level
+                if last[0] >= 4:
+                    sys.stderr.write(text.decode("utf-8", errors="replace"))
 
             _log_callback = llama_cpp.llama_log_callback(_quiet)
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
