@@ -41,8 +41,8 @@ def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # suite with DCMDP_REQUIRE_ENGINES=1. There a skipped test means a broken install, not a missing
 # optional extra, so the run fails and lists each skip with its reason. Skips whose reason starts
 # with one of ALLOWED_SKIP_PREFIXES stay allowed: a processor that lacks a kernel's instructions
-# (e.g. vLLM's int8 MoE needs AMX tiles) is not an install problem. Tests marked ``slow`` must not
-# be deselected either. A plain `pytest` (the variable unset) may still skip on a partial install.
+# (e.g. vLLM's int8 MoE needs AMX tiles) is not an install problem. Tests marked ``slow`` or
+# ``vllm`` must not be deselected either. A plain `pytest` (the variable unset) may still skip on a partial install.
 REQUIRE_ENGINES_ENV = "DCMDP_REQUIRE_ENGINES"
 ALLOWED_SKIP_PREFIXES = ("CPU capability:", "hardware:")
 # (node id, reason) of every skip or deselection the variable forbids, in this session
@@ -82,9 +82,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_deselected(items: list[pytest.Item]) -> None:
     if engines_required():
         _FORBIDDEN.extend(
-            (item.nodeid, "a test marked slow was deselected")
+            (item.nodeid, f"a test marked {marker} was deselected")
             for item in items
-            if item.get_closest_marker("slow") is not None
+            for marker in ("slow", "vllm")  # the slow runs and the real-engine tests
+            if item.get_closest_marker(marker) is not None
         )
 
 

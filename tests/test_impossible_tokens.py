@@ -68,6 +68,15 @@ def test_drop_takes_whole_sequences_out_and_counts_them() -> None:
     assert not kept.response_mask_BT[0].any()
     assert torch.equal(kept.response_mask_BT[1], batch.response_mask_BT[1])
     assert torch.isfinite(old[kept.response_mask_BT]).all()
+    # D for the dual step: over every sampled token, the impossible one at |0 - mu|
+    from dcmdp.trainer import measure_discrepancy
+
+    _, disc = measure_discrepancy(batch, old)
+    engine = batch.engine_logp_BT[batch.response_mask_BT]
+    trainer = old[batch.response_mask_BT]
+    expected = float((trainer.exp() - engine.exp()).abs().mean())
+    assert disc["discrepancy/prob_gap_mean"] == pytest.approx(expected, rel=1e-6)
+    assert disc["discrepancy/prob_gap_mean"] > disc["discrepancy/prob_gap_mean_kept"]
     # nothing impossible: the same batch object comes back
     fine = old.clone()
     fine[batch.response_mask_BT] = -1.0
@@ -103,7 +112,7 @@ def test_kl_k3_bounds_a_token_the_reference_cannot_sample() -> None:
 # ----------------------------------------------------------------------------- real engines
 
 
-def test_int4_transformers_engine_with_top_k_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_int4_transformers_engine_with_top_k_trains(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     # Measured in the review: 512 of 1995 sampled tokens had trainer probability 0 (int4, top_k=5)
     out = tmp_path / "int4"
     argv = overrides(
@@ -119,11 +128,15 @@ def test_int4_transformers_engine_with_top_k_trains(tiny_model_dir: Path, tmp_pa
     for r in rows:
         frac = r["discrepancy/trainer_impossible_seq_frac"]
         assert frac >= r[RATE] > 0  # whole sequences leave, not single tokens
-        if frac < 1:  # samples were left: D measured on them, and an update ran
-            assert math.isfinite(r["loss/total"]) and math.isfinite(r["discrepancy/prob_gap_mean"])
-        else:
-            assert "loss/total" not in r and math.isnan(r["discrepancy/prob_gap_mean"])
+        # D (over every sampled token) is measured either way; an update runs if samples are left
+        assert math.isfinite(r["discrepancy/prob_gap_mean"])
+        assert ("loss/total" in r) == (frac < 1)
     assert any(r["discrepancy/trainer_impossible_seq_frac"] < 1 for r in rows)
+    # most of the batch is lost here (75-91% measured): the trainer says so, once
+    printed = capsys.readouterr().out
+    assert printed.count("of this step's samples hold a token the trainer gives probability 0") == 1
+    # the response length counts every sample, dropped ones too
+    assert all(r["response/mean_tokens"] > 1 for r in rows)
 
 
 def test_kl_to_reference_with_top_k_has_finite_gradients(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -381,6 +381,17 @@ class TestFloat32:
             engine, tiny_model_dir, lambda n: n.startswith("model.layers.0.self_attn."), seed=9
         )
 
+    def test_a_name_pushed_twice_is_refused(self, engine: VLLMEngine, tiny_model_dir: Path) -> None:
+        # q_proj twice has as many elements as k_proj + v_proj: an element count alone accepted it
+        # and left qkv_proj 0.24 nats off (review of issue 11).
+        q = "model.layers.0.self_attn.q_proj.weight"
+        params = dict(load_model(tiny_model_dir).named_parameters())
+        result = engine.generate(PROMPTS, SAMPLING, n=2, seed=3)
+        with pytest.raises(ValueError, match="more than once"):
+            engine.load_weights([(q, params[q]), (q, params[q])])
+        again = engine.generate(PROMPTS, SAMPLING, n=2, seed=3)  # the engine is unchanged
+        assert [c.logprobs for c in again.completions] == [c.logprobs for c in result.completions]
+
     def test_close_is_idempotent(self, engine: VLLMEngine) -> None:
         engine.close()
         engine.close()

@@ -29,7 +29,8 @@ def step_metrics(
         "reward/std": float(rewards.std(unbiased=False)),
         "reward/accuracy": float((rewards >= 1.0).float().mean()),
         "reward/degenerate_groups": float(degenerate_group_fraction(rewards, cfg.run.group_size)),
-        "response/mean_tokens": batch.num_response_tokens / len(ro.completions),
+        # every sample, also those left out of the loss (their tokens were generated all the same)
+        "response/mean_tokens": sum(len(c.token_ids) for c in ro.completions) / len(ro.completions),
         **measured,
         "time/rollout": ro.seconds,
         "time/recompute": times["time/recompute"],

@@ -31,7 +31,7 @@ from typing import Any, overload
 import torch
 
 from dcmdp.algo.advantages import grpo_advantages
-from dcmdp.algo.discrepancy import discrepancy_metrics
+from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked, prob_gap
 from dcmdp.algo.losses import MULTIPLIER_LOSSES, LossInputs, LossSettings, get_policy_loss, kl_to_reference_k3
 from dcmdp.algo.multiplier import Multiplier
 from dcmdp.checkpoint import (
@@ -329,14 +329,25 @@ def recompute_logprobs(learner: Learner, batch: TokenBatch) -> tuple[torch.Tenso
 
 
 def measure_discrepancy(batch: TokenBatch, old_logp_BT: torch.Tensor) -> tuple[TokenBatch, dict[str, float]]:
-    """The ``discrepancy/*`` metrics of pi_old against mu, after taking out the sequences holding a
-    token the trainer gives probability 0 (top-k / top-p under its own precision; they leave the
-    loss and D). ``prob_gap_mean`` is NaN when every sample was dropped."""
+    """The ``discrepancy/*`` metrics of pi_old against mu. Sequences holding a token the trainer
+    gives probability 0 (top-k / top-p under its own precision) leave the batch, and the measures
+    are over the kept ones, except D (``prob_gap_mean``, what the dual step reads), which counts
+    every sampled token (docs/concepts.md, "Tokens the trainer cannot sample")."""
+    full_mask = batch.response_mask_BT
     batch, impossible = drop_trainer_impossible(batch, old_logp_BT)
     disc: dict[str, float] = {**impossible, DUAL_STEP_READS: math.nan}
     if batch.num_response_tokens > 0:
         measured = discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT)
         disc.update({k: float(v) for k, v in measured.items()})
+    if impossible["discrepancy/trainer_impossible_tokens"] > 0:
+        # Leaving those sequences out of D would hide the largest gaps (trainer 0, engine ~0.2)
+        # and read the constraint as met when it is not. The probability gap stays finite there
+        # (|0 - mu|), so D over every sampled token is what the dual step reads; the other
+        # measures (log ratios are infinite there) stay on the kept sequences.
+        old = fill_masked(old_logp_BT, full_mask, 0.0)
+        gap = prob_gap(old, fill_masked(batch.engine_logp_BT, full_mask, 0.0))
+        disc["discrepancy/prob_gap_mean_kept"] = disc[DUAL_STEP_READS]
+        disc[DUAL_STEP_READS] = float(gap[full_mask].mean())
     return batch, disc
 
 
@@ -420,10 +431,12 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
             mb_batch = batch.select(mb)
             total_tokens = mb_batch.num_response_tokens
             total_seqs = int(mb_batch.response_mask_BT.any(dim=1).sum())
+            micro_done = 0
             for micro in torch.tensor_split(mb, cfg.optim.grad_accum):
                 mbatch = batch.select(micro)
                 if mbatch.num_response_tokens == 0:  # every sequence in it was dropped
                     continue
+                micro_done += 1
                 logp = sequence_logprobs(model, mbatch, learner.sampling)
                 mask = mbatch.response_mask_BT
                 inputs = LossInputs(
@@ -461,9 +474,7 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
             if not torch.isfinite(grad_norm):
                 learner.optimizer.zero_grad(set_to_none=True)
                 raise DivergenceError(f"the gradient norm became {float(grad_norm)}")
-            sums["optim/grad_norm"] = (
-                sums.get("optim/grad_norm", 0.0) + float(grad_norm) * cfg.optim.grad_accum
-            )
+            sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * micro_done
             lr_used = float(learner.scheduler.get_last_lr()[0])  # the rate this optimizer step uses
             learner.optimizer.step()
             learner.scheduler.step()

@@ -82,6 +82,7 @@ On CUDA any vLLM quantization name is passed through unchanged.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import json
@@ -287,6 +288,7 @@ class VLLMEngine:
         self._full_loads: dict[str, int] | None = None
         self._num_calls = 0
         self._llm: Any = None
+        self._names: set[str] | None = None
 
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -414,17 +416,32 @@ class VLLMEngine:
         if not weights:  # nothing to load (vLLM would only warn about every layer)
             self.last_sync_seconds = time.perf_counter() - t0
             return
+        # The partial-push check counts elements per layer: a name pushed twice could make up for
+        # a missing one (q_proj twice is as large as k_proj + v_proj), and vLLM then reloads the
+        # layer from uninitialised memory. Refused before anything is touched.
+        counts = collections.Counter(name for name, _ in weights)
+        twice = sorted(name for name, n in counts.items() if n > 1)
+        if twice:
+            raise ValueError(
+                f"vLLM weight push names {len(twice)} parameter(s) more than once ({', '.join(twice[:5])}"
+                f"{', ...' if len(twice) > 5 else ''}); push each parameter once. The engine is unchanged."
+            )
         path: str | None = None
         try:
             payload: list[tuple[str, torch.Tensor]] | str = weights
             if self.weight_transport == "file":
                 payload = path = write_shm_safetensors(weights)
-            try:
-                self._full_loads, incomplete, packed = llm.collective_rpc(
-                    check_on_worker, args=(payload, self.spec.model, self._full_loads)
-                )[0]
-            except Exception as exc:
-                raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
+            # A push of exactly the checkpoint's tensors (the trainer's every step) is complete by
+            # construction; the dry-run check (+60-90% sync time) runs for any other subset.
+            incomplete: Any = None
+            packed: Any = None
+            if set(counts) != self._checkpoint_names():
+                try:
+                    self._full_loads, incomplete, packed = llm.collective_rpc(
+                        check_on_worker, args=(payload, self.spec.model, self._full_loads)
+                    )[0]
+                except Exception as exc:
+                    raise RuntimeError(f"vLLM weight sync failed ({self._context()}): {exc}") from exc
             if incomplete:
                 raise ValueError(incomplete_push_message(incomplete, packed, [n for n, _ in weights]))
             try:
@@ -436,6 +453,18 @@ class VLLMEngine:
             if path is not None:
                 Path(path).unlink(missing_ok=True)
         self.last_sync_seconds = time.perf_counter() - t0
+
+    def _checkpoint_names(self) -> set[str]:
+        """The tensor names of the model's safetensors files (read from their headers, once)."""
+        if self._names is None:
+            from safetensors import safe_open
+
+            names: set[str] = set()
+            for file in sorted(Path(self.spec.model).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    names.update(f.keys())
+            self._names = names
+        return self._names
 
     def close(self) -> None:
         """Shut the engine down and free its memory; safe to call twice."""
