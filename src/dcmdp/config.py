@@ -4,6 +4,9 @@ A config comes from (lowest to highest priority) the defaults below, a YAML file
 ``yaml.safe_load``, so a tampered file cannot run code) and ``section.field=value`` overrides on
 the command line. It is at most two levels deep. Every run writes its resolved config as
 ``config.yaml`` beside its metrics.
+
+Size: about 530 lines, over the 500 we aim for: every field's docstring (the source of
+docs/configuration.md) and every range check sit beside the field they describe.
 """
 
 from __future__ import annotations
