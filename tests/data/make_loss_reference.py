@@ -32,7 +32,7 @@ NAMES = (
     "dcmdp_hinge",
 )
 SETTINGS = {
-    "token-mean": dict(lam=0.7, tolerance=0.02, geo_low=0.9, geo_high=1.1, opsm_delta=0.0),
+    "token-mean": dict(lam=0.7, tolerance=0.02, geo_low=0.9, geo_high=1.1, opsm_delta=-0.15),
     "seq-mean-token-sum": dict(
         agg="seq-mean-token-sum",
         lam=2.5,
@@ -42,7 +42,7 @@ SETTINGS = {
         icepop_high=1.5,
         geo_low=0.8,
         geo_high=1.3,
-        opsm_delta=-0.05,
+        opsm_delta=-0.1,
     ),
 }
 
