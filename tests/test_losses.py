@@ -41,6 +41,7 @@ ALL_LOSSES = (
     "dcmdp",
     "dcmdp_shaping",
     "dcmdp_hinge",
+    "dcmdp_full",
 )
 
 
@@ -277,7 +278,7 @@ def loop_loss(name: str, x: LossInputs, s: LossSettings) -> float:
         kl = sum(eng[b][t] - lp[b][t] for t in ts) / len(ts) if ts else 0.0
         for t in ts:
             a = adv[b][t]
-            if name == "dcmdp_shaping":
+            if name in ("dcmdp_shaping", "dcmdp_full"):
                 a -= s.lam * delta[b][t]
             r = math.exp(lp[b][t] - old[b][t])
             clipped = min(max(r, 1 - s.clip_low), 1 + s.clip_high)
@@ -309,7 +310,7 @@ def loop_loss(name: str, x: LossInputs, s: LossSettings) -> float:
         policy = sum(per_seq) / len(per_seq)
 
     mean = lambda f: sum(f(b, t) for b in range(B) for t in range(T) if mask[b][t]) / n_tokens  # noqa: E731
-    if name == "dcmdp":
+    if name in ("dcmdp", "dcmdp_full"):
         return policy + s.lam * mean(lambda b, t: delta[b][t])
     if name == "dcmdp_hinge":
         return policy + s.lam * mean(lambda b, t: max(0.0, delta[b][t] - s.tolerance))
@@ -624,5 +625,5 @@ def test_register_policy_loss() -> None:
 def test_multiplier_losses_are_the_dcmdp_forms() -> None:
     from dcmdp.losses import MULTIPLIER_LOSSES, POLICY_LOSSES
 
-    assert {"dcmdp", "dcmdp_shaping", "dcmdp_hinge"} == MULTIPLIER_LOSSES
+    assert {"dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full"} == MULTIPLIER_LOSSES
     assert set(POLICY_LOSSES) >= MULTIPLIER_LOSSES

@@ -22,7 +22,7 @@ import torch
 
 import dcmdp.trainer as trainer
 from dcmdp.checkpoint import latest_checkpoint, read_metrics
-from dcmdp.config import Config, load_config
+from dcmdp.config import Config, LossConfig, load_config
 from dcmdp.engines.base import Completion, SamplingSettings
 from dcmdp.logprobs import TokenBatch, build_token_batch, sequence_logprobs
 from dcmdp.losses import LossSettings
@@ -116,6 +116,7 @@ LOSS_KNOBS: dict[str, object] = {
     "geo_low": 0.99,
     "geo_high": 1.02,
     "opsm_delta": 0.7,
+    "constraint_share": 0.6,
 }
 
 
@@ -148,10 +149,10 @@ def test_every_loss_knob_reaches_the_loss_in_a_training_step(
     loss: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[LossSettings] = []
-    real = trainer.get_policy_loss
+    real = LossConfig.loss_fn
 
-    def recording(name: str):  # type: ignore[no-untyped-def]
-        fn = real(name)
+    def recording(self: LossConfig):  # type: ignore[no-untyped-def]
+        fn = real(self)
 
         def wrapped(inputs, settings):  # type: ignore[no-untyped-def]
             seen.append(settings)
@@ -159,7 +160,7 @@ def test_every_loss_knob_reaches_the_loss_in_a_training_step(
 
         return wrapped
 
-    monkeypatch.setattr(trainer, "get_policy_loss", recording)
+    monkeypatch.setattr(LossConfig, "loss_fn", recording)
     knobs = {f"loss.{k}": v for k, v in LOSS_KNOBS.items()}
     cfg = load_config(
         overrides=overrides(

@@ -56,19 +56,19 @@ def last_err_line(capsys: pytest.CaptureFixture) -> str:
 @pytest.fixture
 def losses_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the policy losses the trainer asks for; warm-starting the default model fails."""
-    import dcmdp.trainer
+    from dcmdp.config import LossConfig
 
     names: list[str] = []
-    real = dcmdp.trainer.get_policy_loss
+    real = LossConfig.loss_fn
 
-    def spy(name: str) -> Any:
-        names.append(name)
-        return real(name)
+    def spy(self: LossConfig) -> Any:
+        names.append(self.type)
+        return real(self)
 
     def no_warm_start(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the resumed run fell back to the default model")
 
-    monkeypatch.setattr(dcmdp.trainer, "get_policy_loss", spy)
+    monkeypatch.setattr(LossConfig, "loss_fn", spy)
     monkeypatch.setattr("dcmdp.pretrain.ensure_base_model", no_warm_start)
     return names
 

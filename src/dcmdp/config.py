@@ -23,7 +23,19 @@ from typing import Any
 import yaml
 
 from dcmdp.algo.aggregation import AGG_MODES
-from dcmdp.algo.losses import POLICY_LOSSES, LossSettings
+from dcmdp.algo.losses import (
+    CONSTRAINTS,
+    CORRECTIONS,
+    MEASURES,
+    MULTIPLIER_LOSSES,
+    POLICY_LOSSES,
+    SHORTHANDS,
+    LossSettings,
+    PolicyLossFn,
+    compose_loss,
+    get_policy_loss,
+    uses_multiplier,
+)
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, MultiplierSettings, build_multiplier
 from dcmdp.config_parse import ConfigError, coerce_value, read_config_file
 from dcmdp.engines.base import DTYPES, ENGINE_QUANTIZATIONS, engine_names
@@ -90,8 +102,24 @@ _L = LossSettings
 @dataclass
 class LossConfig:
     type: str = "dcmdp"
-    """Policy loss from the registry: grpo, tis, icepop, seq_tis, seq_mis, geo_mask,
-    offpolicy_seq_mask, dcmdp (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge."""
+    """Policy loss by name, a shorthand for an (importance correction, constraint) pair: grpo, tis,
+    icepop, seq_tis, seq_mis, geo_mask, offpolicy_seq_mask (a correction, no constraint), dcmdp
+    (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge, dcmdp_full (a constraint, no
+    correction). ``correction`` and ``constraint`` below override either half."""
+    correction: str | None = None
+    """Importance correction, overriding the one of ``type``: none, tis, icepop, seq_tis, seq_mis,
+    geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS."""
+    constraint: str | None = None
+    """Discrepancy constraint, overriding the one of ``type``: none, penalty (pathwise part of the
+    gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
+    parts)."""
+    measure: str = "prob_gap"
+    """What the constraint bounds, per token: prob_gap (the paper's |pi - mu|), k3 (k3 estimate
+    of KL(mu||pi)) or abs_log_ratio (|log pi - log mu|). Set ``multiplier.tolerance`` in its units."""
+    constraint_share: float = 0.0
+    """Share bound kappa: the constraint's gradient on the token log-probs is scaled down to at most
+    kappa times the policy gradient's, per micro-batch; 0 = off. Keeps the constraint from
+    outweighing the reward signal (docs/concepts.md, "Keeping the constraint safe")."""
     clip_low: float = _L.clip_low
     """PPO ratio clip below: 1 - clip_low."""
     clip_high: float = _L.clip_high
@@ -119,6 +147,24 @@ class LossConfig:
     scale_adv_by_std: bool = True
     """GRPO advantages divided by the group std (False = Dr. GRPO)."""
 
+    def composition(self) -> tuple[str, str, str] | None:
+        """(correction, constraint, measure) after the overrides are applied to ``type``; None for
+        a loss registered by a user under its own name (it is used as it is)."""
+        if self.type not in SHORTHANDS:
+            return None
+        correction, constraint = SHORTHANDS[self.type]
+        return self.correction or correction, self.constraint or constraint, self.measure
+
+    def loss_fn(self) -> PolicyLossFn:
+        """The composed loss this section describes."""
+        parts = self.composition()
+        return get_policy_loss(self.type) if parts is None else compose_loss(*parts)
+
+    def uses_multiplier(self) -> bool:
+        """Whether the loss reads lambda (it has a constraint)."""
+        parts = self.composition()
+        return self.type in MULTIPLIER_LOSSES if parts is None else uses_multiplier(parts[1])
+
     def settings(self, lam: float = 0.0, tolerance: float = LossSettings.tolerance) -> LossSettings:
         """The loss knobs as the losses read them, with this step's lambda and c: the one mapping
         from this section to :class:`~dcmdp.algo.losses.LossSettings`, field by field (a test
@@ -135,6 +181,7 @@ class LossConfig:
             geo_low=self.geo_low,
             geo_high=self.geo_high,
             opsm_delta=self.opsm_delta,
+            constraint_share=self.constraint_share,
             lam=lam,
             tolerance=tolerance,
         )
@@ -238,6 +285,18 @@ def validate(cfg: Config) -> None:
     _choice("engine.type", cfg.engine.type, engine_names())
     _choice("engine.dtype", cfg.engine.dtype, DTYPES)
     _choice("loss.type", cfg.loss.type, sorted(POLICY_LOSSES))
+    if cfg.loss.correction is not None:
+        _choice("loss.correction", cfg.loss.correction, CORRECTIONS)
+    if cfg.loss.constraint is not None:
+        _choice("loss.constraint", cfg.loss.constraint, CONSTRAINTS)
+    _choice("loss.measure", cfg.loss.measure, MEASURES)
+    composed = (cfg.loss.correction, cfg.loss.constraint, cfg.loss.measure) != (None, None, "prob_gap")
+    if cfg.loss.type not in SHORTHANDS and composed:
+        raise ConfigError(
+            f"loss.type: {cfg.loss.type!r} is a loss registered under its own name; loss.correction, "
+            f"loss.constraint and loss.measure compose only the built-in ones ({', '.join(SHORTHANDS)})"
+        )
+    _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
     _choice("loss.agg", cfg.loss.agg, AGG_MODES)
     _choice("multiplier.type", cfg.multiplier.type, MULTIPLIER_TYPES)
     _choice("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)

@@ -35,7 +35,7 @@ import torch
 
 from dcmdp.algo.advantages import grpo_advantages
 from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked, prob_gap
-from dcmdp.algo.losses import MULTIPLIER_LOSSES, LossInputs, LossSettings, get_policy_loss, kl_to_reference_k3
+from dcmdp.algo.losses import MEASURES, LossInputs, LossSettings, kl_to_reference_k3
 from dcmdp.algo.multiplier import Multiplier
 from dcmdp.checkpoint import (
     MetricsLog,
@@ -80,10 +80,16 @@ from dcmdp.run_setup import (
 )
 from dcmdp.tasks import make_task
 
-#: The metric the dual step reads: D between pi_old (the trainer before this step's update) and
-#: the engine's mu, on the step's own samples (step 5). Not ``dcmdp/prob_gap`` of the loss, which
-#: is measured with the policy being updated.
+#: The metric the dual step reads with the default measure (``loss.measure=prob_gap``): D between
+#: pi_old (the trainer before this step's update) and the engine's mu, on the step's own samples
+#: (step 5). Not ``dcmdp/prob_gap`` of the loss, which is measured with the policy being updated.
+#: Another measure reads its own ``discrepancy/*`` metric: :func:`dual_step_key`.
 DUAL_STEP_READS = "discrepancy/prob_gap_mean"
+
+
+def dual_step_key(cfg: Config) -> str:
+    """The ``discrepancy/*`` metric the dual step compares with c: that of ``loss.measure``."""
+    return MEASURES[cfg.loss.measure].discrepancy_key
 
 
 class DivergenceError(RuntimeError):
@@ -246,11 +252,10 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         for step in range(start_step + 1, cfg.run.steps + 1):
             row = train_step(run, step)
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
-            if math.isfinite(row[DUAL_STEP_READS]):
-                recent_d.append(row[DUAL_STEP_READS])
-            warning = unreachable_tolerance(
-                recent_d, multiplier.tolerance, cfg.loss.type in MULTIPLIER_LOSSES
-            )
+            d_read = row.get(dual_step_key(cfg), math.nan)
+            if math.isfinite(d_read):
+                recent_d.append(d_read)
+            warning = unreachable_tolerance(recent_d, multiplier.tolerance, cfg.loss.uses_multiplier())
             if warning is not None and not warned:
                 log(warning)
                 warned = True
@@ -272,7 +277,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                     "step": step,
                 }
                 save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.run.keep_checkpoints)
-        summary.update(final_summary(run_dir, multiplier, cfg.loss.type in MULTIPLIER_LOSSES))
+        summary.update(final_summary(run_dir, multiplier, cfg.loss.uses_multiplier()))
     finally:
         engine.close()
         for w in writers:
@@ -304,7 +309,7 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
                 )
         lam_used = multiplier.value
         with timed(times, "time/dual"):  # 7. dual step
-            uses_multiplier = dual_step(cfg, multiplier, disc[DUAL_STEP_READS])
+            uses_multiplier = dual_step(cfg, multiplier, disc.get(dual_step_key(cfg), math.nan))
         with timed(times, "time/sync"):  # 8. sync
             run.source.publish_weights(learner.model.named_parameters())
     row = step_metrics(cfg, ro, batch, {**ro.counts, **disc, **upd}, times)
@@ -358,7 +363,7 @@ def dual_step(cfg: Config, multiplier: Multiplier, measured_d: float) -> bool:
     """One multiplier update on ``measured_d``, only for losses that read lambda (for the others a
     changing lambda in the logs would describe a constraint that is not there) and only when D was
     measured. Returns whether the loss reads lambda."""
-    uses_multiplier = cfg.loss.type in MULTIPLIER_LOSSES
+    uses_multiplier = cfg.loss.uses_multiplier()
     if uses_multiplier and math.isfinite(measured_d):
         multiplier.update(measured_d)
     return uses_multiplier
@@ -418,7 +423,7 @@ def update_policy(*args: Any) -> dict[str, float]:
 
 def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) -> dict[str, float]:
     cfg, model, batch = learner.cfg, learner.model, data.batch
-    loss_fn = get_policy_loss(cfg.loss.type)
+    loss_fn = cfg.loss.loss_fn()
     N = batch.input_ids_BL.shape[0]
     sums: dict[str, float] = {}
     count = 0
@@ -495,6 +500,7 @@ __all__ = [
     "TrainState",
     "UpdateBatch",
     "drop_trainer_impossible",
+    "dual_step_key",
     "engine_label",
     "engine_spec",
     "loss_settings",

@@ -67,6 +67,9 @@ class LossSettings:
     """Lagrange multiplier value lambda >= 0, a plain number from ``dcmdp.algo.multiplier``."""
     tolerance: float = 0.0037
     """DCMDP tolerance c (the paper's value for Qwen3-8B); the hinge penalises delta above it."""
+    constraint_share: float = 0.0
+    """Share bound kappa: the constraint's gradient (with respect to the token log-probs) is scaled
+    to at most kappa times the surrogate's; 0 = no bound (see :mod:`dcmdp.algo.constraints`)."""
 
     def __post_init__(self) -> None:
         check_loss_settings(self)
@@ -129,7 +132,7 @@ def check_loss_settings(settings: LossSettings, *, need_tolerance: bool = False)
         value = getattr(settings, f.name)
         if isinstance(value, float | int) and not math.isfinite(value):
             raise ValueError(f"LossSettings.{f.name} must be finite, got {value!r}")
-    non_negative = ("clip_low", "clip_high", "icepop_low", "geo_low", "lam", "tolerance")
+    non_negative = ("clip_low", "clip_high", "icepop_low", "geo_low", "lam", "tolerance", "constraint_share")
     for name in non_negative:
         if getattr(settings, name) < 0:
             raise ValueError(f"LossSettings.{name} must be >= 0, got {getattr(settings, name)!r}")
@@ -149,7 +152,9 @@ def check_loss_settings(settings: LossSettings, *, need_tolerance: bool = False)
             f"LossSettings.agg_constant must be > 0 when agg='constant', got {settings.agg_constant!r}"
         )
     if need_tolerance and not settings.tolerance > 0:
-        raise ValueError(f"LossSettings.tolerance must be > 0 for dcmdp_hinge, got {settings.tolerance!r}")
+        raise ValueError(
+            f"LossSettings.tolerance must be > 0 for dcmdp_hinge (the hinge constraint), got {settings.tolerance!r}"
+        )
 
 
 def check_loss_inputs(inputs: LossInputs) -> None:

@@ -1,0 +1,261 @@
+"""Discrepancy constraints: the second axis of a policy loss, and the measures they read.
+
+DCMDP maximises reward subject to ``D <= c``, ``D = E_{o ~ pi}[m(o)]`` for a per-token discrepancy
+measure ``m`` between the trainer pi_theta and the rollout engine mu, through the Lagrangian
+``J - lam (D - c)`` (the constant ``lam c`` drops out of the gradient). The gradient of D has two
+parts:
+
+    grad D = E_pi[grad m]            (pathwise: m moves because pi's probabilities move)
+           + E_pi[m grad log pi]     (score function: pi samples less where m is large)
+
+A constraint form is a pure function ``(LossInputs, LossSettings, Measure) -> ConstraintTerms``
+registered in :data:`CONSTRAINTS`; it returns a token-mean **penalty** added to the loss (the
+pathwise part, gradient through ``logp``) and/or an advantage **shift** ``A_t -> A_t - shift_t``
+(the score-function part: ``-(A - lam m) r`` differentiates to ``lam m grad log pi`` at r = 1).
+
+| name    | penalty                              | shift                | keeps                    |
+|---------|--------------------------------------|----------------------|--------------------------|
+| none    |                                      |                      | (no constraint)          |
+| penalty | lam * token-mean(m_t)                |                      | pathwise part (paper (a))|
+| shaping |                                      | lam * m_t (detached) | score-function part ((b))|
+| hinge   | lam * token-mean(max(0, m_t - c))    |                      | pathwise, excess over c  |
+| full    | lam * token-mean(m_t)                | lam * m_t (detached) | both: the whole grad D   |
+
+Measures (:data:`MEASURES`), each with the ``discrepancy/*`` metric the dual step reads, so the
+multiplier compares the same quantity with its tolerance c (set c in the measure's own units):
+
+| name          | m_t                                                      | dual step reads                     |
+|---------------|----------------------------------------------------------|-------------------------------------|
+| prob_gap      | abs(pi(o_t) - mu(o_t)) (the paper's delta)               | ``discrepancy/prob_gap_mean``        |
+| k3            | r - 1 - log r, r = pi/mu (k3 estimate of KL(mu ‖ pi))    | ``discrepancy/kl_engine_trainer_k3`` |
+| abs_log_ratio | abs(log pi(o_t) - log mu(o_t))                           | ``discrepancy/abs_log_ratio_mean``   |
+
+The probability gap is smallest where the policy is near-deterministic or spread thin (both give
+small probabilities or agreeing ones); the log-ratio measures do not reward either, which is why
+they are offered (docs/concepts.md).
+
+**The share bound** (``LossSettings.constraint_share`` = kappa > 0; :func:`share_scale`): the
+constraint's gradient with respect to the token log-probs is scaled down, when needed, to at most
+kappa times the norm of the policy gradient's, per micro-batch. The constraint then steers the
+update but can never outweigh the reward signal, and where there is no reward signal (every group
+solved or every group failed, so all advantages are 0) it does nothing: the collapses of the
+``harm`` experiment (docs/RESULTS.md), where a lambda far above the reward's scale drove the policy
+to a degenerate point where engine and trainer agree, cannot happen by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from dcmdp.algo.discrepancy import prob_gap
+from dcmdp.algo.loss_core import LossInputs, LossSettings, weighted_surrogate
+from dcmdp.algo.masked import masked_mean
+
+#: Bound on |log pi - log mu| before exp() in the k3 measure (as verl and the discrepancy metrics).
+LOG_RATIO_BOUND = 20.0
+#: Largest ``dcmdp/constraint_share`` reported, so that a batch without policy gradient does not
+#: put an infinity into the step's metrics.
+SHARE_REPORT_CAP = 1000.0
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def k3_engine_trainer(logp: Tensor, engine_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(mu ‖ pi) under samples from mu: ``r - 1 - log r``, r = pi / mu,
+    log r clamped at +-20. Non-negative; its gradient in ``logp`` is ``r - 1``."""
+    log_r = (logp - engine_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return torch.expm1(log_r) - log_r
+
+
+def abs_log_ratio(logp: Tensor, engine_logp: Tensor) -> Tensor:
+    """Per-token ``|log pi(o_t) - log mu(o_t)|``."""
+    return (logp - engine_logp).abs()
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A per-token discrepancy measure and the batch metric the dual step compares with c."""
+
+    token_fn: Callable[[Tensor, Tensor], Tensor]
+    """``(logp_BT, engine_logp_BT) -> m_BT``, differentiable in ``logp_BT``."""
+    discrepancy_key: str
+    """The ``discrepancy/*`` metric (token mean of m at pi_old) the dual step reads."""
+
+
+MEASURES: dict[str, Measure] = {
+    "prob_gap": Measure(prob_gap, "discrepancy/prob_gap_mean"),
+    "k3": Measure(k3_engine_trainer, "discrepancy/kl_engine_trainer_k3"),
+    "abs_log_ratio": Measure(abs_log_ratio, "discrepancy/abs_log_ratio_mean"),
+}
+
+
+def get_measure(name: str) -> Measure:
+    """The measure registered as ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in MEASURES:
+        raise ValueError(f"unknown discrepancy measure {name!r}; valid: {', '.join(MEASURES)}")
+    return MEASURES[name]
+
+
+# ----------------------------------------------------------------------------- constraint forms
+
+
+@dataclass(frozen=True)
+class ConstraintTerms:
+    """What a constraint adds to the PPO surrogate."""
+
+    penalty: Tensor | None = None
+    """Token-mean term added to the loss (differentiable), or None."""
+    shift_BT: Tensor | None = None
+    """Constant subtracted from the advantages, or None."""
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def scaled(self, scale: Tensor) -> ConstraintTerms:
+        """Both parts (and the reported penalty) multiplied by a constant ``scale``."""
+        metrics = dict(self.metrics)
+        if "dcmdp/penalty" in metrics:
+            metrics["dcmdp/penalty"] = metrics["dcmdp/penalty"] * scale
+        return ConstraintTerms(
+            penalty=None if self.penalty is None else self.penalty * scale,
+            shift_BT=None if self.shift_BT is None else self.shift_BT * scale,
+            metrics=metrics,
+        )
+
+
+ConstraintFn = Callable[[LossInputs, LossSettings, Measure], ConstraintTerms]
+CONSTRAINTS: dict[str, ConstraintFn] = {}
+
+
+def register_constraint(name: str) -> Callable[[ConstraintFn], ConstraintFn]:
+    """Decorator adding a constraint form to :data:`CONSTRAINTS`; a taken name raises ``ValueError``."""
+
+    def register(fn: ConstraintFn) -> ConstraintFn:
+        if name in CONSTRAINTS:
+            raise ValueError(f"discrepancy constraint {name!r} is already registered")
+        CONSTRAINTS[name] = fn
+        return fn
+
+    return register
+
+
+def get_constraint(name: str) -> ConstraintFn:
+    """The constraint registered as ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in CONSTRAINTS:
+        raise ValueError(f"unknown discrepancy constraint {name!r}; valid: {', '.join(CONSTRAINTS)}")
+    return CONSTRAINTS[name]
+
+
+def _metrics(
+    x: LossInputs, measure: Measure, value: Tensor, penalty: Tensor, lam: float
+) -> dict[str, Tensor]:
+    """``dcmdp/prob_gap`` (always the probability gap), ``dcmdp/measure`` (the constrained measure,
+    only when it is not the probability gap), ``dcmdp/penalty`` and ``dcmdp/lambda``."""
+    metrics = {}
+    if measure.token_fn is prob_gap:
+        metrics["dcmdp/prob_gap"] = value.detach()
+    else:
+        metrics["dcmdp/prob_gap"] = masked_mean(prob_gap(x.logp_BT.detach(), x.engine_logp_BT), x.mask_BT)
+        metrics["dcmdp/measure"] = value.detach()
+    metrics["dcmdp/penalty"] = penalty.detach()
+    metrics["dcmdp/lambda"] = torch.tensor(lam, dtype=value.dtype, device=value.device)
+    return metrics
+
+
+@register_constraint("none")
+def no_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
+    """No constraint: the loss is the (corrected) surrogate alone and lambda is not read."""
+    return ConstraintTerms()
+
+
+@register_constraint("penalty")
+def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
+    """Paper reading (a), the differentiable penalty ``lam * token-mean(m_t)``: the policy's own
+    probabilities move towards the engine's ("self-correction"). A token mean whatever ``s.agg``,
+    because the constraint is defined on the token mean."""
+    value = masked_mean(measure.token_fn(x.logp_BT, x.engine_logp_BT), x.mask_BT)
+    penalty = s.lam * value
+    return ConstraintTerms(penalty=penalty, metrics=_metrics(x, measure, value, penalty, s.lam))
+
+
+@register_constraint("shaping")
+def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
+    """Paper reading (b), advantage shaping ``A_t - lam * m_t`` with m detached (m as a cost);
+    ``dcmdp/penalty`` reports ``lam * token-mean(m)``, the mean advantage removed."""
+    m_BT = measure.token_fn(x.logp_BT.detach(), x.engine_logp_BT)
+    shift_BT = s.lam * m_BT
+    value = masked_mean(m_BT, x.mask_BT)
+    return ConstraintTerms(shift_BT=shift_BT, metrics=_metrics(x, measure, value, s.lam * value, s.lam))
+
+
+@register_constraint("hinge")
+def hinge_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
+    """``lam * token-mean(max(0, m_t - c))``: only tokens above the tolerance are pulled back
+    (this project's variant; needs c > 0)."""
+    m_BT = measure.token_fn(x.logp_BT, x.engine_logp_BT)
+    excess = masked_mean(torch.relu(m_BT - s.tolerance), x.mask_BT)
+    penalty = s.lam * excess
+    metrics = _metrics(x, measure, masked_mean(m_BT, x.mask_BT), penalty, s.lam)
+    metrics["dcmdp/over_tol_frac"] = masked_mean((m_BT.detach() > s.tolerance).to(m_BT.dtype), x.mask_BT)
+    return ConstraintTerms(penalty=penalty, metrics=metrics)
+
+
+@register_constraint("full")
+def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
+    """Both parts of grad D: the penalty ``lam * token-mean(m_t)`` and the shift ``lam * m_t``
+    (detached). Their sum's gradient is ``lam`` times an estimate of the whole gradient of
+    ``E_pi[m]`` (tested against finite differences on a toy policy)."""
+    m_BT = measure.token_fn(x.logp_BT, x.engine_logp_BT)
+    value = masked_mean(m_BT, x.mask_BT)
+    penalty = s.lam * value
+    return ConstraintTerms(
+        penalty=penalty, shift_BT=s.lam * m_BT.detach(), metrics=_metrics(x, measure, value, penalty, s.lam)
+    )
+
+
+# ----------------------------------------------------------------------------- the share bound
+
+
+def constraint_loss(x: LossInputs, s: LossSettings, weight_BT: Tensor, terms: ConstraintTerms) -> Tensor:
+    """The loss the constraint adds to the weighted surrogate: its penalty plus, for a shift, the
+    surrogate with shifted advantages minus the plain one."""
+    added = torch.zeros((), dtype=x.logp_BT.dtype, device=x.logp_BT.device)
+    if terms.shift_BT is not None:
+        plain, _ = weighted_surrogate(x, s, weight_BT)
+        shaped, _ = weighted_surrogate(
+            replace(x, advantages_BT=x.advantages_BT - terms.shift_BT), s, weight_BT
+        )
+        added = shaped - plain
+    if terms.penalty is not None:
+        added = added + terms.penalty
+    return added
+
+
+def share_scale(
+    x: LossInputs, s: LossSettings, weight_BT: Tensor, constraint: ConstraintFn, measure: Measure
+) -> tuple[Tensor, Tensor]:
+    """``(scale, share)``: ``scale = min(1, kappa * |g_pg| / |g_c|)`` with ``g_pg`` and ``g_c`` the
+    gradients of the weighted surrogate and of the constraint's added loss with respect to the
+    token log-probs, and ``share = |g_c| / |g_pg|`` before scaling, capped at :data:`SHARE_REPORT_CAP`
+    (which it reads when there is no policy gradient).
+
+    Computed on a detached copy of ``logp`` (a small elementwise graph, no model forward); both
+    come back as detached 0-d tensors. ``|g_c| = 0`` gives scale 1; ``|g_pg| = 0`` gives scale 0.
+    """
+    with torch.enable_grad():
+        z = x.logp_BT.detach().requires_grad_(True)
+        xz = replace(x, logp_BT=z)
+        policy, _ = weighted_surrogate(xz, s, weight_BT)
+        added = constraint_loss(xz, s, weight_BT, constraint(xz, s, measure))
+        (g_pg,) = torch.autograd.grad(policy, z, retain_graph=True)
+        (g_c,) = torch.autograd.grad(added, z, allow_unused=True)
+    norm_pg = torch.linalg.vector_norm(g_pg)
+    norm_c = torch.zeros_like(norm_pg) if g_c is None else torch.linalg.vector_norm(g_c)
+    one = torch.ones_like(norm_pg)
+    scale = torch.where(norm_c > 0, torch.clamp(s.constraint_share * norm_pg / norm_c, max=1.0), one)
+    share = torch.where(norm_pg > 0, norm_c / norm_pg, torch.full_like(norm_pg, SHARE_REPORT_CAP))
+    share = share.clamp(max=SHARE_REPORT_CAP)
+    return scale.detach(), share.detach()
