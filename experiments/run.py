@@ -151,6 +151,30 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         if k in ("dcmdp", "dcmdp_hinge", "dcmdp_auto_c")
         for cap in ("0.3",)
     },
+    # Issue 13: the share bound (loss.constraint_share = kappa) on every DCMDP form in the setting
+    # where all of them collapsed: the constraint's gradient may never exceed kappa times the
+    # policy gradient's, so it cannot outweigh the reward signal.
+    "harm_share": {
+        f"{k}_share{kappa}": [*v, *HARM, f"loss.constraint_share={kappa}"]
+        for k, v in {
+            **_arms(INT3, FP32_HF),
+            "dcmdp_full": [*INT3, "loss.type=dcmdp_full"],
+        }.items()
+        if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
+        for kappa in ("0.5",)
+    },
+    # Issue 13: the reward guard (multiplier.reward_guard = margin) on every DCMDP form in the
+    # same setting: lambda is capped, and the cap backs off, while the training reward's moving
+    # average sits more than the margin below its best.
+    "harm_guard": {
+        f"{k}_guard{margin}": [*v, *HARM, f"multiplier.reward_guard={margin}"]
+        for k, v in {
+            **_arms(INT3, FP32_HF),
+            "dcmdp_full": [*INT3, "loss.type=dcmdp_full"],
+        }.items()
+        if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
+        for margin in ("0.05",)
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {

@@ -106,20 +106,21 @@ class LossConfig:
     icepop, seq_tis, seq_mis, geo_mask, offpolicy_seq_mask (a correction, no constraint), dcmdp
     (differentiable gap penalty), dcmdp_shaping, dcmdp_hinge, dcmdp_full (a constraint, no
     correction). ``correction`` and ``constraint`` below override either half."""
-    correction: str | None = None
-    """Importance correction, overriding the one of ``type``: none, tis, icepop, seq_tis, seq_mis,
+    correction: str = "auto"
+    """Importance correction: auto (the one of ``type``), none, tis, icepop, seq_tis, seq_mis,
     geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS."""
-    constraint: str | None = None
-    """Discrepancy constraint, overriding the one of ``type``: none, penalty (pathwise part of the
+    constraint: str = "auto"
+    """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
     gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
     parts)."""
     measure: str = "prob_gap"
     """What the constraint bounds, per token: prob_gap (the paper's |pi - mu|), k3 (k3 estimate
     of KL(mu||pi)) or abs_log_ratio (|log pi - log mu|). Set ``multiplier.tolerance`` in its units."""
     constraint_share: float = 0.0
-    """Share bound kappa: the constraint's gradient on the token log-probs is scaled down to at most
-    kappa times the policy gradient's, per micro-batch; 0 = off. Keeps the constraint from
-    outweighing the reward signal (docs/concepts.md, "Keeping the constraint safe")."""
+    """Share bound kappa: per optimizer step the constraint's gradient is scaled down to at most
+    kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 every step still
+    ascends the reward surrogate (docs/concepts.md, "Keeping the constraint safe"). Costs a second
+    backward pass per micro-batch."""
     clip_low: float = _L.clip_low
     """PPO ratio clip below: 1 - clip_low."""
     clip_high: float = _L.clip_high
@@ -153,7 +154,11 @@ class LossConfig:
         if self.type not in SHORTHANDS:
             return None
         correction, constraint = SHORTHANDS[self.type]
-        return self.correction or correction, self.constraint or constraint, self.measure
+        return (
+            correction if self.correction == "auto" else self.correction,
+            constraint if self.constraint == "auto" else self.constraint,
+            self.measure,
+        )
 
     def loss_fn(self) -> PolicyLossFn:
         """The composed loss this section describes."""
@@ -181,7 +186,6 @@ class LossConfig:
             geo_low=self.geo_low,
             geo_high=self.geo_high,
             opsm_delta=self.opsm_delta,
-            constraint_share=self.constraint_share,
             lam=lam,
             tolerance=tolerance,
         )
@@ -285,12 +289,10 @@ def validate(cfg: Config) -> None:
     _choice("engine.type", cfg.engine.type, engine_names())
     _choice("engine.dtype", cfg.engine.dtype, DTYPES)
     _choice("loss.type", cfg.loss.type, sorted(POLICY_LOSSES))
-    if cfg.loss.correction is not None:
-        _choice("loss.correction", cfg.loss.correction, CORRECTIONS)
-    if cfg.loss.constraint is not None:
-        _choice("loss.constraint", cfg.loss.constraint, CONSTRAINTS)
+    _choice("loss.correction", cfg.loss.correction, ["auto", *CORRECTIONS])
+    _choice("loss.constraint", cfg.loss.constraint, ["auto", *CONSTRAINTS])
     _choice("loss.measure", cfg.loss.measure, MEASURES)
-    composed = (cfg.loss.correction, cfg.loss.constraint, cfg.loss.measure) != (None, None, "prob_gap")
+    composed = (cfg.loss.correction, cfg.loss.constraint, cfg.loss.measure) != ("auto", "auto", "prob_gap")
     if cfg.loss.type not in SHORTHANDS and composed:
         raise ConfigError(
             f"loss.type: {cfg.loss.type!r} is a loss registered under its own name; loss.correction, "

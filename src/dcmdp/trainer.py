@@ -35,6 +35,7 @@ import torch
 
 from dcmdp.algo.advantages import grpo_advantages
 from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked, prob_gap
+from dcmdp.algo.guard import GuardedMultiplier
 from dcmdp.algo.losses import MEASURES, LossInputs, LossSettings, kl_to_reference_k3
 from dcmdp.algo.multiplier import Multiplier
 from dcmdp.checkpoint import (
@@ -48,6 +49,7 @@ from dcmdp.checkpoint import (
 from dcmdp.config import Config, ConfigError, build_task, dump_config
 from dcmdp.engines.base import SamplingSettings, make_engine
 from dcmdp.evaluate import evaluate_accuracy
+from dcmdp.grad_share import ConstraintGradients
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
     Rollout,
@@ -308,7 +310,9 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
                     learner, UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N), settings
                 )
         lam_used = multiplier.value
-        with timed(times, "time/dual"):  # 7. dual step
+        with timed(times, "time/dual"):  # 7. dual step (the reward guard first, if on)
+            if isinstance(multiplier, GuardedMultiplier) and cfg.loss.uses_multiplier():
+                multiplier.observe_reward(float(ro.rewards_N.mean()))
             uses_multiplier = dual_step(cfg, multiplier, disc.get(dual_step_key(cfg), math.nan))
         with timed(times, "time/sync"):  # 8. sync
             run.source.publish_weights(learner.model.named_parameters())
@@ -316,6 +320,8 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
     if uses_multiplier:
         row["multiplier/lambda"] = lam_used
         row["multiplier/lambda_next"] = multiplier.value
+        if isinstance(multiplier, GuardedMultiplier):
+            row["multiplier/guard_cap"] = multiplier.cap
         # NaN while an automatic tolerance is still measuring its warm-up steps
         row["multiplier/tolerance"] = (
             math.nan if multiplier.tolerance is None else float(multiplier.tolerance)
@@ -367,6 +373,16 @@ def dual_step(cfg: Config, multiplier: Multiplier, measured_d: float) -> bool:
     if uses_multiplier and math.isfinite(measured_d):
         multiplier.update(measured_d)
     return uses_multiplier
+
+
+def weighted(
+    loss: torch.Tensor, token_terms: torch.Tensor | None, weight: float, token_weight: float
+) -> torch.Tensor:
+    """A micro-batch's loss weighted for accumulation: its token-mean terms by ``token_weight``,
+    the rest by ``weight`` (the share of its aggregation mode, :func:`micro_weight`)."""
+    if token_terms is None or weight == token_weight:
+        return loss * weight
+    return (loss - token_terms) * weight + token_terms * token_weight
 
 
 def micro_weight(agg: str, batch: TokenBatch, total_tokens: int, total_seqs: int) -> float:
@@ -424,6 +440,9 @@ def update_policy(*args: Any) -> dict[str, float]:
 def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) -> dict[str, float]:
     cfg, model, batch = learner.cfg, learner.model, data.batch
     loss_fn = cfg.loss.loss_fn()
+    bound = None
+    if cfg.loss.constraint_share > 0 and cfg.loss.uses_multiplier():
+        bound = ConstraintGradients(model.parameters(), cfg.loss.constraint_share)
     N = batch.input_ids_BL.shape[0]
     sums: dict[str, float] = {}
     count = 0
@@ -469,13 +488,15 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                     raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
                 weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
                 token_weight = mbatch.num_response_tokens / total_tokens
-                if token_terms is None or weight == token_weight:
-                    (loss * weight).backward()
-                else:
-                    ((loss - token_terms) * weight + token_terms * token_weight).backward()
+                if bound is not None and out.constraint_part is not None:
+                    bound.add(weighted(out.constraint_part, out.token_mean_part, weight, token_weight))
+                weighted(loss, token_terms, weight, token_weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
+            if bound is not None:
+                for k, v in bound.apply().items():
+                    sums[k] = sums.get(k, 0.0) + v * micro_done
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             )

@@ -34,32 +34,31 @@ The probability gap is smallest where the policy is near-deterministic or spread
 small probabilities or agreeing ones); the log-ratio measures do not reward either, which is why
 they are offered (docs/concepts.md).
 
-**The share bound** (``LossSettings.constraint_share`` = kappa > 0; :func:`share_scale`): the
-constraint's gradient with respect to the token log-probs is scaled down, when needed, to at most
-kappa times the norm of the policy gradient's, per micro-batch. The constraint then steers the
-update but can never outweigh the reward signal, and where there is no reward signal (every group
-solved or every group failed, so all advantages are 0) it does nothing: the collapses of the
-``harm`` experiment (docs/RESULTS.md), where a lambda far above the reward's scale drove the policy
-to a degenerate point where engine and trainer agree, cannot happen by construction.
+**The share bound** (``loss.constraint_share`` = kappa > 0, applied by the trainer with
+:func:`share_scale`): per optimizer step, the gradient of the constraint's part of the loss
+(``LossOutput.constraint_part``, backpropagated on its own) is scaled down, when needed, to at most
+kappa times the norm of the rest of the gradient, over all parameters. The constraint then steers
+the update but can never outweigh the reward signal, and where there is no reward signal (every
+group solved or every group failed, so all advantages are 0) it does nothing. A bound on the
+gradients with respect to the token log-probs is not enough: the policy gradient's token terms
+point in many directions and cancel in parameter space while the constraint's add up (measured in
+the ``harm`` setting: a log-prob-level bound of 0.5 still collapsed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from dcmdp.algo.discrepancy import prob_gap
-from dcmdp.algo.loss_core import LossInputs, LossSettings, weighted_surrogate
+from dcmdp.algo.loss_core import LossInputs, LossSettings
 from dcmdp.algo.masked import masked_mean
 
 #: Bound on |log pi - log mu| before exp() in the k3 measure (as verl and the discrepancy metrics).
 LOG_RATIO_BOUND = 20.0
-#: Largest ``dcmdp/constraint_share`` reported, so that a batch without policy gradient does not
-#: put an infinity into the step's metrics.
-SHARE_REPORT_CAP = 1000.0
 
 
 # ----------------------------------------------------------------------------- measures
@@ -113,17 +112,6 @@ class ConstraintTerms:
     shift_BT: Tensor | None = None
     """Constant subtracted from the advantages, or None."""
     metrics: dict[str, Tensor] = field(default_factory=dict)
-
-    def scaled(self, scale: Tensor) -> ConstraintTerms:
-        """Both parts (and the reported penalty) multiplied by a constant ``scale``."""
-        metrics = dict(self.metrics)
-        if "dcmdp/penalty" in metrics:
-            metrics["dcmdp/penalty"] = metrics["dcmdp/penalty"] * scale
-        return ConstraintTerms(
-            penalty=None if self.penalty is None else self.penalty * scale,
-            shift_BT=None if self.shift_BT is None else self.shift_BT * scale,
-            metrics=metrics,
-        )
 
 
 ConstraintFn = Callable[[LossInputs, LossSettings, Measure], ConstraintTerms]
@@ -219,43 +207,18 @@ def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constra
 # ----------------------------------------------------------------------------- the share bound
 
 
-def constraint_loss(x: LossInputs, s: LossSettings, weight_BT: Tensor, terms: ConstraintTerms) -> Tensor:
-    """The loss the constraint adds to the weighted surrogate: its penalty plus, for a shift, the
-    surrogate with shifted advantages minus the plain one."""
-    added = torch.zeros((), dtype=x.logp_BT.dtype, device=x.logp_BT.device)
-    if terms.shift_BT is not None:
-        plain, _ = weighted_surrogate(x, s, weight_BT)
-        shaped, _ = weighted_surrogate(
-            replace(x, advantages_BT=x.advantages_BT - terms.shift_BT), s, weight_BT
-        )
-        added = shaped - plain
-    if terms.penalty is not None:
-        added = added + terms.penalty
-    return added
+def share_scale(norm_policy: float, norm_constraint: float, kappa: float) -> float:
+    """The factor the share bound applies to the constraint's gradient:
+    ``min(1, kappa * |g_policy| / |g_constraint|)`` (1 when the constraint has no gradient, 0 when
+    the policy has none).
 
-
-def share_scale(
-    x: LossInputs, s: LossSettings, weight_BT: Tensor, constraint: ConstraintFn, measure: Measure
-) -> tuple[Tensor, Tensor]:
-    """``(scale, share)``: ``scale = min(1, kappa * |g_pg| / |g_c|)`` with ``g_pg`` and ``g_c`` the
-    gradients of the weighted surrogate and of the constraint's added loss with respect to the
-    token log-probs, and ``share = |g_c| / |g_pg|`` before scaling, capped at :data:`SHARE_REPORT_CAP`
-    (which it reads when there is no policy gradient).
-
-    Computed on a detached copy of ``logp`` (a small elementwise graph, no model forward); both
-    come back as detached 0-d tensors. ``|g_c| = 0`` gives scale 1; ``|g_pg| = 0`` gives scale 0.
+    With kappa < 1 the combined gradient ``g_policy + scale * g_constraint`` keeps a positive inner
+    product with ``g_policy`` (at least ``(1 - kappa) |g_policy|^2``), so every step is, to first
+    order, still an ascent step on the reward surrogate: the constraint chooses among the directions
+    that improve reward and cannot trade reward away.
     """
-    with torch.enable_grad():
-        z = x.logp_BT.detach().requires_grad_(True)
-        xz = replace(x, logp_BT=z)
-        policy, _ = weighted_surrogate(xz, s, weight_BT)
-        added = constraint_loss(xz, s, weight_BT, constraint(xz, s, measure))
-        (g_pg,) = torch.autograd.grad(policy, z, retain_graph=True)
-        (g_c,) = torch.autograd.grad(added, z, allow_unused=True)
-    norm_pg = torch.linalg.vector_norm(g_pg)
-    norm_c = torch.zeros_like(norm_pg) if g_c is None else torch.linalg.vector_norm(g_c)
-    one = torch.ones_like(norm_pg)
-    scale = torch.where(norm_c > 0, torch.clamp(s.constraint_share * norm_pg / norm_c, max=1.0), one)
-    share = torch.where(norm_pg > 0, norm_c / norm_pg, torch.full_like(norm_pg, SHARE_REPORT_CAP))
-    share = share.clamp(max=SHARE_REPORT_CAP)
-    return scale.detach(), share.detach()
+    if not kappa >= 0:
+        raise ValueError(f"kappa must be >= 0, got {kappa!r}")
+    if norm_constraint <= 0:
+        return 1.0
+    return min(1.0, kappa * norm_policy / norm_constraint)

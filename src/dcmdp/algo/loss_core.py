@@ -67,9 +67,6 @@ class LossSettings:
     """Lagrange multiplier value lambda >= 0, a plain number from ``dcmdp.algo.multiplier``."""
     tolerance: float = 0.0037
     """DCMDP tolerance c (the paper's value for Qwen3-8B); the hinge penalises delta above it."""
-    constraint_share: float = 0.0
-    """Share bound kappa: the constraint's gradient (with respect to the token log-probs) is scaled
-    to at most kappa times the surrogate's; 0 = no bound (see :mod:`dcmdp.algo.constraints`)."""
 
     def __post_init__(self) -> None:
         check_loss_settings(self)
@@ -87,6 +84,10 @@ class LossOutput:
     """The part of ``loss`` that is a token mean whatever ``settings.agg`` (the DCMDP gap
     penalty), or None. Gradient accumulation weighs it by the micro-batch's token share while
     the rest of ``loss`` gets the share of its aggregation (sequences for the seq-mean modes)."""
+    constraint_part: Tensor | None = None
+    """The part of ``loss`` the discrepancy constraint adds (its penalty, plus for an advantage
+    shift the shifted surrogate minus the plain one), or None without a constraint. The trainer's
+    share bound backpropagates it on its own (:func:`dcmdp.algo.constraints.share_scale`)."""
 
 
 PolicyLossFn = Callable[[LossInputs, LossSettings], LossOutput]
@@ -132,7 +133,7 @@ def check_loss_settings(settings: LossSettings, *, need_tolerance: bool = False)
         value = getattr(settings, f.name)
         if isinstance(value, float | int) and not math.isfinite(value):
             raise ValueError(f"LossSettings.{f.name} must be finite, got {value!r}")
-    non_negative = ("clip_low", "clip_high", "icepop_low", "geo_low", "lam", "tolerance", "constraint_share")
+    non_negative = ("clip_low", "clip_high", "icepop_low", "geo_low", "lam", "tolerance")
     for name in non_negative:
         if getattr(settings, name) < 0:
             raise ValueError(f"LossSettings.{name} must be >= 0, got {getattr(settings, name)!r}")
@@ -313,9 +314,16 @@ def weighted_surrogate(x: LossInputs, s: LossSettings, weight_BT: Tensor) -> tup
 
 
 def loss_output(
-    total: Tensor, policy: Tensor, metrics: dict[str, Tensor], penalty: Tensor | None = None
+    total: Tensor,
+    policy: Tensor,
+    metrics: dict[str, Tensor],
+    penalty: Tensor | None = None,
+    constraint_part: Tensor | None = None,
 ) -> LossOutput:
     metrics = {"loss/total": total.detach(), "loss/policy": policy.detach(), **metrics}
     return LossOutput(
-        loss=total, metrics={k: v.detach() for k, v in metrics.items()}, token_mean_part=penalty
+        loss=total,
+        metrics={k: v.detach() for k, v in metrics.items()},
+        token_mean_part=penalty,
+        constraint_part=constraint_part,
     )

@@ -65,8 +65,6 @@ over response tokens, sequence fractions over sequences with at least one respon
 | ``dcmdp/penalty``        | any constraint                      | lam * token-mean(m) (hinge: of the excess)        |
 | ``dcmdp/lambda``         | any constraint                      | the multiplier value used                         |
 | ``dcmdp/over_tol_frac``  | hinge                               | tokens with m > tolerance                         |
-| ``dcmdp/constraint_scale``| a constraint with constraint_share | factor the share bound applied (1 = not binding)  |
-| ``dcmdp/constraint_share``| a constraint with constraint_share | gradient norm of the constraint / the surrogate's |
 
 Inputs are validated at the entry of every loss (:func:`check_loss_inputs`, one device read-back).
 ``old_logp_BT`` and ``engine_logp_BT`` are treated as constants (detached) even when they require
@@ -85,7 +83,6 @@ from dcmdp.algo.constraints import (
     Measure,
     get_constraint,
     get_measure,
-    share_scale,
 )
 from dcmdp.algo.corrections import CORRECTIONS, SEQ_LOG_RHO_BOUND, get_correction
 from dcmdp.algo.discrepancy import prob_gap
@@ -130,20 +127,20 @@ SHORTHANDS: dict[str, tuple[str, str]] = {
 def composed_loss(
     inputs: LossInputs, settings: LossSettings, correction: str, constraint: str, measure: str = "prob_gap"
 ) -> LossOutput:
-    """The surrogate with ``correction``'s weight, ``constraint``'s shift and penalty on ``measure``,
-    and the share bound when ``settings.constraint_share > 0`` (see the module docstring)."""
+    """The surrogate with ``correction``'s weight and ``constraint``'s shift and penalty on
+    ``measure`` (see the module docstring); ``LossOutput.constraint_part`` is what the constraint adds."""
     weigh, constrain, meas = get_correction(correction), get_constraint(constraint), get_measure(measure)
     x = prepare(inputs, settings, need_tolerance=constraint == "hinge")
     weight_BT, metrics = weigh(x, settings)
     terms: ConstraintTerms = constrain(x, settings, meas)
-    if settings.constraint_share > 0 and constraint != "none":
-        scale, share = share_scale(x, settings, weight_BT, constrain, meas)
-        terms = terms.scaled(scale)
-        metrics |= {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}
     shifted = x if terms.shift_BT is None else replace(x, advantages_BT=x.advantages_BT - terms.shift_BT)
     policy, surrogate_metrics = weighted_surrogate(shifted, settings, weight_BT)
     total = policy if terms.penalty is None else policy + terms.penalty
-    return loss_output(total, policy, surrogate_metrics | metrics | terms.metrics, terms.penalty)
+    added = terms.penalty
+    if terms.shift_BT is not None:
+        plain, _ = weighted_surrogate(x, settings, weight_BT)
+        added = policy - plain if added is None else policy - plain + added
+    return loss_output(total, policy, surrogate_metrics | metrics | terms.metrics, terms.penalty, added)
 
 
 def compose_loss(

@@ -37,6 +37,7 @@ from dcmdp.algo.multiplier_parts import (
     check_gains,
     check_kind,
     check_measured,
+    check_non_negative,
     check_positive,
     check_steps,
     clip,
@@ -107,6 +108,10 @@ class MultiplierSettings:
     """Automatic tolerance: c = quantile of the warm-up D's ..."""
     auto_multiple: float = 1.0
     """... times this multiple."""
+    reward_guard: float = 0.0
+    """Reward guard margin, in reward units; 0 = off. While the training reward's moving average is
+    more than this below its best, lambda is capped and the cap backs off
+    (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward."""
 
 
 # Constructor defaults below are the MultiplierSettings field defaults (class attributes of the
@@ -480,9 +485,16 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
         kwargs["eta"] = s.eta
     else:
         kwargs.update(kp=s.kp, ki=s.ki, kd=s.kd)
+    built: Multiplier
     if s.tolerance is None:
         inner = make_multiplier(s.type, tolerance=1.0, **kwargs)  # placeholder c, set after the warm-up
-        return AutoTolerance(
+        built = AutoTolerance(
             inner, warmup_steps=s.auto_warmup_steps, quantile=s.auto_quantile, multiple=s.auto_multiple
         )
-    return make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
+    else:
+        built = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
+    if check_non_negative("reward_guard", s.reward_guard) > 0:
+        from dcmdp.algo.guard import GuardedMultiplier
+
+        built = GuardedMultiplier(built, margin=s.reward_guard, lam_max=s.lam_max)
+    return built

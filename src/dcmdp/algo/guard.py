@@ -1,0 +1,124 @@
+"""The reward guard: the constraint may not cost the run its reward (``multiplier.reward_guard``).
+
+Dual ascent raises lambda for as long as the measured gap D stays above c. When the engine's own
+floor is above c (a weight-rounded engine, a c taken from another model) the constraint cannot be
+met, lambda climbs without end, and the constraint's pull towards where trainer and engine agree
+drives the policy to a degenerate point: near-uniform or near-deterministic, reward 0. That is what
+every DCMDP form did in the ``harm`` experiment (docs/RESULTS.md).
+
+The guard watches the training reward. It keeps an exponential moving average of the step's mean
+reward and the best value that average has reached; while the average is more than ``margin`` below
+its best, the constraint is taken to be costing reward, and a cap on lambda is cut to ``BACKOFF``
+times the lambda in use; while it is not, the cap recovers (``cap <- cap * RECOVER + RECOVER_STEP``,
+up to ``lam_max``). The loss uses ``min(lambda, cap)``. This adds a second constraint, "reward at
+least its best minus the margin", with a fast controller in front of the slow dual ascent, so the
+multiplier settles at the largest value the reward tolerates instead of at ``lam_max``.
+
+:class:`GuardedMultiplier` wraps any multiplier; the trainer calls :meth:`GuardedMultiplier.observe_reward`
+once per step, before the dual step. Integrations that do not call it get the wrapped multiplier
+unchanged (the cap stays at ``lam_max``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dcmdp.algo.multiplier_parts import check_finite, check_kind, check_non_negative, optional_float
+
+#: EMA decay of the step's mean reward (about a 10-step window: one step's sampling noise,
+#: ~0.03 at 256 samples, does not trip the guard).
+REWARD_EMA = 0.9
+#: Factor applied to the lambda in use when the guard trips.
+BACKOFF = 0.5
+#: Recovery per healthy step: ``cap <- cap * RECOVER + RECOVER_STEP`` (a cap of 0 recovers too).
+RECOVER = 1.05
+RECOVER_STEP = 0.01
+
+
+class GuardedMultiplier:
+    """A multiplier whose value is capped by the reward guard; otherwise the wrapped one."""
+
+    kind = "reward_guard"
+
+    def __init__(self, multiplier: Any, margin: float, lam_max: float) -> None:
+        self._inner = multiplier
+        self.margin = check_non_negative("reward_guard", margin)
+        self.lam_max = check_non_negative("lam_max", lam_max)
+        self.cap = self.lam_max
+        self.reward_ema: float | None = None
+        self.best_ema: float | None = None
+        self.trips = 0
+
+    @property
+    def value(self) -> float:
+        """The lambda the loss uses: ``min(wrapped lambda, cap)``."""
+        return min(self._inner.value, self.cap)
+
+    @property
+    def tolerance(self) -> float | None:
+        return self._inner.tolerance  # type: ignore[no-any-return]
+
+    @property
+    def steps(self) -> int:
+        return self._inner.steps  # type: ignore[no-any-return]
+
+    @property
+    def multiplier(self) -> Any:
+        """The wrapped multiplier."""
+        return self._inner
+
+    @property
+    def tripped(self) -> bool:
+        """Whether the last observed reward average was more than ``margin`` below its best."""
+        return (
+            self.reward_ema is not None
+            and self.best_ema is not None
+            and self.reward_ema < self.best_ema - self.margin
+        )
+
+    def observe_reward(self, reward: float) -> float:
+        """One guard step on this step's mean training reward; returns the new cap."""
+        r = check_finite("reward", reward)
+        self.reward_ema = (
+            r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
+        )
+        self.best_ema = self.reward_ema if self.best_ema is None else max(self.best_ema, self.reward_ema)
+        if self.tripped:
+            self.cap = min(self.cap, self._inner.value) * BACKOFF
+            self.trips += 1
+        else:
+            self.cap = min(self.lam_max, self.cap * RECOVER + RECOVER_STEP)
+        return self.cap
+
+    def update(self, measured: float) -> float:
+        """The wrapped multiplier's dual step; returns the capped lambda."""
+        self._inner.update(measured)
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "margin": self.margin,
+            "lam_max": self.lam_max,
+            "cap": self.cap,
+            "reward_ema": self.reward_ema,
+            "best_ema": self.best_ema,
+            "trips": self.trips,
+            "inner": self._inner.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; everything is checked before anything changes."""
+        check_kind(self.kind, state)
+        margin = check_non_negative("margin", state["margin"])
+        lam_max = check_non_negative("lam_max", state["lam_max"])
+        cap = check_non_negative("cap", state["cap"])
+        reward_ema = optional_float("reward_ema", state["reward_ema"])
+        best_ema = optional_float("best_ema", state["best_ema"])
+        trips = int(state["trips"])
+        self._inner.load_state_dict(state["inner"])
+        self.margin, self.lam_max, self.cap = margin, lam_max, cap
+        self.reward_ema, self.best_ema, self.trips = reward_ema, best_ema, trips
+
+    def __repr__(self) -> str:
+        return f"GuardedMultiplier({self._inner!r}, margin={self.margin}, cap={self.cap:.4g})"

@@ -1,0 +1,395 @@
+"""The loss as an importance correction composed with a discrepancy constraint (issue 13).
+
+- the flat names of earlier versions compute what they computed before the composition existed
+  (outputs recorded at commit 55d9e15 by tests/data/make_loss_reference.py);
+- every correction x constraint x measure equals a hand-written loop formula on random tensors;
+- the ``full`` constraint's gradient is the gradient of D = E_pi[m] (finite differences on a toy
+  policy), while each of the paper's two forms keeps only one part of it;
+- the share bound, the reward guard, the config and the trainer's dual step read what they should.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcmdp.algo.constraints import CONSTRAINTS, MEASURES, share_scale
+from dcmdp.algo.corrections import CORRECTIONS
+from dcmdp.algo.guard import BACKOFF, GuardedMultiplier
+from dcmdp.algo.losses import POLICY_LOSSES, SHORTHANDS, LossInputs, LossSettings, compose_loss
+from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
+from dcmdp.config import ConfigError, load_config
+
+DATA = Path(__file__).parent / "data"
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- old names
+
+
+def test_old_names_reproduce_the_outputs_recorded_before_the_composition() -> None:
+    sys.path.insert(0, str(DATA))
+    try:
+        import make_loss_reference as ref_mod
+    finally:
+        sys.path.remove(str(DATA))
+    reference = json.loads((DATA / "loss_reference.json").read_text())
+    inputs = ref_mod.reference_inputs()
+    assert len(reference) == len(ref_mod.NAMES) * len(ref_mod.SETTINGS) == 20
+    for name in ref_mod.NAMES:
+        for label, kwargs in ref_mod.SETTINGS.items():
+            got = ref_mod.evaluate(name, LossSettings(**kwargs), inputs)
+            want = reference[f"{name}/{label}"]
+            # Bit-identical on the machine that recorded them (AMD EPYC Zen 3); a few ulps of slack
+            # for CPUs whose vectorised float64 sums add in another order.
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-13, abs=1e-15), name
+            assert got["grad"] == pytest.approx(want["grad"], rel=1e-13, abs=1e-15), name
+            assert got["metrics"].keys() == want["metrics"].keys(), name
+            for k in want["metrics"]:
+                assert got["metrics"][k] == pytest.approx(want["metrics"][k], rel=1e-6, abs=1e-12), (name, k)
+            if want["token_mean_part"] is None:
+                assert got["token_mean_part"] is None
+            else:
+                assert got["token_mean_part"] == pytest.approx(want["token_mean_part"], rel=1e-13)
+
+
+def test_every_shorthand_is_its_pair() -> None:
+    x = random_inputs(3)
+    settings = LossSettings(lam=0.8, tolerance=0.01)
+    for name, (correction, constraint) in SHORTHANDS.items():
+        a = POLICY_LOSSES[name](x, settings).loss
+        b = compose_loss(correction, constraint)(x, settings).loss
+        assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- loop reference
+
+
+def random_inputs(seed: int) -> LossInputs:
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 7
+    old = torch.empty(B, T, dtype=F64).uniform_(0.05, 0.95, generator=g).log()
+    logp = (old + 0.4 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=-1e-3)
+    engine = (old + 0.5 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=-1e-3)
+    adv = torch.randn(B, 1, generator=g, dtype=F64).expand(B, T).contiguous()
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return LossInputs(logp.requires_grad_(True), old, engine, adv, mask)
+
+
+def token_measure(measure: str, lp: float, eng: float) -> float:
+    if measure == "prob_gap":
+        return abs(math.exp(lp) - math.exp(eng))
+    if measure == "abs_log_ratio":
+        return abs(lp - eng)
+    log_r = min(max(lp - eng, -20.0), 20.0)
+    return math.expm1(log_r) - log_r
+
+
+def loop_loss(correction: str, constraint: str, measure: str, x: LossInputs, s: LossSettings) -> float:
+    """Explicit loops over sequences and tokens on Python floats, token-mean aggregation."""
+    B, T = x.logp_BT.shape
+    lp, old, eng = x.logp_BT.tolist(), x.old_logp_BT.tolist(), x.engine_logp_BT.tolist()
+    adv, mask = x.advantages_BT.tolist(), x.mask_BT.tolist()
+    n_tokens = sum(sum(1 for v in row if v) for row in mask)
+    policy = penalty = 0.0
+    for b in range(B):
+        ts = [t for t in range(T) if mask[b][t]]
+        seq_log_rho = sum(old[b][t] - eng[b][t] for t in ts)
+        seq_rho = math.exp(min(max(seq_log_rho, -20.0), 20.0))
+        geo = math.exp(seq_log_rho / len(ts))
+        kl = sum(eng[b][t] - lp[b][t] for t in ts) / len(ts)
+        for t in ts:
+            m = token_measure(measure, lp[b][t], eng[b][t])
+            a = adv[b][t]
+            rho = math.exp(old[b][t] - eng[b][t])
+            weight = {
+                "none": 1.0,
+                "tis": min(rho, s.tis_cap),
+                "icepop": 1.0 if s.icepop_low <= rho <= s.icepop_high else 0.0,
+                "seq_tis": min(seq_rho, s.seq_cap),
+                "seq_mis": 0.0 if seq_rho > s.seq_cap else 1.0,
+                "geo_mask": 1.0 if s.geo_low <= geo <= s.geo_high else 0.0,
+                "opsm": 0.0 if (a < 0 and kl > s.opsm_delta) else 1.0,  # the unshifted advantage
+            }[correction]
+            if constraint in ("shaping", "full"):
+                a -= s.lam * m
+            r = math.exp(lp[b][t] - old[b][t])
+            clipped = min(max(r, 1 - s.clip_low), 1 + s.clip_high)
+            policy += -min(r * a, clipped * a) * weight / n_tokens
+            if constraint in ("penalty", "full"):
+                penalty += s.lam * m / n_tokens
+            elif constraint == "hinge":
+                penalty += s.lam * max(0.0, m - s.tolerance) / n_tokens
+    return policy + penalty
+
+
+SETTINGS = LossSettings(
+    lam=0.9, tolerance=0.05, tis_cap=1.3, icepop_low=0.7, icepop_high=1.4, seq_cap=1.5,
+    geo_low=0.8, geo_high=1.25, opsm_delta=-0.05,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("correction", list(CORRECTIONS))
+@pytest.mark.parametrize("constraint", list(CONSTRAINTS))
+@pytest.mark.parametrize("measure", list(MEASURES))
+def test_every_composition_matches_the_loop_formula(correction: str, constraint: str, measure: str) -> None:
+    fn = compose_loss(correction, constraint, measure)
+    for seed in range(4):
+        x = random_inputs(seed)
+        got = fn(x, SETTINGS)
+        assert got.loss.item() == pytest.approx(
+            loop_loss(correction, constraint, measure, x, SETTINGS), rel=1e-10
+        )
+        has_constraint = constraint != "none"
+        assert (got.constraint_part is not None) == has_constraint
+        assert ("dcmdp/measure" in got.metrics) == (has_constraint and measure != "prob_gap")
+
+
+def test_the_random_cases_hit_every_correction_branch() -> None:
+    seen = dict.fromkeys(("tis", "icepop", "seq_tis", "seq_mis", "geo_mask", "opsm"), 0.0)
+    key = {"tis": "is/token_truncated_frac", "seq_tis": "is/seq_truncated_frac"}
+    for seed in range(4):
+        for name in seen:
+            out = compose_loss(name, "none")(random_inputs(seed), SETTINGS)
+            frac = float(out.metrics[key.get(name, "is/token_masked_frac")])
+            seen[name] = max(seen[name], min(frac, 1 - frac))  # some, not all, tokens affected
+    assert all(v > 0 for v in seen.values()), seen
+
+
+def test_constraint_part_is_what_the_constraint_adds() -> None:
+    x = random_inputs(1)
+    for constraint in ("penalty", "shaping", "hinge", "full"):
+        for correction in ("none", "tis"):
+            out = compose_loss(correction, constraint, "k3")(x, SETTINGS)
+            plain = compose_loss(correction, "none", "k3")(x, SETTINGS)
+            assert out.constraint_part is not None
+            torch.testing.assert_close(out.constraint_part, out.loss - plain.loss)
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="valid: none, tis"):
+        compose_loss("tys", "none")
+    with pytest.raises(ValueError, match="penalty, shaping, hinge, full"):
+        compose_loss("none", "penality")
+    with pytest.raises(ValueError, match="prob_gap, k3, abs_log_ratio"):
+        compose_loss("none", "penalty", "kl")
+
+
+# ----------------------------------------------------------------------------- the full gradient
+
+
+def toy_d(theta: torch.Tensor, mu_logp: torch.Tensor, measure: str) -> torch.Tensor:
+    """D(theta) = sum_o pi(o) m(pi(o), mu(o)) of a one-token categorical policy, exactly."""
+    logp = torch.log_softmax(theta, dim=-1)
+    return (logp.exp() * MEASURES[measure].token_fn(logp, mu_logp)).sum()
+
+
+def constraint_grad(
+    constraint: str, theta: torch.Tensor, mu_logp: torch.Tensor, measure: str
+) -> torch.Tensor:
+    """Gradient in theta of the loss's constraint part with lambda 1 and no advantages, on a
+    batch where token o appears in proportion to pi(o) (rows of one token: the expectation over
+    o ~ pi up to rounding of the counts)."""
+    N = 200_000
+    K = theta.numel()
+    counts = torch.round(torch.softmax(theta, -1).detach() * N).long()
+    tokens = torch.repeat_interleave(torch.arange(K), counts)
+    theta = theta.detach().clone().requires_grad_(True)
+    logp_all = torch.log_softmax(theta, dim=-1)
+    logp = logp_all[tokens][:, None]
+    x = LossInputs(
+        logp_BT=logp,
+        old_logp_BT=logp.detach(),
+        engine_logp_BT=mu_logp[tokens][:, None],
+        advantages_BT=torch.zeros_like(logp),
+        mask_BT=torch.ones_like(logp, dtype=torch.bool),
+    )
+    out = compose_loss("none", constraint, measure)(x, LossSettings(lam=1.0))
+    assert out.constraint_part is not None
+    (g,) = torch.autograd.grad(out.constraint_part, theta)
+    return g
+
+
+@pytest.mark.parametrize("measure", list(MEASURES))
+def test_full_form_is_the_gradient_of_d_and_each_paper_form_keeps_one_part(measure: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    theta = torch.randn(6, generator=g, dtype=F64)
+    mu_logp = torch.log_softmax(theta + 0.6 * torch.randn(6, generator=g, dtype=F64), -1)
+    eps = 1e-6
+    fd = torch.zeros_like(theta)
+    for i in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[i] = eps
+        fd[i] = (toy_d(theta + e, mu_logp, measure) - toy_d(theta - e, mu_logp, measure)) / (2 * eps)
+    full = constraint_grad("full", theta, mu_logp, measure)
+    pathwise = constraint_grad("penalty", theta, mu_logp, measure)
+    score = constraint_grad("shaping", theta, mu_logp, measure)
+    scale = float(fd.abs().max())
+    torch.testing.assert_close(full, fd, rtol=0, atol=1e-3 * scale)
+    torch.testing.assert_close(pathwise + score, full, rtol=0, atol=1e-9 * scale)
+    # Neither part alone is the gradient of D.
+    assert float((pathwise - fd).abs().max()) > 0.05 * scale
+    assert float((score - fd).abs().max()) > 0.05 * scale
+
+
+# ----------------------------------------------------------------------------- share bound
+
+
+def test_share_scale() -> None:
+    assert share_scale(1.0, 0.0, 0.5) == 1.0
+    assert share_scale(1.0, 0.25, 0.5) == 1.0
+    assert share_scale(1.0, 2.0, 0.5) == pytest.approx(0.25)
+    assert share_scale(0.0, 2.0, 0.5) == 0.0
+    with pytest.raises(ValueError):
+        share_scale(1.0, 1.0, -0.1)
+
+
+def test_constraint_gradients_bound_the_share_and_keep_an_ascent_direction() -> None:
+    from dcmdp.grad_share import ConstraintGradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    inputs = torch.randn(8, 4)
+    kappa = 0.3
+    bound = ConstraintGradients(model.parameters(), kappa)
+    g_policy = []
+    for half in (inputs[:4], inputs[4:]):  # two micro-batches accumulate
+        out = model(half)
+        policy = out.sin().sum()
+        constraint = 50.0 * out.pow(2).sum()  # far larger than the policy part
+        g_policy.append(torch.autograd.grad(policy, list(model.parameters()), retain_graph=True))
+        bound.add(constraint)
+        (policy + constraint).backward()
+    metrics = bound.apply()
+    pg = [a + b for a, b in zip(*g_policy)]
+    combined = [p.grad for p in model.parameters()]
+    g_c = [c - p for c, p in zip(combined, pg)]
+    norm = lambda gs: float(torch.sqrt(sum((g**2).sum() for g in gs)))  # noqa: E731
+    assert metrics["dcmdp/constraint_share"] > 1.0 and metrics["dcmdp/constraint_scale"] < 1.0
+    assert norm(g_c) == pytest.approx(kappa * norm(pg), rel=1e-5)
+    inner = float(sum((c * p).sum() for c, p in zip(combined, pg)))
+    assert inner >= (1 - kappa) * norm(pg) ** 2 * (1 - 1e-5)
+
+
+# ----------------------------------------------------------------------------- reward guard
+
+
+def test_reward_guard_backs_off_while_reward_falls_and_recovers() -> None:
+    m = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05, lam_max=10.0))
+    assert isinstance(m, GuardedMultiplier)
+    for _ in range(20):  # healthy: the cap stays at lam_max, lambda climbs
+        m.observe_reward(0.5)
+        m.update(0.05)
+    assert m.cap == 10.0 and m.value == pytest.approx(2.0 + 20 * 0.049)
+    lam_before = m.value
+    rewards = [0.3] * 5
+    for r in rewards:
+        m.observe_reward(r)
+        m.update(0.05)
+    assert m.trips >= 1 and m.value < lam_before * BACKOFF + 1e-9
+    low = m.value
+    for _ in range(200):  # the reward comes back: the cap recovers towards lam_max
+        m.observe_reward(0.6)
+        m.update(0.05)
+    assert m.value > low and m.cap == 10.0
+    state = json.loads(json.dumps(m.state_dict()))
+    copy = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05))
+    copy.load_state_dict(state)
+    assert copy.state_dict() == m.state_dict()
+
+
+def test_reward_guard_off_by_default_and_checked() -> None:
+    assert not isinstance(build_multiplier(MultiplierSettings()), GuardedMultiplier)
+    with pytest.raises(ValueError, match="reward_guard must be >= 0"):
+        build_multiplier(MultiplierSettings(reward_guard=-0.1))
+
+
+# ----------------------------------------------------------------------------- config and trainer
+
+
+def test_config_composes_and_checks() -> None:
+    cfg = load_config(overrides=["loss.type=dcmdp", "loss.correction=tis"])
+    assert cfg.loss.composition() == ("tis", "penalty", "prob_gap") and cfg.loss.uses_multiplier()
+    cfg = load_config(overrides=["loss.type=tis", "loss.constraint=full", "loss.measure=k3"])
+    assert cfg.loss.composition() == ("tis", "full", "k3")
+    cfg = load_config(overrides=["loss.type=dcmdp", "loss.constraint=none"])
+    assert not cfg.loss.uses_multiplier()
+    for bad, field in (("loss.correction=tiss", "loss.correction"), ("loss.constraint=x", "loss.constraint")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(overrides=[bad])
+    with pytest.raises(ConfigError, match=r"loss\.measure"):
+        load_config(overrides=["loss.measure=kl"])
+    with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
+        load_config(overrides=["loss.constraint_share=-1"])
+
+
+def test_config_refuses_to_compose_a_user_registered_loss() -> None:
+    from dcmdp.algo.losses import register_policy_loss
+
+    register_policy_loss("test_user_loss")(POLICY_LOSSES["grpo"])
+    try:
+        assert load_config(overrides=["loss.type=test_user_loss"]).loss.composition() is None
+        with pytest.raises(ConfigError, match="registered under its own name"):
+            load_config(overrides=["loss.type=test_user_loss", "loss.correction=tis"])
+    finally:
+        POLICY_LOSSES.pop("test_user_loss")
+
+
+@pytest.mark.parametrize("measure", ["k3", "abs_log_ratio"])
+def test_the_dual_step_reads_the_constrained_measure(
+    measure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcmdp import trainer
+    from dcmdp.checkpoint import read_metrics
+
+    seen: list[float] = []
+    real = trainer.dual_step
+
+    def spy(cfg, multiplier, measured):  # type: ignore[no-untyped-def]
+        seen.append(measured)
+        return real(cfg, multiplier, measured)
+
+    monkeypatch.setattr(trainer, "dual_step", spy)
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=[
+            f"model.path={tiny_model_dir}",
+            "engine.type=transformers",
+            "engine.dtype=bfloat16",
+            "task.name=arithmetic",
+            "run.steps=2",
+            "run.prompts_per_step=2",
+            "run.group_size=2",
+            "run.eval_every=0",
+            "run.checkpoint_every=0",
+            "run.tensorboard=false",
+            f"run.out_dir={out}",
+            "run.threads=1",
+            "sampling.max_tokens=4",
+            "loss.type=dcmdp",
+            f"loss.measure={measure}",
+            "loss.constraint_share=0.5",
+            "multiplier.reward_guard=0.05",
+        ]
+    )
+    trainer.train(cfg, log=lambda _m: None)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    key = MEASURES[measure].discrepancy_key
+    assert seen == pytest.approx([r[key] for r in rows])
+    assert seen != pytest.approx([r["discrepancy/prob_gap_mean"] for r in rows])
+    assert all(
+        "dcmdp/measure" in r and "dcmdp/constraint_scale" in r and "multiplier/guard_cap" in r for r in rows
+    )
+
+
+def test_settings_record_has_no_share_field() -> None:
+    # The share bound needs the parameters' gradients: it is the trainer's (loss.constraint_share),
+    # not a number the pure losses read.
+    assert "constraint_share" not in {f.name for f in dataclasses.fields(LossSettings)}
