@@ -1,6 +1,6 @@
 """Why mismatch does not hurt at this scale: how far it turns the policy gradient, next to noise.
 
-    python experiments/gradient_bias.py [--model DIR] [--batches 4]
+    python experiments/gradient_bias.py [--config FILE] [--model DIR] [--batches 4]
         [--settings vllm:bfloat16 transformers:float32:int8 transformers:float32:fp8
                     transformers:float32:int4 transformers:float32:int3]
 
@@ -17,7 +17,11 @@ The figures: cos(g_naive, g_is) and |g_naive - g_is| / |g_is| on the same batch 
 mismatch turns and changes the update), next to cos(g_naive of batch k, g_naive of batch k+1)
 (how much two equally valid batches disagree: sampling noise). Mismatch can only matter when its
 effect is not small next to that noise. Also printed: the spread of the token ratio pi / mu.
-Writes docs/results/gradient_bias/summary.json.
+Also printed: the gap against response length (the samples split into length quartiles: mean
+token probability gap and mean |sequence log ratio| per quartile), to see whether the gap
+compounds over long responses. ``--config`` takes the task, sampling and batch shape from a run
+config (e.g. configs/long_addition.yaml) instead of the default job's.
+Writes docs/results/gradient_bias/summary.json (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -70,8 +74,28 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
-def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str, Any]:
-    cfg = load_config()
+def length_quartiles(lengths: torch.Tensor, gap: torch.Tensor, seq_abs_log_ratio: torch.Tensor) -> list[dict]:
+    """Mean token gap and mean |sequence log ratio| of the samples in each response-length quartile."""
+    order = torch.argsort(lengths, stable=True)
+    rows = []
+    for part in torch.tensor_split(order, 4):
+        if part.numel() == 0:
+            continue
+        rows.append(
+            {
+                "len_min": int(lengths[part].min()),
+                "len_max": int(lengths[part].max()),
+                "prob_gap_mean": float(gap[part].sum() / lengths[part].sum()),
+                "seq_abs_log_ratio_mean": float(seq_abs_log_ratio[part].mean()),
+            }
+        )
+    return rows
+
+
+def measure(
+    setting: str, model_dir: Path, batches: int, seed: int, config: str | None = None
+) -> dict[str, Any]:
+    cfg = load_config(config)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     task = make_task(cfg.task.name, **cfg.task.options)
@@ -85,6 +109,7 @@ def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str,
     rows: list[dict[str, float]] = []
     grads: list[torch.Tensor] = []
     ratios: list[torch.Tensor] = []
+    seq_len, seq_gap, seq_alr = [], [], []
     try:
         engine.load_weights(model.named_parameters())
         for k in range(batches):
@@ -99,6 +124,11 @@ def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str,
             g_is = flat_grad(model, is_fn(inputs, settings).loss)
             mask = batch.response_mask_BT
             ratios.append(torch.exp(old - batch.engine_logp_BT)[mask])
+            zero = torch.zeros((), dtype=old.dtype)
+            log_r = torch.where(mask, old - batch.engine_logp_BT, zero)
+            seq_len.append(mask.sum(dim=1))
+            seq_gap.append(torch.where(mask, (old.exp() - batch.engine_logp_BT.exp()).abs(), zero).sum(dim=1))
+            seq_alr.append(log_r.sum(dim=1).abs())
             rows.append(
                 {
                     "cos_naive_is": cos(g_naive, g_is),
@@ -123,13 +153,15 @@ def measure(setting: str, model_dir: Path, batches: int, seed: int) -> dict[str,
         "ratio_min": float(r.min()),
         "ratio_max": float(r.max()),
         "tokens": int(r.numel()),
+        "by_length": length_quartiles(torch.cat(seq_len), torch.cat(seq_gap), torch.cat(seq_alr)),
         "batches": rows,
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF model dir (default: the default job's warm start)")
+    ap.add_argument("--config", default=None, help="run config for the task, sampling and batch shape")
+    ap.add_argument("--model", default=None, help="HF model dir (default: the config's warm-started model)")
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="engine:dtype[:quant]")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -139,11 +171,11 @@ def main() -> int:
         ap.error("--batches must be at least 2 (the noise reference compares two batches)")
     for text in args.settings:
         parse_setting(text)  # fail before any engine starts
-    model_dir = Path(args.model) if args.model else resolve_base_model(load_config(), print)
+    model_dir = Path(args.model) if args.model else resolve_base_model(load_config(args.config), print)
     torch.manual_seed(args.seed)
     results = []
     for setting in args.settings:
-        res = measure(setting, model_dir, args.batches, args.seed)
+        res = measure(setting, model_dir, args.batches, args.seed, args.config)
         results.append(res)
         print(
             f"{setting:28s} cos(naive, IS) {res['cos_naive_is']:.4f}  |naive-IS|/|IS| {res['rel_diff']:.4f}  "
@@ -151,9 +183,15 @@ def main() -> int:
             f"pi/mu p1 {res['ratio_p01']:.3f} p99 {res['ratio_p99']:.3f} max {res['ratio_max']:.2f}",
             flush=True,
         )
+        for q in res["by_length"]:
+            print(
+                f"    length {q['len_min']:4d}-{q['len_max']:4d}: token gap {q['prob_gap_mean']:.5f}  "
+                f"|seq log ratio| {q['seq_abs_log_ratio_mean']:.3f}",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir), "results": results}, indent=2))
+    out.write_text(json.dumps({"model": str(model_dir), "config": args.config, "results": results}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -60,6 +60,12 @@ def test_gradient_bias_is_zero_without_mismatch_and_not_with_int3() -> None:
     assert int3["ratio_p01"] < 0.99 < 1.01 < int3["ratio_p99"]
     for res in (same, int3):
         assert -1.0 <= res["cos_between_batches"] <= 1.0
+        quartiles = res["by_length"]
+        assert len(quartiles) == 4 and all(
+            a["len_max"] <= b["len_min"] for a, b in zip(quartiles, quartiles[1:])
+        )
+    assert all(q["prob_gap_mean"] < 1e-5 for q in same["by_length"])
+    assert all(q["seq_abs_log_ratio_mean"] > 0 for q in int3["by_length"])
 
 
 def _fake_runs(root: Path, key: str, arms: list[str], seeds: list[int]) -> None:
