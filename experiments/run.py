@@ -173,7 +173,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "dcmdp_full": [*INT3, "loss.type=dcmdp_full"],
         }.items()
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
-        for margin in ("0.05",)
+        for margin in ("0.1",)
     },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).

@@ -281,7 +281,7 @@ def test_constraint_gradients_bound_the_share_and_keep_an_ascent_direction() -> 
 # ----------------------------------------------------------------------------- reward guard
 
 
-def test_reward_guard_backs_off_while_reward_falls_and_recovers() -> None:
+def test_reward_guard_backs_off_while_reward_falls_and_never_returns_to_the_lambda_that_hurt() -> None:
     m = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05, lam_max=10.0))
     assert isinstance(m, GuardedMultiplier)
     for _ in range(20):  # healthy: the cap stays at lam_max, lambda climbs
@@ -289,20 +289,37 @@ def test_reward_guard_backs_off_while_reward_falls_and_recovers() -> None:
         m.update(0.05)
     assert m.cap == 10.0 and m.value == pytest.approx(2.0 + 20 * 0.049)
     lam_before = m.value
-    rewards = [0.3] * 5
-    for r in rewards:
-        m.observe_reward(r)
+    while not m.tripped:  # the reward falls
+        m.observe_reward(0.3)
         m.update(0.05)
-    assert m.trips >= 1 and m.value < lam_before * BACKOFF + 1e-9
+    assert m.trips == 1 and m.ceiling == pytest.approx(lam_before * BACKOFF, rel=0.05)
+    assert m.value <= m.ceiling
+    for _ in range(10):  # still falling: the cap keeps backing off, the ceiling is cut once per episode
+        m.observe_reward(0.3)
+        m.update(0.05)
+    assert m.trips == 1 and m.value < 0.1
     low = m.value
-    for _ in range(200):  # the reward comes back: the cap recovers towards lam_max
+    for _ in range(300):  # the reward comes back: the cap recovers, up to the ceiling only
         m.observe_reward(0.6)
         m.update(0.05)
-    assert m.value > low and m.cap == 10.0
+    assert not m.tripped and m.value > low
+    assert m.value == pytest.approx(m.ceiling) and m.ceiling < lam_before
     state = json.loads(json.dumps(m.state_dict()))
     copy = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05))
     copy.load_state_dict(state)
     assert copy.state_dict() == m.state_dict()
+
+
+def test_reward_guard_forgets_a_lucky_best() -> None:
+    m = build_multiplier(MultiplierSettings(init=0.5, tolerance=0.001, reward_guard=0.1))
+    assert isinstance(m, GuardedMultiplier)
+    m.observe_reward(0.9)  # one lucky step sets the best
+    for _ in range(30):
+        m.observe_reward(0.5)
+    assert m.tripped
+    for _ in range(400):
+        m.observe_reward(0.5)
+    assert not m.tripped and m.cap > 0
 
 
 def test_reward_guard_off_by_default_and_checked() -> None:

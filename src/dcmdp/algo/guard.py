@@ -7,12 +7,16 @@ drives the policy to a degenerate point: near-uniform or near-deterministic, rew
 every DCMDP form did in the ``harm`` experiment (docs/RESULTS.md).
 
 The guard watches the training reward. It keeps an exponential moving average of the step's mean
-reward and the best value that average has reached; while the average is more than ``margin`` below
-its best, the constraint is taken to be costing reward, and a cap on lambda is cut to ``BACKOFF``
-times the lambda in use; while it is not, the cap recovers (``cap <- cap * RECOVER + RECOVER_STEP``,
-up to ``lam_max``). The loss uses ``min(lambda, cap)``. This adds a second constraint, "reward at
-least its best minus the margin", with a fast controller in front of the slow dual ascent, so the
-multiplier settles at the largest value the reward tolerates instead of at ``lam_max``.
+reward and the best value that average has reached (slowly forgotten: the best falls by
+``BEST_FORGET * margin`` per step, so one lucky stretch does not hold the guard shut for ever).
+While the average is more than ``margin`` below its best, the constraint is taken to be costing
+reward: a cap on lambda is cut to ``BACKOFF`` times the lambda in use, every step, and on entering
+that state a ceiling is ratcheted down the same way, once. While it is not, the cap recovers
+(``cap <- cap * RECOVER + RECOVER_STEP``) up to the ceiling. The loss uses ``min(lambda, cap)``.
+The ceiling only falls: a lambda that once cost reward is not reached again, so the multiplier
+settles below the largest value the reward tolerated instead of climbing back to ``lam_max`` and
+collapsing the run a second time. This adds a second constraint, "reward at least its recent best
+minus the margin", with a fast controller in front of the slow dual ascent.
 
 :class:`GuardedMultiplier` wraps any multiplier; the trainer calls :meth:`GuardedMultiplier.observe_reward`
 once per step, before the dual step. Integrations that do not call it get the wrapped multiplier
@@ -25,9 +29,10 @@ from typing import Any
 
 from dcmdp.algo.multiplier_parts import check_finite, check_kind, check_non_negative, optional_float
 
-#: EMA decay of the step's mean reward (about a 10-step window: one step's sampling noise,
-#: ~0.03 at 256 samples, does not trip the guard).
+#: EMA decay of the step's mean reward (about a 10-step window).
 REWARD_EMA = 0.9
+#: The best reward average is forgotten by this fraction of the margin per step.
+BEST_FORGET = 0.02
 #: Factor applied to the lambda in use when the guard trips.
 BACKOFF = 0.5
 #: Recovery per healthy step: ``cap <- cap * RECOVER + RECOVER_STEP`` (a cap of 0 recovers too).
@@ -45,6 +50,7 @@ class GuardedMultiplier:
         self.margin = check_non_negative("reward_guard", margin)
         self.lam_max = check_non_negative("lam_max", lam_max)
         self.cap = self.lam_max
+        self.ceiling = self.lam_max
         self.reward_ema: float | None = None
         self.best_ema: float | None = None
         self.trips = 0
@@ -79,15 +85,18 @@ class GuardedMultiplier:
     def observe_reward(self, reward: float) -> float:
         """One guard step on this step's mean training reward; returns the new cap."""
         r = check_finite("reward", reward)
-        self.reward_ema = (
-            r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
-        )
-        self.best_ema = self.reward_ema if self.best_ema is None else max(self.best_ema, self.reward_ema)
+        was_tripped = self.tripped
+        ema = r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
+        best = ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.margin, ema)
+        self.reward_ema, self.best_ema = ema, best
         if self.tripped:
-            self.cap = min(self.cap, self._inner.value) * BACKOFF
-            self.trips += 1
+            in_use = self.value
+            if not was_tripped:  # a new episode: the lambda that led here is never reached again
+                self.ceiling = min(self.ceiling, in_use) * BACKOFF
+                self.trips += 1
+            self.cap = min(self.cap, in_use) * BACKOFF
         else:
-            self.cap = min(self.lam_max, self.cap * RECOVER + RECOVER_STEP)
+            self.cap = min(self.ceiling, self.cap * RECOVER + RECOVER_STEP)
         return self.cap
 
     def update(self, measured: float) -> float:
@@ -101,6 +110,7 @@ class GuardedMultiplier:
             "margin": self.margin,
             "lam_max": self.lam_max,
             "cap": self.cap,
+            "ceiling": self.ceiling,
             "reward_ema": self.reward_ema,
             "best_ema": self.best_ema,
             "trips": self.trips,
@@ -113,12 +123,16 @@ class GuardedMultiplier:
         margin = check_non_negative("margin", state["margin"])
         lam_max = check_non_negative("lam_max", state["lam_max"])
         cap = check_non_negative("cap", state["cap"])
+        ceiling = check_non_negative("ceiling", state["ceiling"])
         reward_ema = optional_float("reward_ema", state["reward_ema"])
         best_ema = optional_float("best_ema", state["best_ema"])
         trips = int(state["trips"])
         self._inner.load_state_dict(state["inner"])
-        self.margin, self.lam_max, self.cap = margin, lam_max, cap
+        self.margin, self.lam_max, self.cap, self.ceiling = margin, lam_max, cap, ceiling
         self.reward_ema, self.best_ema, self.trips = reward_ema, best_ema, trips
 
     def __repr__(self) -> str:
-        return f"GuardedMultiplier({self._inner!r}, margin={self.margin}, cap={self.cap:.4g})"
+        return (
+            f"GuardedMultiplier({self._inner!r}, margin={self.margin}, cap={self.cap:.4g}, "
+            f"ceiling={self.ceiling:.4g})"
+        )
