@@ -151,6 +151,14 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         if k in ("dcmdp", "dcmdp_hinge", "dcmdp_auto_c")
         for cap in ("0.3",)
     },
+    # Issue 13: the two forms harm_capped did not run, with the same cap.
+    "harm_capped_more": {
+        f"{k}_lammax0.3": [*v, *HARM, "multiplier.lam_max=0.3"]
+        for k, v in {
+            "dcmdp_shaping": [*INT3, "loss.type=dcmdp_shaping"],
+            "dcmdp_full": [*INT3, "loss.type=dcmdp_full"],
+        }.items()
+    },
     # Issue 13: the share bound (loss.constraint_share = kappa) on every DCMDP form in the setting
     # where all of them collapsed: the constraint's gradient may never exceed kappa times the
     # policy gradient's, so it cannot outweigh the reward signal.
@@ -173,7 +181,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "dcmdp_full": [*INT3, "loss.type=dcmdp_full"],
         }.items()
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
-        for margin in ("0.1",)
+        for margin in ("0.05",)
     },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
