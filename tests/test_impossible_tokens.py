@@ -77,6 +77,13 @@ def test_drop_takes_whole_sequences_out_and_counts_them() -> None:
     expected = float((trainer.exp() - engine.exp()).abs().mean())
     assert disc["discrepancy/prob_gap_mean"] == pytest.approx(expected, rel=1e-6)
     assert disc["discrepancy/prob_gap_mean"] > disc["discrepancy/prob_gap_mean_kept"]
+    # the other measures a constraint can read count it too, at their clamp (|log r| = 20)
+    log_r = (trainer - engine).clamp(-20, 20)
+    k3 = float((torch.expm1(log_r) - log_r).double().mean())
+    assert disc["discrepancy/kl_engine_trainer_k3"] == pytest.approx(k3, rel=1e-6) and k3 > 3
+    assert disc["discrepancy/abs_log_ratio_mean"] == pytest.approx(float(log_r.abs().mean()), rel=1e-6)
+    for key in ("discrepancy/kl_engine_trainer_k3", "discrepancy/abs_log_ratio_mean"):
+        assert disc[key] > disc[key + "_kept"]
     # nothing impossible: the same batch object comes back
     fine = old.clone()
     fine[batch.response_mask_BT] = -1.0

@@ -173,6 +173,22 @@ def test_constraint_part_is_what_the_constraint_adds() -> None:
             torch.testing.assert_close(out.constraint_part, out.loss - plain.loss)
 
 
+def test_abs_log_ratio_is_finite_for_a_token_one_side_cannot_sample() -> None:
+    lp = torch.tensor([[-1.0, -math.inf]], requires_grad=True)
+    x = LossInputs(
+        lp,
+        torch.tensor([[-1.0, -1.0]]),
+        torch.tensor([[-1.2, -2.0]]),
+        torch.ones(1, 2),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    for constraint in ("penalty", "shaping", "hinge", "full"):
+        out = compose_loss("none", constraint, "abs_log_ratio")(x, LossSettings(lam=0.1))
+        assert torch.isfinite(out.loss), constraint
+        (g,) = torch.autograd.grad(out.loss, lp)
+        assert torch.isfinite(g).all(), constraint
+
+
 def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="valid: none, tis"):
         compose_loss("tys", "none")
@@ -308,6 +324,26 @@ def test_reward_guard_backs_off_while_reward_falls_and_never_returns_to_the_lamb
     copy = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05))
     copy.load_state_dict(state)
     assert copy.state_dict() == m.state_dict()
+
+
+def test_reward_guard_does_not_blame_a_lambda_of_zero_nor_stay_shut_after_noise() -> None:
+    m = build_multiplier(MultiplierSettings(tolerance=0.01, reward_guard=0.05, init=0.0, lam_max=1.0))
+    assert isinstance(m, GuardedMultiplier)
+    for r in [0.6] * 5 + [0.3] * 5:  # the reward dips while lambda is 0
+        m.observe_reward(r)
+        m.update(0.005)
+    assert m.tripped and m.ceiling == 1.0 and m.trips == 0
+    for _ in range(200):  # D is 5c and the reward healthy: lambda rises again
+        m.observe_reward(0.6)
+        m.update(0.05)
+    assert m.value == pytest.approx(1.0)
+    noisy = build_multiplier(MultiplierSettings(init=0.5, tolerance=0.001, reward_guard=0.05, lam_max=1.0))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):  # a flat reward with the noise of 16 samples a step
+        noisy.observe_reward(float(torch.rand(16, generator=g).lt(0.5).float().mean()))
+        noisy.update(0.05)
+    assert isinstance(noisy, GuardedMultiplier) and noisy.trips > 5  # the guard trips on noise ...
+    assert noisy.ceiling > 0.05  # ... but the ceiling comes back between trips
 
 
 def test_reward_guard_forgets_a_lucky_best() -> None:

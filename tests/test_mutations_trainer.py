@@ -139,8 +139,8 @@ def test_loss_settings_copies_every_knob() -> None:
     for name, value in LOSS_KNOBS.items():
         assert getattr(settings, name) == value, name
     assert (settings.lam, settings.tolerance) == (0.25, 0.004)
-    # before an automatic tolerance is measured, c = 1 turns the hinge off
-    assert trainer.loss_settings(cfg, lam=0.25, tolerance=None).tolerance == 1.0
+    # before an automatic tolerance is measured, a c above every measure's range turns the hinge off
+    assert trainer.loss_settings(cfg, lam=0.25, tolerance=None).tolerance == 1e9
 
 
 @pytest.mark.parametrize("loss", ["tis", "dcmdp"])

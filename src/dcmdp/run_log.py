@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dcmdp.algo.advantages import degenerate_group_fraction
+from dcmdp.algo.constraints import MEASURES
+from dcmdp.algo.guard import GuardedMultiplier
 from dcmdp.algo.multiplier import AutoTolerance, Multiplier
 from dcmdp.checkpoint import MetricsLog
 from dcmdp.config import Config
@@ -85,11 +87,15 @@ def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Multipl
         f"reward {row['reward/mean']:.3f}",
         f"D {row['discrepancy/prob_gap_mean']:.5f}",
     ]
+    if cfg.loss.measure != "prob_gap":  # the measure the dual step compares with c
+        key = MEASURES[cfg.loss.measure].discrepancy_key
+        parts.append(f"{cfg.loss.measure} {row.get(key, math.nan):.5f}")
     if "multiplier/lambda" in row:
         parts.append(f"lambda {row['multiplier/lambda']:.4f}")
         c = row["multiplier/tolerance"]
         if math.isnan(c):
-            seen = len(multiplier.collected) if isinstance(multiplier, AutoTolerance) else 0
+            auto = multiplier.multiplier if isinstance(multiplier, GuardedMultiplier) else multiplier
+            seen = len(auto.collected) if isinstance(auto, AutoTolerance) else 0
             parts.append(f"c auto (measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps)")
         else:
             parts.append(f"c {c:.5f}")

@@ -50,7 +50,7 @@ def multiplier_from_config(m: MultiplierSettings) -> Multiplier:
 def loss_settings(cfg: Config, lam: float, tolerance: float | None) -> LossSettings:
     """The loss knobs of ``cfg.loss`` (:meth:`~dcmdp.config.LossConfig.settings`, the one mapping)
     plus this step's lambda and c."""
-    # Before an automatic tolerance is set, a tolerance of 1 (the largest possible gap) turns the
+    # Before an automatic tolerance is set, a tolerance above every measure's range turns the
     # hinge off: the warm-up measures the discrepancy without acting on it.
     return cfg.loss.settings(lam=lam, tolerance=tolerance if tolerance is not None else WARMUP_LOSS_TOLERANCE)
 

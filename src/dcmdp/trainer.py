@@ -34,7 +34,7 @@ from typing import Any, overload
 import torch
 
 from dcmdp.algo.advantages import grpo_advantages
-from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked, prob_gap
+from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked
 from dcmdp.algo.guard import GuardedMultiplier
 from dcmdp.algo.losses import MEASURES, LossInputs, LossSettings, kl_to_reference_k3
 from dcmdp.algo.multiplier import Multiplier
@@ -349,7 +349,7 @@ def measure_discrepancy(batch: TokenBatch, old_logp_BT: torch.Tensor) -> tuple[T
     every sampled token (docs/concepts.md, "Tokens the trainer cannot sample")."""
     full_mask = batch.response_mask_BT
     batch, impossible = drop_trainer_impossible(batch, old_logp_BT)
-    disc: dict[str, float] = {**impossible, DUAL_STEP_READS: math.nan}
+    disc: dict[str, float] = {**impossible, **{m.discrepancy_key: math.nan for m in MEASURES.values()}}
     if batch.num_response_tokens > 0:
         measured = discrepancy_metrics(old_logp_BT, batch.engine_logp_BT, batch.response_mask_BT)
         disc.update({k: float(v) for k, v in measured.items()})
@@ -358,10 +358,15 @@ def measure_discrepancy(batch: TokenBatch, old_logp_BT: torch.Tensor) -> tuple[T
         # and read the constraint as met when it is not. The probability gap stays finite there
         # (|0 - mu|), so D over every sampled token is what the dual step reads; the other
         # measures (log ratios are infinite there) stay on the kept sequences.
+        # The same holds for the measures another loss.measure reads: k3 and |log ratio| are
+        # clamped at |log r| = 20, so they are finite there too (about 19 and 20).
         old = fill_masked(old_logp_BT, full_mask, 0.0)
-        gap = prob_gap(old, fill_masked(batch.engine_logp_BT, full_mask, 0.0))
-        disc["discrepancy/prob_gap_mean_kept"] = disc[DUAL_STEP_READS]
-        disc[DUAL_STEP_READS] = float(gap[full_mask].mean())
+        engine = fill_masked(batch.engine_logp_BT, full_mask, 0.0)
+        for measure in MEASURES.values():
+            key = measure.discrepancy_key
+            if key in disc:
+                disc[key + "_kept"] = disc[key]
+            disc[key] = float(measure.token_fn(old, engine)[full_mask].double().mean())
     return batch, disc
 
 

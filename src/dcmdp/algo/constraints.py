@@ -28,7 +28,7 @@ multiplier compares the same quantity with its tolerance c (set c in the measure
 |---------------|----------------------------------------------------------|-------------------------------------|
 | prob_gap      | abs(pi(o_t) - mu(o_t)) (the paper's delta)               | ``discrepancy/prob_gap_mean``        |
 | k3            | r - 1 - log r, r = pi/mu (k3 estimate of KL(mu ‖ pi))    | ``discrepancy/kl_engine_trainer_k3`` |
-| abs_log_ratio | abs(log pi(o_t) - log mu(o_t))                           | ``discrepancy/abs_log_ratio_mean``   |
+| abs_log_ratio | abs(log pi(o_t) - log mu(o_t)), clamped at 20            | ``discrepancy/abs_log_ratio_mean``   |
 
 The probability gap is smallest where the policy is near-deterministic or spread thin (both give
 small probabilities or agreeing ones); the log-ratio measures do not reward either, which is why
@@ -37,12 +37,16 @@ they are offered (docs/concepts.md).
 **The share bound** (``loss.constraint_share`` = kappa > 0, applied by the trainer with
 :func:`share_scale`): per optimizer step, the gradient of the constraint's part of the loss
 (``LossOutput.constraint_part``, backpropagated on its own) is scaled down, when needed, to at most
-kappa times the norm of the rest of the gradient, over all parameters. The constraint then steers
-the update but can never outweigh the reward signal, and where there is no reward signal (every
-group solved or every group failed, so all advantages are 0) it does nothing. A bound on the
-gradients with respect to the token log-probs is not enough: the policy gradient's token terms
-point in many directions and cancel in parameter space while the constraint's add up (measured in
-the ``harm`` setting: a log-prob-level bound of 0.5 still collapsed).
+kappa times the norm of the rest of the gradient (the surrogate's, and the KL term's when it is
+on), over all parameters. Where there is no reward signal (every group solved or every group
+failed, so all advantages are 0) and no KL term, it does nothing. It is not enough to keep the
+policy from collapsing: a bound on the gradients with respect to the token log-probs still
+collapsed the ``harm`` runs (the policy gradient's token terms cancel in parameter space while the
+constraint's add up), and so did this parameter-level bound at kappa 0.5 (AdamW's per-coordinate
+scaling lets a steady small gradient win over a noisy large one). The reward guard
+(:mod:`dcmdp.algo.guard`) is what we found to work; see docs/concepts.md, "Keeping the constraint
+safe". With ``model.dtype=bfloat16`` the split ``g - g_c`` is taken in bfloat16 and is coarse
+when the constraint dominates.
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ def k3_engine_trainer(logp: Tensor, engine_logp: Tensor) -> Tensor:
 
 
 def abs_log_ratio(logp: Tensor, engine_logp: Tensor) -> Tensor:
-    """Per-token ``|log pi(o_t) - log mu(o_t)|``."""
-    return (logp - engine_logp).abs()
+    """Per-token ``|log pi(o_t) - log mu(o_t)|``, clamped at 20 (a log-prob of -inf, a token one
+    side cannot sample, gives 20 and no gradient instead of inf)."""
+    return (logp - engine_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).abs()
 
 
 @dataclass(frozen=True)
@@ -213,9 +218,11 @@ def share_scale(norm_policy: float, norm_constraint: float, kappa: float) -> flo
     the policy has none).
 
     With kappa < 1 the combined gradient ``g_policy + scale * g_constraint`` keeps a positive inner
-    product with ``g_policy`` (at least ``(1 - kappa) |g_policy|^2``), so every step is, to first
-    order, still an ascent step on the reward surrogate: the constraint chooses among the directions
-    that improve reward and cannot trade reward away.
+    product with ``g_policy`` (at least ``(1 - kappa) |g_policy|^2``): a plain gradient step is, to
+    first order, still a step that improves the reward surrogate. The trainer's AdamW rescales each
+    coordinate, so its step carries no such guarantee, and a constraint whose gradient points the
+    same way step after step gains on a noisy policy gradient through the moment estimates; in the
+    ``harm`` setting a bound of 0.5 did not prevent the collapse (docs/RESULTS.md).
     """
     if not kappa >= 0:
         raise ValueError(f"kappa must be >= 0, got {kappa!r}")

@@ -11,11 +11,12 @@ reward and the best value that average has reached (slowly forgotten: the best f
 ``BEST_FORGET * margin`` per step, so one lucky stretch does not hold the guard shut for ever).
 While the average is more than ``margin`` below its best, the constraint is taken to be costing
 reward: a cap on lambda is cut to ``BACKOFF`` times the lambda in use, every step, and on entering
-that state a ceiling is ratcheted down the same way, once. While it is not, the cap recovers
-(``cap <- cap * RECOVER + RECOVER_STEP``) up to the ceiling. The loss uses ``min(lambda, cap)``.
-The ceiling only falls: a lambda that once cost reward is not reached again, so the multiplier
-settles below the largest value the reward tolerated instead of climbing back to ``lam_max`` and
-collapsing the run a second time. This adds a second constraint, "reward at least its recent best
+that state a ceiling is cut the same way, once (not when lambda is already 0: then the constraint
+cannot be the cause). While it is not, the cap recovers (``cap <- cap * RECOVER + RECOVER_STEP``)
+up to the ceiling, and the ceiling itself recovers slowly (``CEILING_RECOVER_STEP`` per step). The
+loss uses ``min(lambda, cap)``, which may be below ``lam_min``. The multiplier so settles below the
+largest value the reward tolerated instead of climbing straight back to ``lam_max`` and collapsing
+the run a second time; a trip caused by reward noise costs the constraint a while, not the run. This adds a second constraint, "reward at least its recent best
 minus the margin", with a fast controller in front of the slow dual ascent.
 
 :class:`GuardedMultiplier` wraps any multiplier; the trainer calls :meth:`GuardedMultiplier.observe_reward`
@@ -38,6 +39,9 @@ BACKOFF = 0.5
 #: Recovery per healthy step: ``cap <- cap * RECOVER + RECOVER_STEP`` (a cap of 0 recovers too).
 RECOVER = 1.05
 RECOVER_STEP = 0.01
+#: The ceiling's own recovery per healthy step: slow (0.3 in 150 steps), so that a trip caused by
+#: reward noise rather than by the constraint does not turn the constraint off for good.
+CEILING_RECOVER_STEP = 0.002
 
 
 class GuardedMultiplier:
@@ -89,13 +93,14 @@ class GuardedMultiplier:
         ema = r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
         best = ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.margin, ema)
         self.reward_ema, self.best_ema = ema, best
-        if self.tripped:
-            in_use = self.value
-            if not was_tripped:  # a new episode: the lambda that led here is never reached again
+        in_use = self.value
+        if self.tripped and in_use > 0:  # a lambda of 0 cannot have cost the reward
+            if not was_tripped:  # a new episode: the ceiling drops below the lambda that led here
                 self.ceiling = min(self.ceiling, in_use) * BACKOFF
                 self.trips += 1
             self.cap = min(self.cap, in_use) * BACKOFF
-        else:
+        elif not self.tripped:
+            self.ceiling = min(self.lam_max, self.ceiling + CEILING_RECOVER_STEP)
             self.cap = min(self.ceiling, self.cap * RECOVER + RECOVER_STEP)
         return self.cap
 

@@ -50,8 +50,10 @@ PAPER_ETA = 1.0
 PAPER_LAMBDA_0 = 0.1
 PAPER_TOLERANCE = 0.0037
 #: The tolerance a loss gets while an automatic c is still being measured (:class:`AutoTolerance`):
-#: every gap is below 1, so the hinge is off during the warm-up, which only measures D.
-WARMUP_LOSS_TOLERANCE = 1.0
+#: above every value a measure can take (probability gaps are below 1, the log-ratio measures are
+#: clamped at |log r| = 20, so k3 stays below e^20 ~ 4.9e8), so the hinge is off during the
+#: warm-up, which only measures D.
+WARMUP_LOSS_TOLERANCE = 1e9
 
 
 class Multiplier(Protocol):
