@@ -304,6 +304,16 @@ def launch(
             print(f"    rc={rc} in {time.time() - t0:.0f}s (log {log.relative_to(ROOT)})", flush=True)
 
 
+#: A run has collapsed when both its training reward over the last 20 steps and its last greedy
+#: evaluation are below this (the harm collapses sat at 0.000-0.023).
+COLLAPSE_BELOW = 0.05
+
+
+def collapsed(acc_end: list[float], reward_last20: list[float]) -> int:
+    """How many seeds collapsed (see :data:`COLLAPSE_BELOW`)."""
+    return sum(a < COLLAPSE_BELOW and r < COLLAPSE_BELOW for a, r in zip(acc_end, reward_last20))
+
+
 def summarise(
     experiment: str, arms: dict[str, list[str]], seeds: list[int], out_dir: Path, key: str | None = None
 ) -> str:
@@ -317,8 +327,8 @@ def summarise(
 
     lines = [
         "| arm | seeds | greedy acc start | greedy acc end | greedy acc, mean of last 3 evals | "
-        "sampled acc end | train reward, last 20 steps | D first 5 | D last 10 | lambda end |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "sampled acc end | train reward, last 20 steps | D first 5 | D last 10 | lambda end | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     record = {}
     for arm in arms:
@@ -351,7 +361,7 @@ def summarise(
         lines.append(
             f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(acc3, '.3f')} | "
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
-            f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} |"
+            f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} | {collapsed(acc1, rew)} of {len(acc1)} |"
         )
     out = out_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
