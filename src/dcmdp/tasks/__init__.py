@@ -13,7 +13,7 @@ A task hands the trainer typed ``Problem`` records and scores completions with a
 Tasks are built by name: ``make_task("arithmetic", digits=2)``. An unknown name or option fails
 with a message that lists the valid ones. See docs/tasks.md for formats and how to add a task.
 
-One module per task (``arithmetic``, ``countdown``, ``jsonl``); the protocol, the registry and the
+One module per task (``arithmetic``, ``countdown``, ``jsonl``, ``long_addition``); the protocol, the registry and the
 shared helpers in ``base``; free-form math answer grading in ``grading``. Importing this package
 registers the built-in tasks.
 """
@@ -33,6 +33,7 @@ from dcmdp.tasks.base import (
 from dcmdp.tasks.countdown import CountdownTask, countdown_value
 from dcmdp.tasks.grading import MAX_NUMBER_DIGITS, extract_final_answer, math_answers_equal, normalize_answer
 from dcmdp.tasks.jsonl import JsonlTask, SkippedRow
+from dcmdp.tasks.long_addition import LongAdditionTask
 
 __all__ = [
     "MAX_NUMBER_DIGITS",
@@ -41,6 +42,7 @@ __all__ = [
     "ArithmeticTask",
     "CountdownTask",
     "JsonlTask",
+    "LongAdditionTask",
     "Problem",
     "SkippedRow",
     "Task",
