@@ -1,4 +1,5 @@
-"""Model builders: tiny Qwen3 (dense) and Qwen3-MoE with a character tokenizer, and named models.
+"""Model builders: tiny Qwen3 (dense) and Qwen3-MoE with a character tokenizer, a tiny Qwen3 with a
+subword (BPE) tokenizer for long responses, and named models.
 
 Every model is saved in Hugging Face format (config.json, model.safetensors, tokenizer.json), so
 the trainer (Transformers), vLLM and llama.cpp export all read the same files. No weights are
@@ -71,13 +72,17 @@ def _vocab_size() -> int:
     return ((n + 63) // 64) * 64
 
 
-def tiny_qwen3_config(spec: TinyModelSpec, moe: bool = False) -> Any:
-    """A Transformers config for a tiny Qwen3 (dense) or Qwen3-MoE (top-k routing) model."""
+def tiny_qwen3_config(spec: TinyModelSpec, moe: bool = False, vocab_size: int | None = None) -> Any:
+    """A Transformers config for a tiny Qwen3 (dense) or Qwen3-MoE (top-k routing) model.
+
+    ``vocab_size`` defaults to the character tokenizer's (rounded up to 64); a subword tokenizer
+    passes its own. Either way ``<pad>`` = 0 and ``<eos>`` = 1.
+    """
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     vocab = char_vocab()
     common: dict[str, Any] = dict(
-        vocab_size=_vocab_size(),
+        vocab_size=_vocab_size() if vocab_size is None else ((vocab_size + 63) // 64) * 64,
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
@@ -117,6 +122,49 @@ def build_tiny_model(
     save_model(model, build_char_tokenizer(), out)
     (out / "dcmdp_model.json").write_text(
         json.dumps({"family": "tiny-qwen3-moe" if moe else "tiny-qwen3", "spec": asdict(spec)}, indent=2)
+    )
+    return out
+
+
+# The subword model for long responses (`long_addition`): a byte-level BPE tokenizer of about
+# 4,096 tokens trained on the task's text (dcmdp.subword), and a Qwen3 sized so that one RL step
+# of 16 prompts x 8 samples of ~80-130-token responses stays within a few seconds on one core.
+# The 4,096-row embedding and lm_head hold two thirds of its ~0.77M parameters and cost half the
+# compute per token, so the trunk is narrower than tiny-qwen3's.
+SUBWORD_SPEC = TinyModelSpec(
+    hidden_size=64,
+    num_layers=4,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,  # vLLM's CPU attention has no kernel for head_dim 16
+    intermediate_size=256,
+    max_position_embeddings=512,
+)
+
+
+def build_subword_model(out_dir: str | Path, spec: TinyModelSpec | None = None, seed: int = 0) -> Path:
+    """A randomly initialised Qwen3 with the ``long_addition`` BPE tokenizer, saved in HF format.
+
+    The tokenizer is trained afresh (deterministic: the same every time, a few seconds); the
+    weights are seeded by ``seed``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from dcmdp.subword import train_bpe_tokenizer
+
+    spec = spec or SUBWORD_SPEC
+    tokenizer = train_bpe_tokenizer()
+    if tokenizer.convert_tokens_to_ids([PAD, EOS, UNK]) != [0, 1, 2]:
+        raise RuntimeError("the BPE tokenizer must put <pad>, <eos>, <unk> at ids 0, 1, 2")
+    torch.manual_seed(seed)
+    config = tiny_qwen3_config(spec, vocab_size=len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    save_model(model, tokenizer, out)
+    (out / "dcmdp_model.json").write_text(
+        json.dumps(
+            {"family": "tiny-qwen3-bpe", "spec": asdict(spec), "tokenizer": "bpe-long_addition"}, indent=2
+        )
     )
     return out
 
@@ -215,12 +263,15 @@ def build_smollm2(out_dir: str | Path) -> Path:
     return save_model(model, tokenizer, out_dir)
 
 
-NAMED_MODELS = ("tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m")
+NAMED_MODELS = ("tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen3-bpe", "smollm2-135m")
+# Named models warm-started on first use (`dcmdp pretrain`, cached), besides "default".
+WARM_MODELS = ("long-addition",)
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") -> Path:
-    """A local HF model path, one of NAMED_MODELS built into `cache_dir` on first use, or
-    "default": the tiny Qwen3 warm-started on the default task (`dcmdp pretrain`, cached).
+    """A local HF model path, one of NAMED_MODELS built into `cache_dir` on first use,
+    "default": the tiny Qwen3 warm-started on the default task (`dcmdp pretrain`, cached), or
+    "long-addition": the BPE Qwen3 (``tiny-qwen3-bpe``) warm-started on ``long_addition``.
 
     Named tiny models are random-initialised (use `dcmdp pretrain` to warm-start them).
     """
@@ -231,16 +282,22 @@ def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") ->
         from dcmdp.pretrain import ensure_base_model
 
         return ensure_base_model(cache_dir=cache_dir)
+    if name_or_path == "long-addition":
+        from dcmdp.pretrain import ensure_long_addition_model
+
+        return ensure_long_addition_model(cache_dir=cache_dir)
     if name_or_path not in NAMED_MODELS:
         raise ValueError(
             f"model {name_or_path!r} is neither a local Hugging Face model directory (with config.json) "
-            f"nor a named model; named models: default, {', '.join(NAMED_MODELS)}"
+            f"nor a named model; named models: default, {', '.join(NAMED_MODELS + WARM_MODELS)}"
         )
     out = Path(cache_dir) / name_or_path
     if (out / "config.json").exists():
         return out
     if name_or_path == "smollm2-135m":
         return build_smollm2(out)
+    if name_or_path == "tiny-qwen3-bpe":
+        return build_subword_model(out)
     return build_tiny_model(out, moe=name_or_path.endswith("moe"))
 
 
