@@ -71,7 +71,7 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             default = getattr(instance, f.name)
             shown = "null" if default is None else repr(default)
-            meaning = docs.get(f.name, '').replace('|', '\\|')  # a pipe would split the table row
+            meaning = docs.get(f.name, "").replace("|", "\\|")  # a pipe would split the table row
             out.append(f"| `{section}.{f.name}` | `{shown}` | {meaning} |")
     return "\n".join(out) + "\n"
 

@@ -3,6 +3,7 @@ measurement tells zero mismatch from a real one."""
 
 from __future__ import annotations
 
+import itertools
 import importlib.util
 import json
 import sys
