@@ -3,7 +3,6 @@ measurement tells zero mismatch from a real one."""
 
 from __future__ import annotations
 
-import itertools
 import importlib.util
 import json
 import sys
@@ -63,7 +62,7 @@ def test_gradient_bias_is_zero_without_mismatch_and_not_with_int3() -> None:
         assert -1.0 <= res["cos_between_batches"] <= 1.0
         quartiles = res["by_length"]
         assert len(quartiles) == 4 and all(
-            a["len_max"] <= b["len_min"] for a, b in zip(quartiles, quartiles[1:])
+            a["len_max"] <= b["len_min"] for a, b in itertools.pairwise(quartiles)
         )
     assert all(q["prob_gap_mean"] < 1e-5 for q in same["by_length"])
     assert all(q["seq_abs_log_ratio_mean"] > 0 for q in int3["by_length"])
