@@ -4,6 +4,7 @@ measurement tells zero mismatch from a real one."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
