@@ -51,8 +51,9 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class ModelConfig:
     path: str = "default"
-    """Local Hugging Face model dir, a named model (tiny-qwen3, tiny-qwen3-moe, smollm2-135m), or
-    "default": the tiny Qwen3 warm-started on the default task (built by `dcmdp pretrain`)."""
+    """Local Hugging Face model dir, a named model (tiny-qwen3, tiny-qwen3-moe, tiny-qwen3-bpe,
+    smollm2-135m), "default": the tiny Qwen3 warm-started on the default task, or "long-addition":
+    the 4,096-token BPE Qwen3 warm-started on long_addition (both built by `dcmdp pretrain`)."""
     dtype: str = "float32"
     """Trainer precision: float32 | bfloat16."""
     device: str = "auto"
