@@ -53,6 +53,34 @@ HARM = ["optim.lr=1e-3", "run.steps=150", "run.eval_every=30"]
 ENGINES_BY_NAME = {"fp32": FP32_HF, "int4": INT4, "int3": INT3}
 FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
 
+# Issue 13, the long-response regime: the 4,096-token BPE Qwen3 warm-started on long_addition
+# (82-131-token written scratchpads, graded on the final answer), 16 prompts x 8 samples at T = 1,
+# constant lr, no KL, 200 steps. Built by PREPARE["long_search"] (about 30 min once, cached).
+LONG = [
+    "model.path=long-addition",
+    "task.name=long_addition",
+    "task.options={digits: [4, 6]}",
+    "sampling.max_tokens=192",
+    "engine.max_model_len=256",
+    "run.prompts_per_step=16",
+    "run.group_size=8",
+    "optim.lr=3e-4",
+    "optim.schedule=constant",
+    "loss.kl_coef=0.0",
+    "run.steps=200",
+    "run.eval_every=50",
+    "run.eval_problems=128",
+    "run.eval_sampled=false",
+]
+LONG_ENGINES = {
+    "fp32_ceiling": FP32_HF,
+    "vllm_bf16": VLLM_BF16,
+    "int8": INT8,
+    "int4": INT4,
+    "fp8": FP8,
+    "llamacpp_q4_0": ["engine.type=llamacpp", "engine.quantization=Q4_0"],
+}
+
 METHODS = {
     "grpo": ["loss.type=grpo"],
     "tis": ["loss.type=tis"],
@@ -183,6 +211,21 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
         for margin in ("0.05",)
     },
+    # Issue 13, section 3.1: does mismatch hurt vanilla GRPO with long responses? The matched fp32
+    # rollout against the deployment engines, 200 steps.
+    "long_search": {
+        f"grpo_{name}": [*LONG, *engine, "loss.type=grpo"] for name, engine in LONG_ENGINES.items()
+    },
+    # Issue 13, section 3.2 (started): the methods on the int4 engine in the long regime.
+    "long_methods": {
+        name: [*LONG, *INT4, *overrides]
+        for name, overrides in {
+            "grpo": ["loss.type=grpo"],
+            "tis": ["loss.type=tis"],
+            "dcmdp_guard0.05": ["loss.type=dcmdp", "multiplier.reward_guard=0.05"],
+            "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
+        }.items()
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
@@ -197,6 +240,8 @@ START_D_KEY = "discrepancy/prob_gap_mean"
 # Models an experiment needs beyond the default one, and the command that builds each (cached).
 PREPARE = {
     "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
+    "long_search": [["pretrain", "--task", "long_addition"]],
+    "long_methods": [["pretrain", "--task", "long_addition"]],
 }
 
 
