@@ -339,11 +339,11 @@ def test_reward_guard_does_not_blame_a_lambda_of_zero_nor_stay_shut_after_noise(
     assert m.value == pytest.approx(1.0)
     noisy = build_multiplier(MultiplierSettings(init=0.5, tolerance=0.001, reward_guard=0.05, lam_max=1.0))
     g = torch.Generator().manual_seed(0)
-    for _ in range(2000):  # a flat reward with the noise of 16 samples a step
-        noisy.observe_reward(float(torch.rand(16, generator=g).lt(0.5).float().mean()))
+    for _ in range(2000):  # a flat reward with the noise of the default batch (256 samples a step)
+        noisy.observe_reward(float(torch.rand(256, generator=g).lt(0.5).float().mean()))
         noisy.update(0.05)
-    assert isinstance(noisy, GuardedMultiplier) and noisy.trips > 5  # the guard trips on noise ...
-    assert noisy.ceiling > 0.05  # ... but the ceiling comes back between trips
+    assert isinstance(noisy, GuardedMultiplier)
+    assert noisy.ceiling > 0.5 and noisy.value > 0.5  # noise does not keep the constraint down
 
 
 def test_reward_guard_forgets_a_lucky_best() -> None:
@@ -353,13 +353,14 @@ def test_reward_guard_forgets_a_lucky_best() -> None:
     for _ in range(30):
         m.observe_reward(0.5)
     assert m.tripped
-    for _ in range(400):
+    for _ in range(1000):
         m.observe_reward(0.5)
     assert not m.tripped and m.cap > 0
 
 
-def test_reward_guard_off_by_default_and_checked() -> None:
-    assert not isinstance(build_multiplier(MultiplierSettings()), GuardedMultiplier)
+def test_reward_guard_on_by_default_off_at_zero_and_checked() -> None:
+    assert isinstance(build_multiplier(MultiplierSettings()), GuardedMultiplier)
+    assert not isinstance(build_multiplier(MultiplierSettings(reward_guard=0.0)), GuardedMultiplier)
     with pytest.raises(ValueError, match="reward_guard must be >= 0"):
         build_multiplier(MultiplierSettings(reward_guard=-0.1))
 

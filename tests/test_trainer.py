@@ -207,7 +207,11 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir: Path, tmp_pa
     state_a = torch.load(latest_checkpoint(full) / "trainer_state.pt", weights_only=True)  # type: ignore[operator]
     state_b = torch.load(latest_checkpoint(killed) / "trainer_state.pt", weights_only=True)  # type: ignore[operator]
     assert state_a["step"] == state_b["step"] == 5
-    assert state_a["multiplier"]["value"] == pytest.approx(state_b["multiplier"]["value"], abs=1e-9)
+    ma, mb = state_a["multiplier"], state_b["multiplier"]
+    assert ma["kind"] == mb["kind"] == "reward_guard"  # the default wraps dual ascent in the guard
+    assert ma["inner"]["value"] == pytest.approx(mb["inner"]["value"], abs=1e-9)
+    for key in ("cap", "ceiling", "reward_ema", "best_ema"):
+        assert ma[key] == pytest.approx(mb[key], abs=1e-9), key
 
 
 # ----------------------------------------------------------------------------- accumulation

@@ -32,8 +32,10 @@ from dcmdp.algo.multiplier_parts import check_finite, check_kind, check_non_nega
 
 #: EMA decay of the step's mean reward (about a 10-step window).
 REWARD_EMA = 0.9
-#: The best reward average is forgotten by this fraction of the margin per step.
-BEST_FORGET = 0.02
+#: The best reward average is forgotten by this fraction of the margin per step (a margin in 200
+#: steps): slow enough that a reward falling by a margin over 60 steps still trips the guard (at
+#: 0.02, a shaping run in ``harm`` declined unnoticed until lambda was 2.1 and lost 0.4 accuracy).
+BEST_FORGET = 0.005
 #: Factor applied to the lambda in use when the guard trips.
 BACKOFF = 0.5
 #: Recovery per healthy step: ``cap <- cap * RECOVER + RECOVER_STEP`` (a cap of 0 recovers too).

@@ -110,10 +110,11 @@ class MultiplierSettings:
     """Automatic tolerance: c = quantile of the warm-up D's ..."""
     auto_multiple: float = 1.0
     """... times this multiple."""
-    reward_guard: float = 0.0
+    reward_guard: float = 0.05
     """Reward guard margin, in reward units; 0 = off. While the training reward's moving average is
     more than this below its best, lambda is capped and the cap backs off
-    (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward."""
+    (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward. On by default:
+    without it every DCMDP form collapsed in the ``harm`` experiment (docs/RESULTS.md)."""
 
 
 # Constructor defaults below are the MultiplierSettings field defaults (class attributes of the

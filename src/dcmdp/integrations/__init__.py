@@ -114,6 +114,9 @@ class DCMDPOptions:
             auto_warmup_steps=self.auto_warmup_steps,
             auto_quantile=self.auto_quantile,
             auto_multiple=self.auto_multiple,
+            # The reward guard needs the step's training reward, which these integrations do not
+            # pass to the multiplier: off here (dcmdp train has it on by default).
+            reward_guard=0.0,
         )
 
 
