@@ -183,6 +183,26 @@ def test_saved_config_is_the_base(tmp_path: Path) -> None:
     assert changes == []
 
 
+def test_a_run_saved_before_the_reward_guard_resumes_without_it(tmp_path: Path) -> None:
+    from dcmdp.algo.guard import GuardedMultiplier
+    from dcmdp.run_setup import multiplier_from_config
+
+    run = tmp_path / "old"
+    _save_run(run, "loss.type=dcmdp")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["multiplier"]["reward_guard"]  # as written before the field existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
+    assert cfg.multiplier.reward_guard == 0.0 and changes == []
+    old_state = multiplier_from_config(cfg.multiplier).state_dict()
+    assert old_state["kind"] == "dual_ascent"  # what its checkpoint holds, so it loads
+    # a run saved with the field keeps its value
+    _save_run(tmp_path / "new", "loss.type=dcmdp")
+    cfg, _ = load_resume_config(None, [f"run.out_dir={tmp_path / 'new'}"])
+    assert cfg.multiplier.reward_guard == 0.05
+    assert isinstance(multiplier_from_config(cfg.multiplier), GuardedMultiplier)
+
+
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _save_run(tmp_path / "orig", "loss.type=grpo")

@@ -481,6 +481,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # Fields a resumed run may change: where and how it runs, how long, and what it reports. Any
 # other change (loss, task, model, engine, sampling, optimizer, multiplier, seed, batch shape)
 # would make the resumed run a different experiment than the one its first steps belong to.
+#: Fields whose default changed after runs were saved without them: a saved config.yaml that lacks
+#: one resumes with the value that run trained with (the guard was off before it existed).
+DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {"multiplier": {"reward_guard": 0.0}}
+
 RESUME_CHANGEABLE = (
     "run.steps",
     "run.out_dir",
@@ -559,7 +563,12 @@ def load_resume_config(
             f"--resume: cannot resume {out_dir} ({what}); pass run.out_dir=DIR of a run started by `dcmdp train`"
         )
     try:
-        saved = config_from_dict(read_config_file(saved_path))
+        saved_data = read_config_file(saved_path)
+        for section, values in DEFAULTS_BEFORE.items():  # fields a run saved before they existed
+            existing = saved_data.get(section)
+            if existing is None or isinstance(existing, dict):
+                saved_data[section] = {**values, **(existing or {})}
+        saved = config_from_dict(saved_data)
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"--resume: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
