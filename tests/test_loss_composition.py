@@ -439,7 +439,8 @@ def test_the_dual_step_reads_the_constrained_measure(
     assert seen == pytest.approx([r[key] for r in rows])
     assert seen != pytest.approx([r["discrepancy/prob_gap_mean"] for r in rows])
     assert all(
-        "dcmdp/measure" in r and "dcmdp/constraint_scale" in r and "multiplier/guard_cap" in r for r in rows
+        "dcmdp/measure" in r and "dcmdp/constraint_scale" in r and "multiplier/guard_tripped" in r
+        for r in rows
     )
 
 

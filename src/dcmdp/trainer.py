@@ -322,6 +322,7 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
         row["multiplier/lambda_next"] = multiplier.value
         if isinstance(multiplier, GuardedMultiplier):
             row["multiplier/guard_cap"] = multiplier.cap
+            row["multiplier/guard_tripped"] = float(multiplier.tripped)
         # NaN while an automatic tolerance is still measuring its warm-up steps
         row["multiplier/tolerance"] = (
             math.nan if multiplier.tolerance is None else float(multiplier.tolerance)
