@@ -226,6 +226,13 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
         }.items()
     },
+    # The guard does not catch an abrupt collapse once lambda is large (shaping, seed 2: lambda 2.1,
+    # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.
+    "harm_guard_lammax1": {
+        f"{k}_guard0.05_lammax1": [*v, *HARM, "multiplier.reward_guard=0.05", "multiplier.lam_max=1.0"]
+        for k, v in _arms(INT3, FP32_HF).items()
+        if k in ("dcmdp", "dcmdp_shaping")
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
