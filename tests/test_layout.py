@@ -80,12 +80,14 @@ def test_multiplier_defaults_have_one_definition() -> None:
 
     assert MultiplierConfig is MultiplierSettings
     assert Config().multiplier == MultiplierSettings()
-    assert DCMDPOptions().multiplier_settings() == MultiplierSettings()
-    dual = build_multiplier(MultiplierSettings())
-    pid = build_multiplier(MultiplierSettings(type="pid"))
+    # The integrations differ in one field on purpose: they do not pass the training reward to the
+    # multiplier, so the reward guard is off there.
+    assert DCMDPOptions().multiplier_settings() == dataclasses.replace(MultiplierSettings(), reward_guard=0.0)
+    dual = build_multiplier(MultiplierSettings(reward_guard=0.0))
+    pid = build_multiplier(MultiplierSettings(type="pid", reward_guard=0.0))
     assert LagrangeMultiplier().state_dict() == dual.state_dict()
     assert PIDMultiplier().state_dict() == pid.state_dict()
-    auto = build_multiplier(MultiplierSettings(tolerance=None))
+    auto = build_multiplier(MultiplierSettings(tolerance=None, reward_guard=0.0))
     assert isinstance(auto, AutoTolerance)
     assert auto.state_dict()["warmup_steps"] == MultiplierSettings().auto_warmup_steps
 
