@@ -395,7 +395,8 @@ def summarise(
             acc1.append(evals[-1]["eval/accuracy_greedy"])
             acc3.append(statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]))
             rew.append(statistics.mean(r["reward/mean"] for r in train[-20:]))
-            sacc.append(evals[-1]["eval/accuracy_sampled"])
+            if "eval/accuracy_sampled" in evals[-1]:  # absent with run.eval_sampled=false
+                sacc.append(evals[-1]["eval/accuracy_sampled"])
             d0.append(statistics.mean(r[START_D_KEY] for r in train[:5]))
             d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
             if "multiplier/lambda_next" in train[-1]:  # only losses that read lambda log it
