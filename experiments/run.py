@@ -230,8 +230,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.
     "harm_guard_lammax1": {
         f"{k}_guard0.05_lammax1": [*v, *HARM, "multiplier.reward_guard=0.05", "multiplier.lam_max=1.0"]
-        for k, v in _arms(INT3, FP32_HF).items()
-        if k in ("dcmdp", "dcmdp_shaping")
+        for k, v in {**_arms(INT3, FP32_HF), "dcmdp_full": [*INT3, "loss.type=dcmdp_full"]}.items()
+        if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
     },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
