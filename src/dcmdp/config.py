@@ -122,6 +122,11 @@ class LossConfig:
     kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 every step still
     ascends the reward surrogate (docs/concepts.md, "Keeping the constraint safe"). Costs a second
     backward pass per micro-batch."""
+    constraint_gap: str = "engine"
+    """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
+    (the engine against the policy version that sampled the batch, as in a synchronous run) or
+    total (the engine against the current policy, which adds the staleness gap). Ignored when
+    synchronous, where the two are the same."""
     clip_low: float = _L.clip_low
     """PPO ratio clip below: 1 - clip_low."""
     clip_high: float = _L.clip_high
@@ -249,6 +254,13 @@ class RunConfig:
     """W&B project name."""
     threads: int = 0
     """torch CPU threads (0 = leave as is)."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: 0 = synchronous (sample, then update, in one process); N >= 1 = a
+    worker process owns the engine and samples ahead while the trainer updates, so a batch is up
+    to N policy versions old (docs/concepts.md, "Asynchronous rollouts")."""
+    rollout_timeout_s: float = 600.0
+    """With ``max_staleness >= 1``: stop the run when the rollout worker sends nothing this long
+    (its start may take up to 300 s whatever this says)."""
 
 
 @dataclass
@@ -300,6 +312,10 @@ def validate(cfg: Config) -> None:
             f"loss.constraint and loss.measure compose only the built-in ones ({', '.join(SHORTHANDS)})"
         )
     _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
+    _choice("loss.constraint_gap", cfg.loss.constraint_gap, ("engine", "total"))
+    if cfg.run.max_staleness < 0:
+        raise ConfigError(f"run.max_staleness: must be >= 0 (0 = synchronous), got {cfg.run.max_staleness}")
+    _positive("run.rollout_timeout_s", cfg.run.rollout_timeout_s)
     _choice("loss.agg", cfg.loss.agg, AGG_MODES)
     _choice("multiplier.type", cfg.multiplier.type, MULTIPLIER_TYPES)
     _choice("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)
@@ -497,6 +513,7 @@ RESUME_CHANGEABLE = (
     "run.wandb",
     "run.wandb_project",
     "run.threads",
+    "run.rollout_timeout_s",
     "model.device",
     "engine.kv_cache_gb",
 )

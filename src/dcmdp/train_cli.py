@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resume {cfg.run.out_dir} with its saved config.yaml {how}")
         for change in changes:
             print(f"  {change}")
+    from dcmdp.rollout.pipeline import RolloutWorkerError
     from dcmdp.trainer import DivergenceError, engine_label, train
 
     try:
@@ -77,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except RolloutWorkerError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; the rollout worker is stopped and the last checkpoint is kept in "
+            f"{cfg.run.out_dir}/checkpoints (continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
     if summary.get("finished"):
         return 0  # an already finished run: train() said so, and nothing ran
     print(json.dumps(summary, indent=2))

@@ -13,7 +13,10 @@ Per step (:func:`train_step`; see ../docs/concepts.md):
  10. log and checkpoint
 
 Steps 1-2 and 8 go through a :class:`~dcmdp.rollout.RolloutSource` ("next batch / publish
-weights"; today :class:`~dcmdp.rollout.SyncRollout`). A step reads a :class:`TrainState`; the
+weights"): :class:`~dcmdp.rollout.SyncRollout` by default, or, with ``run.max_staleness >= 1``,
+:class:`~dcmdp.rollout.pipeline.AsyncRollout`, whose worker process samples ahead while the
+update runs; a stale batch's engine gap and staleness gap are then measured apart (step 5).
+A step reads a :class:`TrainState`; the
 update reads its :class:`Learner`. What the loop builds from the config is in
 :mod:`dcmdp.run_setup`, what it writes in :mod:`dcmdp.run_log`.
 
@@ -48,7 +51,6 @@ from dcmdp.checkpoint import (
 )
 from dcmdp.config import Config, ConfigError, build_task, dump_config
 from dcmdp.engines.base import SamplingSettings, make_engine
-from dcmdp.evaluate import evaluate_accuracy
 from dcmdp.grad_share import ConstraintGradients
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
@@ -61,6 +63,7 @@ from dcmdp.rollout import (
     rollout,
     sequence_logprobs,
 )
+from dcmdp.rollout.pipeline import AsyncRollout, PolicyVersions, WorkerSpec, rollout_cores
 from dcmdp.run_log import (
     emit,
     final_summary,
@@ -94,6 +97,15 @@ def dual_step_key(cfg: Config) -> str:
     return MEASURES[cfg.loss.measure].discrepancy_key
 
 
+def gap_key(cfg: Config) -> str:
+    """The metric the dual step reads: :func:`dual_step_key`, or its ``total/*`` twin when stale
+    rollouts constrain the total gap (``loss.constraint_gap=total``)."""
+    key = dual_step_key(cfg)
+    if cfg.run.max_staleness > 0 and cfg.loss.constraint_gap == "total":
+        return "total/" + key.removeprefix("discrepancy/")
+    return key
+
+
 class DivergenceError(RuntimeError):
     """The loss or a gradient became NaN / inf; the run stops and keeps its last good checkpoint."""
 
@@ -120,9 +132,11 @@ class TrainState:
 
     learner: Learner
     source: RolloutSource
-    """Where rollouts come from and new weights go (today ``SyncRollout`` on the engine)."""
+    """Where rollouts come from and new weights go (``SyncRollout`` or ``AsyncRollout``)."""
     tokenizer: Any
     multiplier: Multiplier
+    versions: PolicyVersions | None = None
+    """With stale rollouts (``run.max_staleness >= 1``): the policy versions a batch may come from."""
 
     @property
     def cfg(self) -> Config:
@@ -137,6 +151,8 @@ class UpdateBatch:
     old_logp_BT: torch.Tensor
     ref_logp_BT: torch.Tensor | None
     advantages_N: torch.Tensor
+    constraint_engine_logp_BT: torch.Tensor | None = None
+    """What the constraint compares with when not mu (stale batches, ``loss.constraint_gap=engine``)."""
 
 
 @contextmanager
@@ -219,30 +235,22 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
     log(f"engine: {engine_label(cfg)} | trainer {cfg.model.dtype}")
-    engine = make_engine(engine_spec(cfg, base_path))
     learner = Learner(cfg, model, ref_model, optimizer, scheduler, sampling, generator)
-    source = SyncRollout(
-        engine, task, tokenizer, sampling, cfg.run.prompts_per_step, cfg.run.group_size, cfg.run.seed
-    )
-    run = TrainState(learner, source, tokenizer, multiplier)
+    source = make_source(cfg, base_path, tokenizer, sampling, model, start_step, log)
+    versions = PolicyVersions(cfg.run.max_staleness + 1) if cfg.run.max_staleness > 0 else None
+    run = TrainState(learner, source, tokenizer, multiplier, versions)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
         t_sync = time.perf_counter()
         source.publish_weights(model.named_parameters())
+        if versions is not None:
+            versions.save(start_step, model)
         log(f"initial weight sync {time.perf_counter() - t_sync:.2f}s")
 
         def run_eval(step: int) -> dict[str, float]:
-            t0 = time.perf_counter()
-            row = evaluate_accuracy(
-                engine,
-                task,
-                tokenizer,
-                eval_problems,
-                greedy,
-                sampling if cfg.run.eval_sampled else None,
-                seed=cfg.run.seed + 20_000,
+            row = source.evaluate(
+                eval_problems, greedy, sampling if cfg.run.eval_sampled else None, cfg.run.seed + 20_000
             )
-            row["time/eval"] = time.perf_counter() - t0
             emit(metrics_log, writers, {"kind": "eval", "step": step, **row})
             return row
 
@@ -254,7 +262,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         for step in range(start_step + 1, cfg.run.steps + 1):
             row = train_step(run, step)
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
-            d_read = row.get(dual_step_key(cfg), math.nan)
+            d_read = row.get(gap_key(cfg), math.nan)
             if math.isfinite(d_read):
                 recent_d.append(d_read)
             warning = unreachable_tolerance(recent_d, multiplier.tolerance, cfg.loss.uses_multiplier())
@@ -281,10 +289,59 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                 save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.run.keep_checkpoints)
         summary.update(final_summary(run_dir, multiplier, cfg.loss.uses_multiplier()))
     finally:
-        engine.close()
+        source.close()
         for w in writers:
             w.close()
     return summary
+
+
+def make_source(
+    cfg: Config,
+    base_path: Path,
+    tokenizer: Any,
+    sampling: SamplingSettings,
+    model: torch.nn.Module,
+    start_step: int,
+    log: Logger,
+) -> RolloutSource:
+    """The rollout source of a run: in-process when synchronous, a worker process otherwise."""
+    spec = engine_spec(cfg, base_path)
+    task = make_task(cfg.task.name, **cfg.task.options)
+    if cfg.run.max_staleness == 0:
+        return SyncRollout(
+            make_engine(spec),
+            task,
+            tokenizer,
+            sampling,
+            cfg.run.prompts_per_step,
+            cfg.run.group_size,
+            cfg.run.seed,
+        )
+    worker_cores, _ = rollout_cores()
+    worker = WorkerSpec(
+        engine=spec,
+        task=task,
+        tokenizer_path=str(base_path),
+        sampling=sampling,
+        prompts_per_step=cfg.run.prompts_per_step,
+        group_size=cfg.run.group_size,
+        seed=cfg.run.seed,
+        threads=max(1, len(worker_cores)),
+        cores=worker_cores,
+    )
+    source = AsyncRollout(
+        worker,
+        model.named_parameters(),
+        cfg.run.max_staleness,
+        start_version=start_step,
+        timeout_s=cfg.run.rollout_timeout_s,
+        last_step=cfg.run.steps,
+    )
+    log(
+        f"rollout worker: pid {source.process.pid}, cores {list(worker_cores)}, "
+        f"max_staleness {cfg.run.max_staleness}"
+    )
+    return source
 
 
 def train_step(run: TrainState, step: int) -> dict[str, float]:
@@ -302,20 +359,28 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
         with timed(times, "time/recompute"):  # 4. recompute
             old_logp_BT, ref_logp_BT = recompute_logprobs(learner, batch)
         batch, disc = measure_discrepancy(batch, old_logp_BT)  # 5. measure
+        target_BT = None
+        if run.versions is not None:  # stale rollouts: the engine gap and the staleness gap apart
+            with timed(times, "time/behaviour"):
+                behaviour_BT, gaps = split_gaps(run, ro.version, step, batch, old_logp_BT, disc)
+            disc = gaps
+            if cfg.loss.constraint_gap == "engine" and behaviour_BT is not old_logp_BT:
+                target_BT = engine_at_current(batch.engine_logp_BT, old_logp_BT, behaviour_BT)
         with timed(times, "time/update"):  # 6. update, lambda as a number
             settings = loss_settings(cfg, multiplier.value, multiplier.tolerance)
             upd: dict[str, float] = {}
             if batch.num_response_tokens > 0:  # else every sample was dropped: no D, no update
-                upd = update_policy(
-                    learner, UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N), settings
-                )
+                data = UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N, target_BT)
+                upd = update_policy(learner, data, settings)
         lam_used = multiplier.value
         with timed(times, "time/dual"):  # 7. dual step (the reward guard first, if on)
             if isinstance(multiplier, GuardedMultiplier) and cfg.loss.uses_multiplier():
                 multiplier.observe_reward(float(ro.rewards_N.mean()))
-            uses_multiplier = dual_step(cfg, multiplier, disc.get(dual_step_key(cfg), math.nan))
+            uses_multiplier = dual_step(cfg, multiplier, disc.get(gap_key(cfg), math.nan))
         with timed(times, "time/sync"):  # 8. sync
             run.source.publish_weights(learner.model.named_parameters())
+            if run.versions is not None:
+                run.versions.save(step, learner.model)
     row = step_metrics(cfg, ro, batch, {**ro.counts, **disc, **upd}, times)
     if uses_multiplier:
         row["multiplier/lambda"] = lam_used
@@ -369,6 +434,46 @@ def measure_discrepancy(batch: TokenBatch, old_logp_BT: torch.Tensor) -> tuple[T
                 disc[key + "_kept"] = disc[key]
             disc[key] = float(measure.token_fn(old, engine)[full_mask].double().mean())
     return batch, disc
+
+
+def split_gaps(
+    run: TrainState,
+    version: int | None,
+    step: int,
+    batch: TokenBatch,
+    old_logp_BT: torch.Tensor,
+    total: dict[str, float],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Score a batch with the policy version that sampled it, and measure three gaps:
+    ``discrepancy/*`` the engine against that version (the engine gap, as in a synchronous run),
+    ``staleness/*`` that version against the current policy pi_old, ``total/*`` the engine against
+    pi_old (``total``, measured by step 5). Returns the behaviour log-probs and the metrics."""
+    current = step - 1
+    lag = 0 if version is None else current - version
+    behaviour_BT = old_logp_BT
+    if lag > 0:
+        assert run.versions is not None and version is not None
+        model_v = run.versions.model_at(version, run.learner.model)
+        with torch.no_grad():
+            behaviour_BT = sequence_logprobs(model_v, batch, run.learner.sampling)
+    _, engine = measure_discrepancy(batch, behaviour_BT)
+    out = {**engine, **{"total/" + k.removeprefix("discrepancy/"): v for k, v in total.items()}}
+    out["staleness/versions"] = float(lag)
+    mask = batch.response_mask_BT & torch.isfinite(behaviour_BT) & torch.isfinite(old_logp_BT)
+    if bool(mask.any()):
+        stale = discrepancy_metrics(old_logp_BT, behaviour_BT, mask)
+        out.update({"staleness/" + k.removeprefix("discrepancy/"): float(v) for k, v in stale.items()})
+    return behaviour_BT, out
+
+
+def engine_at_current(
+    engine_logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, behaviour_logp_BT: torch.Tensor
+) -> torch.Tensor:
+    """mu carried to the current policy: ``mu + (pi_old - pi_behaviour)`` per token, so a gap to
+    it is the engine gap of the sampling version. Where either trainer log-prob is -inf, mu."""
+    shift = old_logp_BT - behaviour_logp_BT
+    ok = torch.isfinite(shift)
+    return torch.where(ok, engine_logp_BT + torch.where(ok, shift, torch.zeros_like(shift)), engine_logp_BT)
 
 
 def dual_step(cfg: Config, multiplier: Multiplier, measured_d: float) -> bool:
@@ -478,6 +583,11 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                     engine_logp_BT=mbatch.engine_logp_BT,
                     advantages_BT=data.advantages_N[micro].unsqueeze(1).expand_as(logp),
                     mask_BT=mask,
+                    constraint_engine_logp_BT=(
+                        None
+                        if data.constraint_engine_logp_BT is None
+                        else data.constraint_engine_logp_BT[micro]
+                    ),
                 )
                 out = loss_fn(inputs, settings)
                 loss = out.loss

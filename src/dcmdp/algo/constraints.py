@@ -151,7 +151,9 @@ def _metrics(
     if measure.token_fn is prob_gap:
         metrics["dcmdp/prob_gap"] = value.detach()
     else:
-        metrics["dcmdp/prob_gap"] = masked_mean(prob_gap(x.logp_BT.detach(), x.engine_logp_BT), x.mask_BT)
+        metrics["dcmdp/prob_gap"] = masked_mean(
+            prob_gap(x.logp_BT.detach(), x.constraint_target_BT), x.mask_BT
+        )
         metrics["dcmdp/measure"] = value.detach()
     metrics["dcmdp/penalty"] = penalty.detach()
     metrics["dcmdp/lambda"] = torch.tensor(lam, dtype=value.dtype, device=value.device)
@@ -169,7 +171,7 @@ def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
     """Paper reading (a), the differentiable penalty ``lam * token-mean(m_t)``: the policy's own
     probabilities move towards the engine's ("self-correction"). A token mean whatever ``s.agg``,
     because the constraint is defined on the token mean."""
-    value = masked_mean(measure.token_fn(x.logp_BT, x.engine_logp_BT), x.mask_BT)
+    value = masked_mean(measure.token_fn(x.logp_BT, x.constraint_target_BT), x.mask_BT)
     penalty = s.lam * value
     return ConstraintTerms(penalty=penalty, metrics=_metrics(x, measure, value, penalty, s.lam))
 
@@ -178,7 +180,7 @@ def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
 def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """Paper reading (b), advantage shaping ``A_t - lam * m_t`` with m detached (m as a cost);
     ``dcmdp/penalty`` reports ``lam * token-mean(m)``, the mean advantage removed."""
-    m_BT = measure.token_fn(x.logp_BT.detach(), x.engine_logp_BT)
+    m_BT = measure.token_fn(x.logp_BT.detach(), x.constraint_target_BT)
     shift_BT = s.lam * m_BT
     value = masked_mean(m_BT, x.mask_BT)
     return ConstraintTerms(shift_BT=shift_BT, metrics=_metrics(x, measure, value, s.lam * value, s.lam))
@@ -188,7 +190,7 @@ def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
 def hinge_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """``lam * token-mean(max(0, m_t - c))``: only tokens above the tolerance are pulled back
     (this project's variant; needs c > 0)."""
-    m_BT = measure.token_fn(x.logp_BT, x.engine_logp_BT)
+    m_BT = measure.token_fn(x.logp_BT, x.constraint_target_BT)
     excess = masked_mean(torch.relu(m_BT - s.tolerance), x.mask_BT)
     penalty = s.lam * excess
     metrics = _metrics(x, measure, masked_mean(m_BT, x.mask_BT), penalty, s.lam)
@@ -201,7 +203,7 @@ def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constra
     """Both parts of grad D: the penalty ``lam * token-mean(m_t)`` and the shift ``lam * m_t``
     (detached). Their sum's gradient is ``lam`` times an estimate of the whole gradient of
     ``E_pi[m]`` (tested against finite differences on a toy policy)."""
-    m_BT = measure.token_fn(x.logp_BT, x.engine_logp_BT)
+    m_BT = measure.token_fn(x.logp_BT, x.constraint_target_BT)
     value = masked_mean(m_BT, x.mask_BT)
     penalty = s.lam * value
     return ConstraintTerms(

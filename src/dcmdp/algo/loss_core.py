@@ -35,6 +35,17 @@ class LossInputs:
     """Per-token advantages (the sequence advantage broadcast over its tokens)."""
     mask_BT: Tensor
     """Response mask, bool or 0/1: 1 on tokens the policy generated, 0 on prompt and padding."""
+    constraint_engine_logp_BT: Tensor | None = None
+    """What the constraint compares the policy with, when not mu itself (a constant): with stale
+    rollouts and ``loss.constraint_gap=engine``, mu carried to the current policy version,
+    ``mu + (pi_old - pi_behaviour)``, so the constraint sees the engine gap without the staleness
+    gap. The importance corrections always read mu."""
+
+    @property
+    def constraint_target_BT(self) -> Tensor:
+        """The log-probs the constraint measures the gap to: ``constraint_engine_logp_BT`` or mu."""
+        target = self.constraint_engine_logp_BT
+        return self.engine_logp_BT if target is None else target
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,7 @@ def check_loss_inputs(inputs: LossInputs) -> None:
         raise ValueError(f"logp_BT must be 2-D [B, T], got shape {tuple(shape)}")
     for f in fields(inputs):
         tensor = getattr(inputs, f.name)
-        if tensor.shape != shape:
+        if tensor is not None and tensor.shape != shape:
             raise ValueError(
                 f"{f.name} has shape {tuple(tensor.shape)} but logp_BT has shape {tuple(shape)}; "
                 "all loss inputs must share one [B, T] shape"
@@ -193,6 +204,12 @@ def check_loss_inputs(inputs: LossInputs) -> None:
         ),
         "advantages_BT": (~torch.isfinite(inputs.advantages_BT.detach()), "non-finite values", "the rewards"),
     }
+    if inputs.constraint_engine_logp_BT is not None:
+        bad["constraint_engine_logp_BT"] = (
+            nan_or_pos_inf(inputs.constraint_engine_logp_BT),
+            "NaN or +inf values",
+            "the engine log-probs carried to the current policy",
+        )
     counts = torch.stack([keep_BT.sum(), *[(keep_BT & flag).sum() for flag, _, _ in bad.values()]])
     n_tokens, *n_bad = counts.tolist()  # the one device read-back
     if n_tokens == 0:
@@ -221,6 +238,11 @@ def clean(inputs: LossInputs) -> LossInputs:
         engine_logp_BT=zero_out(inputs.engine_logp_BT.detach()),
         advantages_BT=zero_out(inputs.advantages_BT.detach()),
         mask_BT=keep_BT,
+        constraint_engine_logp_BT=(
+            None
+            if inputs.constraint_engine_logp_BT is None
+            else zero_out(inputs.constraint_engine_logp_BT.detach())
+        ),
     )
 
 

@@ -1,21 +1,19 @@
 """Where the training loop gets its rollouts and sends its new weights: one small interface.
 
 The loop asks a :class:`RolloutSource` for the next batch and hands it the weights after each
-update; it never manages processes, queues or shared memory itself (STYLE principle 12).
-:class:`SyncRollout` is today's source: it samples on the engine in the caller's thread when asked
-(so the batch always comes from the current weights) and pushes the weights in memory when
-given them.
+update; it never manages processes, queues or shared memory itself (STYLE principle 12). It also
+evaluates on the deployment engine through it, and closes it.
 
-An asynchronous worker will be a second implementation in this package: it samples the next
-batch while the trainer updates, so ``next_batch`` may return a batch sampled with weights one
-or more updates old, and ``publish_weights`` queues the new weights for the worker. The loop
-stays as it is; the records a batch carries (``Rollout``: prompts, completions with the engine's
-log-probs mu, rewards) are already what an off-policy step needs, since the trainer recomputes
-pi_old itself and the losses correct for pi_old / mu.
+- :class:`SyncRollout` (``run.max_staleness=0``, the default) samples on the engine in the
+  caller's thread when asked, so a batch always comes from the current weights.
+- :class:`dcmdp.rollout.pipeline.AsyncRollout` (``run.max_staleness >= 1``) owns the engine in a
+  worker process that samples ahead while the trainer updates; a batch may be up to
+  ``max_staleness`` versions old and says which (``Rollout.version``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -23,7 +21,7 @@ import torch
 
 from dcmdp.engines.base import RolloutEngine, SamplingSettings
 from dcmdp.rollout.step import Rollout, rollout
-from dcmdp.tasks import Task
+from dcmdp.tasks import Problem, Task
 
 
 class RolloutSource(Protocol):
@@ -35,6 +33,16 @@ class RolloutSource(Protocol):
 
     def publish_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The trainer's parameters after an update (HF names); later batches sample with them."""
+        ...
+
+    def evaluate(
+        self, problems: list[Problem], greedy: SamplingSettings, sampled: SamplingSettings | None, seed: int
+    ) -> dict[str, float]:
+        """``eval/*`` accuracy on the deployment engine with the newest published weights."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (and any process that holds it)."""
         ...
 
 
@@ -75,3 +83,16 @@ class SyncRollout:
 
     def publish_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.load_weights(named_tensors)
+
+    def evaluate(
+        self, problems: list[Problem], greedy: SamplingSettings, sampled: SamplingSettings | None, seed: int
+    ) -> dict[str, float]:
+        from dcmdp.evaluate import evaluate_accuracy
+
+        t0 = time.perf_counter()
+        row = evaluate_accuracy(self.engine, self.task, self.tokenizer, problems, greedy, sampled, seed=seed)
+        row["time/eval"] = time.perf_counter() - t0
+        return row
+
+    def close(self) -> None:
+        self.engine.close()

@@ -30,6 +30,8 @@ class Rollout:
     rewards_N: torch.Tensor
     counts: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    version: int | None = None
+    """The policy version (updates applied) whose weights sampled it; None = the current one."""
 
 
 def rollout(
