@@ -10,7 +10,10 @@ Arms, each in its own subprocess (one at a time, ``OMP_NUM_THREADS=1``, one torc
   fp32, the model object and tokenizer passed in, ``use_cpu=True``;
 - ``dcmdp-vllm-bf16``: ``dcmdp.trainer.train`` with the default engine, in-process vLLM at
   bfloat16 with in-memory weight sync, fp32 training;
-- ``dcmdp-hf-fp32``: the same loop with the Transformers engine at float32 (isolates the engine).
+- ``dcmdp-hf-fp32``: the same loop with the Transformers engine at float32 (isolates the engine);
+- ``dcmdp-vllm-bf16-async1``: ``dcmdp-vllm-bf16`` with ``run.max_staleness=1``: vLLM in a rollout
+  worker process on its own core, sampling the next batch while the trainer updates (its peak RSS
+  is the trainer's only; the worker is another process).
 
 Matched on every side: the default warm-started tiny Qwen3 (``dcmdp pretrain``), the same
 ``arithmetic`` problems in the same order (the exact prompts ``dcmdp train`` draws per step,
@@ -55,8 +58,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("trl", "dcmdp-vllm-bf16", "dcmdp-hf-fp32")
-DCMDP_ENGINES = {"dcmdp-vllm-bf16": ("vllm", "bfloat16"), "dcmdp-hf-fp32": ("transformers", "float32")}
+ARMS = ("trl", "dcmdp-vllm-bf16", "dcmdp-hf-fp32", "dcmdp-vllm-bf16-async1")
+# arm -> (engine type, engine dtype, run.max_staleness)
+DCMDP_ENGINES = {
+    "dcmdp-vllm-bf16": ("vllm", "bfloat16", 0),
+    "dcmdp-hf-fp32": ("transformers", "float32", 0),
+    "dcmdp-vllm-bf16-async1": ("vllm", "bfloat16", 1),
+}
 # What `dcmdp train` sets before vLLM is imported (src/dcmdp/cli.py), plus one thread everywhere.
 WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -305,8 +313,11 @@ def run_trl(settings: Settings, t_start: float) -> ArmResult:
 # ----------------------------------------------------------------------------- the dcmdp arms
 
 
-def dcmdp_overrides(settings: Settings, engine: str, dtype: str, out_dir: str) -> list[str]:
+def dcmdp_overrides(
+    settings: Settings, engine: str, dtype: str, out_dir: str, max_staleness: int = 0
+) -> list[str]:
     return [
+        f"run.max_staleness={max_staleness}",
         f"model.path={settings.model}",
         f"model.device={settings.device}",
         "model.dtype=float32",
@@ -336,13 +347,13 @@ def run_dcmdp(arm: str, settings: Settings, t_start: float) -> ArmResult:
     from dcmdp.config import load_config
 
     torch.set_num_threads(1)
-    engine, dtype = DCMDP_ENGINES[arm]
+    engine, dtype, staleness = DCMDP_ENGINES[arm]
     # train() calls the module-level train_step once per step: time each call there.
     calls = time_calls(dcmdp.trainer, "train_step")
     models = keep_results(dcmdp.trainer, "load_model")  # the first one loaded is the policy
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = str(Path(tmp) / "run")
-        cfg = load_config(overrides=dcmdp_overrides(settings, engine, dtype, out_dir))
+        cfg = load_config(overrides=dcmdp_overrides(settings, engine, dtype, out_dir, staleness))
         dcmdp.trainer.train(cfg, log=lambda msg: None)
         changed = weights_changed(models[0][1], models[0][0])
         lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()

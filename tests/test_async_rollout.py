@@ -320,3 +320,26 @@ def test_hung_worker_times_out(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 4, stdout
     assert "sent nothing for 3s" in stdout and "run.rollout_timeout_s" in stdout
     assert not _alive(worker), "the trainer left its hung worker behind"
+
+
+# ----------------------------------------------------------------------------- no wasted forward
+
+
+def test_reused_forward_gives_the_recompute_numbers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """run.recompute=auto takes pi_old from the update's forward (one optimizer step per batch);
+    always runs the separate no-grad recompute. Same numbers either way."""
+    from dcmdp.trainer import reuses_forward
+
+    assert reuses_forward(load_config())
+    assert not reuses_forward(load_config(overrides=["optim.minibatches=2"]))
+    assert not reuses_forward(load_config(overrides=["run.recompute=always"]))
+    rows = {}
+    for mode in ("auto", "always"):
+        out = tmp_path / mode
+        extra = {"run.steps": 3, "run.eval_every": 0, "run.checkpoint_every": 0, "run.recompute": mode}
+        assert run_cli(small_overrides(tiny_model_dir, out, **extra)) == 0
+        rows[mode] = train_rows(out)
+    for a, b in zip(rows["auto"], rows["always"], strict=True):
+        assert a["reward/mean"] == b["reward/mean"]
+        for key in ("discrepancy/prob_gap_mean", "loss/total", "optim/grad_norm", "multiplier/lambda_next"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key

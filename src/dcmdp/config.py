@@ -258,6 +258,10 @@ class RunConfig:
     """Asynchronous rollouts: 0 = synchronous (sample, then update, in one process); N >= 1 = a
     worker process owns the engine and samples ahead while the trainer updates, so a batch is up
     to N policy versions old (docs/concepts.md, "Asynchronous rollouts")."""
+    recompute: str = "auto"
+    """pi_old: auto = take it from the update's own first forward (detached) when there is one
+    optimizer step per batch (optim.epochs = minibatches = grad_accum = 1), saving a forward pass;
+    always = a separate no-grad forward before the update (needed for several optimizer steps)."""
     rollout_timeout_s: float = 600.0
     """With ``max_staleness >= 1``: stop the run when the rollout worker sends nothing this long
     (its start may take up to 300 s whatever this says)."""
@@ -313,6 +317,7 @@ def validate(cfg: Config) -> None:
         )
     _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
     _choice("loss.constraint_gap", cfg.loss.constraint_gap, ("engine", "total"))
+    _choice("run.recompute", cfg.run.recompute, ("auto", "always"))
     if cfg.run.max_staleness < 0:
         raise ConfigError(f"run.max_staleness: must be >= 0 (0 = synchronous), got {cfg.run.max_staleness}")
     _positive("run.rollout_timeout_s", cfg.run.rollout_timeout_s)

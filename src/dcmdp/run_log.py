@@ -35,11 +35,13 @@ def step_metrics(
         "response/mean_tokens": sum(len(c.token_ids) for c in ro.completions) / len(ro.completions),
         **measured,
         "time/rollout": ro.seconds,
+        "time/rollout_wait": times["time/rollout_wait"],
         "time/recompute": times["time/recompute"],
         "time/update": times["time/update"],
         "time/dual": times["time/dual"],
         "time/sync": times["time/sync"],
         "time/step": times["time/step"],
+        **({"time/behaviour": times["time/behaviour"]} if "time/behaviour" in times else {}),
         "perf/tokens_per_s": ro.counts["rollout/tokens"] / max(ro.seconds, 1e-9),
     }
 

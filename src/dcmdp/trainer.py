@@ -153,6 +153,8 @@ class UpdateBatch:
     advantages_N: torch.Tensor
     constraint_engine_logp_BT: torch.Tensor | None = None
     """What the constraint compares with when not mu (stale batches, ``loss.constraint_gap=engine``)."""
+    logp_BT: torch.Tensor | None = None
+    """The update's forward already taken (with grad) when pi_old came from it (:func:`reuses_forward`)."""
 
 
 @contextmanager
@@ -349,15 +351,20 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
     cfg, learner, multiplier = run.cfg, run.learner, run.multiplier
     times: dict[str, float] = {}
     with timed(times, "time/step"):
-        ro = run.source.next_batch(step)  # 1. rollout, 2. score
+        with timed(times, "time/rollout_wait"):  # 1. rollout, 2. score (sampled ahead when async)
+            ro = run.source.next_batch(step)
         advantages_N = grpo_advantages(  # 3. advantages
             ro.rewards_N, cfg.run.group_size, scale_by_std=cfg.loss.scale_adv_by_std
         )
         device = next(learner.model.parameters()).device
         batch = build_token_batch(ro.prompts, ro.completions, run.tokenizer.pad_token_id).to(device)
         advantages_N = advantages_N.to(device)
-        with timed(times, "time/recompute"):  # 4. recompute
-            old_logp_BT, ref_logp_BT = recompute_logprobs(learner, batch)
+        logp_BT = None
+        with timed(times, "time/recompute"):  # 4. recompute (or the update's own forward)
+            if reuses_forward(cfg):
+                logp_BT, old_logp_BT, ref_logp_BT = forward_for_update(learner, batch)
+            else:
+                old_logp_BT, ref_logp_BT = recompute_logprobs(learner, batch)
         batch, disc = measure_discrepancy(batch, old_logp_BT)  # 5. measure
         target_BT = None
         if run.versions is not None:  # stale rollouts: the engine gap and the staleness gap apart
@@ -370,7 +377,7 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
             settings = loss_settings(cfg, multiplier.value, multiplier.tolerance)
             upd: dict[str, float] = {}
             if batch.num_response_tokens > 0:  # else every sample was dropped: no D, no update
-                data = UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N, target_BT)
+                data = UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N, target_BT, logp_BT)
                 upd = update_policy(learner, data, settings)
         lam_used = multiplier.value
         with timed(times, "time/dual"):  # 7. dual step (the reward guard first, if on)
@@ -406,6 +413,27 @@ def recompute_logprobs(learner: Learner, batch: TokenBatch) -> tuple[torch.Tenso
         ref = learner.ref_model
         ref_logp_BT = sequence_logprobs(ref, batch, learner.sampling) if ref is not None else None
     return old_logp_BT, ref_logp_BT
+
+
+def reuses_forward(cfg: Config) -> bool:
+    """Whether pi_old comes from the update's own forward: one optimizer step on the whole batch
+    (the parameters have not moved yet, so its detached log-probs are pi_old) and ``run.recompute``
+    left at auto."""
+    o = cfg.optim
+    return cfg.run.recompute == "auto" and o.epochs == 1 and o.minibatches == 1 and o.grad_accum == 1
+
+
+def forward_for_update(
+    learner: Learner, batch: TokenBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The update's forward (with grad), pi_old as its detached copy, and the reference's log-probs."""
+    learner.model.train()
+    logp_BT = sequence_logprobs(learner.model, batch, learner.sampling)
+    ref_logp_BT = None
+    if learner.ref_model is not None:
+        with torch.no_grad():
+            ref_logp_BT = sequence_logprobs(learner.ref_model, batch, learner.sampling)
+    return logp_BT, logp_BT.detach(), ref_logp_BT
 
 
 def measure_discrepancy(batch: TokenBatch, old_logp_BT: torch.Tensor) -> tuple[TokenBatch, dict[str, float]]:
@@ -575,7 +603,14 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 if mbatch.num_response_tokens == 0:  # every sequence in it was dropped
                     continue
                 micro_done += 1
-                logp = sequence_logprobs(model, mbatch, learner.sampling)
+                if data.logp_BT is not None:  # the forward taken for pi_old: one pass, every row
+                    if count > 0 or len(micro) != N:
+                        raise RuntimeError(
+                            "a reused forward serves a single optimizer step on the whole batch"
+                        )
+                    logp = data.logp_BT[micro]
+                else:
+                    logp = sequence_logprobs(model, mbatch, learner.sampling)
                 mask = mbatch.response_mask_BT
                 inputs = LossInputs(
                     logp_BT=logp,
