@@ -13,7 +13,8 @@ Arms, each in its own subprocess (one at a time, ``OMP_NUM_THREADS=1``, one torc
 - ``dcmdp-hf-fp32``: the same loop with the Transformers engine at float32 (isolates the engine);
 - ``dcmdp-vllm-bf16-async1``: ``dcmdp-vllm-bf16`` with ``run.max_staleness=1``: vLLM in a rollout
   worker process on its own core, sampling the next batch while the trainer updates (its peak RSS
-  is the trainer's only; the worker is another process).
+  is the trainer's only; the worker is another process);
+- ``dcmdp-hf-fp32-async1``: ``dcmdp-hf-fp32`` with ``run.max_staleness=1``.
 
 Matched on every side: the default warm-started tiny Qwen3 (``dcmdp pretrain``), the same
 ``arithmetic`` problems in the same order (the exact prompts ``dcmdp train`` draws per step,
@@ -58,12 +59,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("trl", "dcmdp-vllm-bf16", "dcmdp-hf-fp32", "dcmdp-vllm-bf16-async1")
+ARMS = ("trl", "dcmdp-vllm-bf16", "dcmdp-hf-fp32", "dcmdp-vllm-bf16-async1", "dcmdp-hf-fp32-async1")
 # arm -> (engine type, engine dtype, run.max_staleness)
 DCMDP_ENGINES = {
     "dcmdp-vllm-bf16": ("vllm", "bfloat16", 0),
     "dcmdp-hf-fp32": ("transformers", "float32", 0),
     "dcmdp-vllm-bf16-async1": ("vllm", "bfloat16", 1),
+    "dcmdp-hf-fp32-async1": ("transformers", "float32", 1),
 }
 # What `dcmdp train` sets before vLLM is imported (src/dcmdp/cli.py), plus one thread everywhere.
 WORKER_ENV = {
@@ -329,6 +331,7 @@ def dcmdp_overrides(
         f"run.group_size={settings.group}",
         f"run.seed={settings.seed}",
         f"sampling.max_tokens={settings.max_tokens}",
+        f"engine.max_model_len={max(128, settings.max_tokens + 64)}",
         "sampling.temperature=1.0",
         f"optim.lr={settings.lr}",
         "run.eval_every=0",

@@ -233,6 +233,14 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for k, v in {**_arms(INT3, FP32_HF), "dcmdp_full": [*INT3, "loss.type=dcmdp_full"]}.items()
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
     },
+    # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
+    # rollout, 60 steps) synchronous against one policy version stale, without a correction, with
+    # TIS and with DCMDP (its constraint on the engine gap, the default loss.constraint_gap).
+    "async_staleness": {
+        f"{name}_stale{n}": [*VLLM_BF16, f"loss.type={name}", f"run.max_staleness={n}"]
+        for name in ("grpo", "tis", "dcmdp")
+        for n in (0, 1)
+    },
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
@@ -383,8 +391,10 @@ def summarise(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     record = {}
+    stale_lines: list[str] = []
     for arm in arms:
         acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], []
+        stale, total = [], []
         for seed in seeds:
             rows = read_metrics(run_dir(key or experiment, arm, seed) / "metrics.jsonl")
             evals = [r for r in rows if r.get("kind") == "eval"]
@@ -401,6 +411,9 @@ def summarise(
             d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
             if "multiplier/lambda_next" in train[-1]:  # only losses that read lambda log it
                 lam.append(train[-1]["multiplier/lambda_next"])
+            if "staleness/prob_gap_mean" in train[-1]:  # asynchronous runs (run.max_staleness >= 1)
+                stale.append(statistics.mean(r["staleness/prob_gap_mean"] for r in train[-10:]))
+                total.append(statistics.mean(r["total/prob_gap_mean"] for r in train[-10:]))
         record[arm] = {
             "acc_start": acc0,
             "acc_end": acc1,
@@ -410,7 +423,10 @@ def summarise(
             "d_first5": d0,
             "d_last10": d1,
             "lambda_end": lam,
+            **({"staleness_last10": stale, "total_last10": total} if stale else {}),
         }
+        if stale:
+            stale_lines.append(f"| {arm} | {ms(d1, '.5f')} | {ms(stale, '.5f')} | {ms(total, '.5f')} |")
         lines.append(
             f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(acc3, '.3f')} | "
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
@@ -420,6 +436,17 @@ def summarise(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     tradeoff_plot(experiment, record, out_dir)
+    if stale_lines:
+        lines += [
+            "",
+            "Asynchronous arms, prob gap over the last 10 steps: the engine gap (engine against the "
+            "policy version that sampled the batch), the staleness gap (that version against the "
+            "current policy) and the total (engine against the current policy).",
+            "",
+            "| arm | engine gap | staleness gap | total gap |",
+            "|---|---|---|---|",
+            *stale_lines,
+        ]
     return "\n".join(lines)
 
 

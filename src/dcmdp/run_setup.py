@@ -2,20 +2,27 @@
 
 Each function reads the config and returns the record a part of the loop uses: the sampling
 settings, the engine spec, the multiplier, the loss settings of a step, the learning-rate
-schedule, the base model's path.
+schedule, the base model's path, and the rollout source (in-process or a worker process).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from dcmdp.algo.losses import LossSettings
 from dcmdp.algo.multiplier import WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings, build_multiplier
 from dcmdp.config import Config, ConfigError
-from dcmdp.engines.base import EngineSpec, SamplingSettings
+from dcmdp.engines.base import EngineSpec, SamplingSettings, make_engine
 from dcmdp.models import resolve_model
+from dcmdp.rollout import RolloutSource, SyncRollout
+from dcmdp.rollout.pipeline import AsyncRollout, WorkerSpec, rollout_cores
+from dcmdp.tasks import make_task
 
 Logger = Callable[[str], None]
 
@@ -86,3 +93,59 @@ def resolve_base_model(cfg: Config, log: Logger) -> Path:
         return resolve_model(cfg.model.path, cache_dir=cfg.model.cache_dir)
     except ValueError as exc:  # neither a model directory nor a named model
         raise ConfigError(f"model.path: {exc}") from None
+
+
+def make_source(
+    cfg: Config,
+    base_path: Path,
+    tokenizer: Any,
+    sampling: SamplingSettings,
+    model: torch.nn.Module,
+    start_step: int,
+    log: Logger,
+) -> RolloutSource:
+    """The rollout source of a run: in-process when synchronous, a worker process otherwise."""
+    spec = engine_spec(cfg, base_path)
+    task = make_task(cfg.task.name, **cfg.task.options)
+    if cfg.run.max_staleness == 0:
+        return SyncRollout(
+            make_engine(spec),
+            task,
+            tokenizer,
+            sampling,
+            cfg.run.prompts_per_step,
+            cfg.run.group_size,
+            cfg.run.seed,
+        )
+    worker_cores, _ = rollout_cores()
+    worker = WorkerSpec(
+        engine=spec,
+        task=task,
+        tokenizer_path=str(base_path),
+        sampling=sampling,
+        prompts_per_step=cfg.run.prompts_per_step,
+        group_size=cfg.run.group_size,
+        seed=cfg.run.seed,
+        threads=max(1, len(worker_cores)),
+        cores=worker_cores,
+        # vLLM's CPU backend binds its OpenMP threads itself ("auto" leaves the last core free,
+        # the worker's own): point it at the worker's cores unless the user chose.
+        env={
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+                "VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, worker_cores))
+            )
+        },
+    )
+    source = AsyncRollout(
+        worker,
+        model.named_parameters(),
+        cfg.run.max_staleness,
+        start_version=start_step,
+        timeout_s=cfg.run.rollout_timeout_s,
+        last_step=cfg.run.steps,
+    )
+    log(
+        f"rollout worker: pid {source.process.pid}, cores {list(worker_cores)}, "
+        f"max_staleness {cfg.run.max_staleness}"
+    )
+    return source
