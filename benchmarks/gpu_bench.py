@@ -25,7 +25,9 @@ What it measures, all in bfloat16 on one device:
      tokens (random weights never emit EOS, so every completion is full length), with the vLLM
      engine when vLLM is importable and the Transformers engine otherwise; prints the median
      time of each phase (rollout, log-prob recompute, update, dual step, weight sync), the
-     evaluation time and the rollout tokens per second;
+     evaluation time and the rollout tokens per second; then the same run with
+     run.max_staleness=--async-staleness (default 1: the engine in a rollout worker process that
+     samples the next batch while the trainer updates) and the ratio of steps per minute;
   3. the cost of the DCMDP term: `update_policy` with each loss, timed in alternation on the
      same batch (benchmarks/bench_loss_overhead.py), median and ratio to grpo;
   4. with --trl and trl installed: benchmarks/bench_trl.py on the same device (TRL's GRPOTrainer
@@ -88,9 +90,12 @@ def model_spec(smoke: bool) -> TinyModelSpec:
     )
 
 
-def training_run(model_dir: Path, out_dir: Path, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+def training_run(
+    model_dir: Path, out_dir: Path, args: argparse.Namespace, engine: str, max_staleness: int = 0
+) -> dict[str, Any]:
     """One `dcmdp train` run (dcmdp loss); per-phase medians over steps 2..N, wall time."""
     overrides = [
+        f"run.max_staleness={max_staleness}",
         f"model.path={model_dir}",
         f"model.dtype={args.dtype}",
         f"model.device={args.device}",
@@ -121,6 +126,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="loss-cost repeats (default 9; smoke 2)")
     ap.add_argument("--engine", default="auto", help="auto (vllm when importable) | vllm | transformers")
     ap.add_argument("--trl", action="store_true", help="also run benchmarks/bench_trl.py on the device")
+    ap.add_argument(
+        "--async-staleness",
+        type=int,
+        default=1,
+        help="also train with run.max_staleness=N (a rollout worker process; 0 = skip)",
+    )
     ap.add_argument(
         "--dtype",
         default=None,
@@ -173,6 +184,17 @@ def main() -> int:
     run = training_run(model_dir, work / "run", args, engine)
     report["train"] = run
     print_summary(run)
+    if args.async_staleness > 0:
+        print(
+            f"\n[1b/3] the same run with run.max_staleness={args.async_staleness} (rollout worker)",
+            flush=True,
+        )
+        stale = training_run(model_dir, work / "run_async", args, engine, args.async_staleness)
+        report["train_async"] = stale
+        print_summary(stale)
+        ratio = run["time/step"] / stale["time/step"]
+        report["async_speedup"] = ratio
+        print(f"  asynchronous / synchronous steps per minute: {ratio:.2f}x")
 
     print("\n[2/3] cost of the DCMDP term (update_policy, alternating, same batch)", flush=True)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
