@@ -74,6 +74,16 @@ class EngineConfig:
     """vLLM KV cache on CPU, GiB."""
     max_model_len: int = 128
     """Longest prompt + response the engine accepts."""
+    sync_check_every: int = 10
+    """Weight-sync check: after the first sync and then every N steps the engine samples a fixed
+    probe and the trainer scores it; a gap far above the first check's stops the run (0 = off).
+    See docs/engines.md, "Is the engine serving my weights?"."""
+    sync_check_factor: float = 4.0
+    """The check fails when the probe's mean |log ratio| exceeds max(factor x floor, floor + margin)."""
+    sync_check_margin: float = 0.005
+    """Nats per token above the floor the check always tolerates."""
+    sync_check_first_max: float = 1.0
+    """The first check (right after the initial sync) fails above this many nats per token."""
 
 
 @dataclass
@@ -318,6 +328,13 @@ def validate(cfg: Config) -> None:
     _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
     _choice("loss.constraint_gap", cfg.loss.constraint_gap, ("engine", "total"))
     _choice("run.recompute", cfg.run.recompute, ("auto", "always"))
+    if cfg.engine.sync_check_every < 0:
+        raise ConfigError(
+            f"engine.sync_check_every: must be >= 0 (0 = off), got {cfg.engine.sync_check_every}"
+        )
+    _positive("engine.sync_check_factor", cfg.engine.sync_check_factor)
+    _positive("engine.sync_check_margin", cfg.engine.sync_check_margin, strict=False)
+    _positive("engine.sync_check_first_max", cfg.engine.sync_check_first_max)
     if cfg.run.max_staleness < 0:
         raise ConfigError(f"run.max_staleness: must be >= 0 (0 = synchronous), got {cfg.run.max_staleness}")
     _positive("run.rollout_timeout_s", cfg.run.rollout_timeout_s)
@@ -521,6 +538,10 @@ RESUME_CHANGEABLE = (
     "run.rollout_timeout_s",
     "model.device",
     "engine.kv_cache_gb",
+    "engine.sync_check_every",
+    "engine.sync_check_factor",
+    "engine.sync_check_margin",
+    "engine.sync_check_first_max",
 )
 
 

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         for change in changes:
             print(f"  {change}")
     from dcmdp.rollout.pipeline import RolloutWorkerError
+    from dcmdp.sync_check import SyncCheckError
     from dcmdp.trainer import DivergenceError, engine_label, train
 
     try:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except RolloutWorkerError as exc:
+    except (RolloutWorkerError, SyncCheckError) as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:

@@ -83,6 +83,7 @@ from dcmdp.run_setup import (
     resolve_base_model,
     sampling_settings,
 )
+from dcmdp.sync_check import SyncCheckSettings, SyncVerifier
 from dcmdp.tasks import make_task
 
 #: The metric the dual step reads with the default measure (``loss.measure=prob_gap``): D between
@@ -243,11 +244,30 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     run = TrainState(learner, source, tokenizer, multiplier, versions)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
+        verifier = sync_verifier(cfg, task, tokenizer)
+        if verifier is not None and ckpt is None:  # the engine loaded these very weights itself
+            floor = verifier.measure_floor(source, model, tokenizer.pad_token_id)
+            log(f"weight-sync check: engine floor before any sync {floor:.2e} nats/token")
         t_sync = time.perf_counter()
         source.publish_weights(model.named_parameters())
         if versions is not None:
             versions.save(start_step, model)
         log(f"initial weight sync {time.perf_counter() - t_sync:.2f}s")
+
+        def check_sync(step: int, first: bool) -> dict[str, float]:
+            if verifier is None or not verifier.due(step, first):
+                return {}
+            t0 = time.perf_counter()
+            out = verifier.check(step, source, model, tokenizer.pad_token_id)
+            out["time/sync_check"] = time.perf_counter() - t0
+            return out
+
+        first_check = check_sync(start_step, first=True)
+        if first_check:
+            log(
+                f"weight-sync check after the initial sync: probe gap {first_check['sync/abs_log_ratio']:.2e} "
+                f"nats/token (floor {first_check['sync/floor']:.2e})"
+            )
 
         def run_eval(step: int) -> dict[str, float]:
             row = source.evaluate(
@@ -263,6 +283,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             log(f"step 0 eval: greedy accuracy {before['eval/accuracy_greedy']:.3f}")
         for step in range(start_step + 1, cfg.run.steps + 1):
             row = train_step(run, step)
+            row.update(check_sync(step, first=False))
             emit(metrics_log, writers, {"kind": "train", "step": step, **row})
             d_read = row.get(gap_key(cfg), math.nan)
             if math.isfinite(d_read):
@@ -295,6 +316,21 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         for w in writers:
             w.close()
     return summary
+
+
+def sync_verifier(cfg: Config, task: Any, tokenizer: Any) -> SyncVerifier | None:
+    """The weight-sync check of ``engine.sync_check_*`` (None when off): a fixed probe of a few
+    eval prompts, scored by the engine after a sync and by the trainer."""
+    e = cfg.engine
+    if e.sync_check_every == 0:
+        return None
+    settings = SyncCheckSettings(
+        e.sync_check_every, e.sync_check_factor, e.sync_check_margin, e.sync_check_first_max
+    )
+    problems = task.problems("eval", settings.num_prompts, seed=settings.seed)
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    room = e.max_model_len - max(len(p) for p in prompts) - 1
+    return SyncVerifier(settings, prompts, max(1, min(settings.max_tokens, cfg.sampling.max_tokens, room)))
 
 
 def train_step(run: TrainState, step: int) -> dict[str, float]:

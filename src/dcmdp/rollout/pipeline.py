@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from dcmdp.engines.base import EngineSpec, SamplingSettings
+from dcmdp.engines.base import EngineSpec, GenerateResult, SamplingSettings
 from dcmdp.rollout.step import Rollout
 from dcmdp.tasks import Task
 
@@ -149,6 +149,9 @@ def _worker_main(
                 rewards = ro.rewards_N.tolist()
                 ro.rewards_N = torch.empty(0)
                 results.put(("batch", step, ro, rewards))
+            elif kind == "probe":
+                _, prompts, sampling, seed = cmd
+                results.put(("probe", version, engine.generate(prompts, sampling, n=1, seed=seed)))
             elif kind == "eval":
                 _, problems, greedy, sampled, seed = cmd
                 t0 = time.perf_counter()
@@ -278,6 +281,20 @@ class AsyncRollout:
             if msg[1] != self.version:
                 raise RolloutWorkerError(f"evaluated version {msg[1]}, the newest is {self.version}")
             return dict(msg[2])
+
+    def probe(self, prompts: list[list[int]], sampling: SamplingSettings, seed: int) -> GenerateResult:
+        """One sample of each prompt with the newest published version (the weight-sync check)."""
+        self._commands.put(("probe", prompts, sampling, seed))
+        while True:
+            msg = self._receive("the weight-sync probe")
+            if msg[0] == "batch":
+                self._received[msg[1]] = _with_rewards(msg[2], msg[3])
+                continue
+            if msg[0] != "probe" or msg[1] != self.version:
+                raise RolloutWorkerError(
+                    f"rollout worker: expected the probe of version {self.version}, got {msg[:2]!r}"
+                )
+            return msg[2]
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the worker (asks, then terminates, then kills); safe to call twice."""

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dcmdp.engines.base import RolloutEngine, SamplingSettings
+from dcmdp.engines.base import GenerateResult, RolloutEngine, SamplingSettings
 from dcmdp.rollout.step import Rollout, rollout
 from dcmdp.tasks import Problem, Task
 
@@ -39,6 +39,11 @@ class RolloutSource(Protocol):
         self, problems: list[Problem], greedy: SamplingSettings, sampled: SamplingSettings | None, seed: int
     ) -> dict[str, float]:
         """``eval/*`` accuracy on the deployment engine with the newest published weights."""
+        ...
+
+    def probe(self, prompts: list[list[int]], sampling: SamplingSettings, seed: int) -> GenerateResult:
+        """One sample of each prompt from the engine with the newest published weights (the
+        weight-sync check, :mod:`dcmdp.sync_check`)."""
         ...
 
     def close(self) -> None:
@@ -93,6 +98,9 @@ class SyncRollout:
         row = evaluate_accuracy(self.engine, self.task, self.tokenizer, problems, greedy, sampled, seed=seed)
         row["time/eval"] = time.perf_counter() - t0
         return row
+
+    def probe(self, prompts: list[list[int]], sampling: SamplingSettings, seed: int) -> GenerateResult:
+        return self.engine.generate(prompts, sampling, n=1, seed=seed)
 
     def close(self) -> None:
         self.engine.close()
