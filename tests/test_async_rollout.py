@@ -218,8 +218,11 @@ def test_worker_killed_stops_the_run_and_resume_finishes(tiny_model_dir: Path, t
 
 
 def test_trainer_killed_leaves_no_orphan_and_resume_finishes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Large batches and max_staleness 3, so sampled batches sit unread in the queue's pipe when
+    the trainer dies (a worker that waited to flush them would live on forever)."""
     out = tmp_path / "run"
-    proc = _start(tiny_model_dir, out, **ASYNC)
+    big = {"run.prompts_per_step": 16, "run.group_size": 8, "sampling.max_tokens": 48, "run.max_staleness": 3}
+    proc = _start(tiny_model_dir, out, **{**ASYNC, **big})
     _wait_for_step(proc, out / "metrics.jsonl", 2)
     worker = _worker_pid(proc.pid)
     assert worker is not None
@@ -229,7 +232,41 @@ def test_trainer_killed_leaves_no_orphan_and_resume_finishes(tiny_model_dir: Pat
     while time.time() < deadline and _alive(worker):
         time.sleep(0.1)
     assert not _alive(worker), "the rollout worker outlived a killed trainer"
-    _resume_and_check(tiny_model_dir, out)
+    assert run_cli(["--resume", *small_overrides(tiny_model_dir, out, **{**ASYNC, **big})]) == 0
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5], "rows lost or duplicated"
+
+
+def test_engine_gap_counts_what_the_sampling_version_cannot_sample(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With top-k the bf16 engine samples tokens the fp32 trainer's top-k excludes. A stale run's
+    discrepancy/* counts them exactly as a synchronous run does (step 1 is fresh in both and
+    samples the same batch), so the dual step reads the same D."""
+    extra = {"run.steps": 2, "run.eval_every": 0, "run.checkpoint_every": 0, "sampling.top_k": 3}
+    rows = {}
+    for n in (0, 1):
+        out = tmp_path / f"stale{n}"
+        assert run_cli(small_overrides(tiny_model_dir, out, **{**extra, "run.max_staleness": n})) == 0
+        rows[n] = train_rows(out)[0]
+    assert rows[0]["discrepancy/trainer_impossible_tokens"] > 0, "the setting produced no impossible token"
+    for key in ("discrepancy/prob_gap_mean", "discrepancy/trainer_impossible_tokens", "reward/mean"):
+        assert rows[1][key] == rows[0][key], key
+    assert rows[1]["multiplier/lambda_next"] == pytest.approx(rows[0]["multiplier/lambda_next"], abs=1e-12)
+
+
+def test_slots_are_one_flat_buffer_per_dtype() -> None:
+    """Shared memory costs one file descriptor per buffer: one per dtype, not one per tensor."""
+    from dcmdp.rollout.pipeline import slot_layout, slot_views
+
+    named = [("a", torch.randn(2, 3)), ("b", torch.randn(4)), ("c", torch.randn(3).bfloat16())]
+    layout, sizes = slot_layout(named)
+    assert sizes == {torch.float32: 10, torch.bfloat16: 3}
+    buffers = {dtype: torch.zeros(size, dtype=dtype) for dtype, size in sizes.items()}
+    views = slot_views(buffers, layout)
+    for name, t in named:
+        views[name].copy_(t)
+    for name, t in named:
+        assert torch.equal(slot_views(buffers, layout)[name], t)
 
 
 def test_ctrl_c_stops_both_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -239,7 +276,9 @@ def test_ctrl_c_stops_both_processes(tiny_model_dir: Path, tmp_path: Path) -> No
     worker = _worker_pid(proc.pid)
     assert worker is not None
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    t0 = time.time()
     stdout, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 8, "shutting down took the whole join timeout"
     assert proc.returncode == 130, stdout
     assert "interrupted" in stdout
     deadline = time.time() + 15

@@ -239,11 +239,12 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
     log(f"engine: {engine_label(cfg)} | trainer {cfg.model.dtype}")
     learner = Learner(cfg, model, ref_model, optimizer, scheduler, sampling, generator)
-    source = make_source(cfg, base_path, tokenizer, sampling, model, start_step, log)
     versions = PolicyVersions(cfg.run.max_staleness + 1) if cfg.run.max_staleness > 0 else None
-    run = TrainState(learner, source, tokenizer, multiplier, versions)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    source: RolloutSource | None = None
     try:
+        source = make_source(cfg, base_path, tokenizer, sampling, model, start_step, log)
+        run = TrainState(learner, source, tokenizer, multiplier, versions)
         verifier = sync_verifier(cfg, task, tokenizer)
         if verifier is not None and ckpt is None:  # the engine loaded these very weights itself
             floor = verifier.measure_floor(source, model, tokenizer.pad_token_id)
@@ -312,7 +313,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
                 save_checkpoint(run_dir, step, model, tokenizer, state, keep=cfg.run.keep_checkpoints)
         summary.update(final_summary(run_dir, multiplier, cfg.loss.uses_multiplier()))
     finally:
-        source.close()
+        if source is not None:
+            source.close()
         for w in writers:
             w.close()
     return summary
@@ -348,15 +350,16 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
         advantages_N = advantages_N.to(device)
         logp_BT = None
         with timed(times, "time/recompute"):  # 4. recompute (or the update's own forward)
-            if reuses_forward(cfg):
+            if reuses_forward(cfg) and not has_dropout(learner.model):
                 logp_BT, old_logp_BT, ref_logp_BT = forward_for_update(learner, batch)
             else:
                 old_logp_BT, ref_logp_BT = recompute_logprobs(learner, batch)
+        sampled = batch  # every sampled sequence, before the ones pi_old cannot sample leave
         batch, disc = measure_discrepancy(batch, old_logp_BT)  # 5. measure
         target_BT = None
         if run.versions is not None:  # stale rollouts: the engine gap and the staleness gap apart
             with timed(times, "time/behaviour"):
-                behaviour_BT, gaps = split_gaps(run, ro.version, step, batch, old_logp_BT, disc)
+                behaviour_BT, gaps = split_gaps(run, ro.version, step, sampled, batch, old_logp_BT, disc)
             disc = gaps
             if cfg.loss.constraint_gap == "engine" and behaviour_BT is not old_logp_BT:
                 target_BT = engine_at_current(batch.engine_logp_BT, old_logp_BT, behaviour_BT)
@@ -410,6 +413,15 @@ def reuses_forward(cfg: Config) -> bool:
     return cfg.run.recompute == "auto" and o.epochs == 1 and o.minibatches == 1 and o.grad_accum == 1
 
 
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward is random (dropout on): then pi_old needs its own
+    deterministic (eval-mode) forward, whatever ``run.recompute`` says."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout", "dropout")]
+    modules = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(float(r) > 0 for r in [*rates, *modules])
+
+
 def forward_for_update(
     learner: Learner, batch: TokenBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -455,14 +467,17 @@ def split_gaps(
     run: TrainState,
     version: int | None,
     step: int,
+    sampled: TokenBatch,
     batch: TokenBatch,
     old_logp_BT: torch.Tensor,
     total: dict[str, float],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Score a batch with the policy version that sampled it, and measure three gaps:
-    ``discrepancy/*`` the engine against that version (the engine gap, as in a synchronous run),
-    ``staleness/*`` that version against the current policy pi_old, ``total/*`` the engine against
-    pi_old (``total``, measured by step 5). Returns the behaviour log-probs and the metrics."""
+    ``discrepancy/*`` the engine against that version (the engine gap, measured on every sampled
+    sequence ``sampled`` exactly as a synchronous run measures it, tokens that version cannot
+    sample included), ``staleness/*`` that version against the current policy pi_old on the
+    sequences the update keeps (``batch``), ``total/*`` the engine against pi_old (``total``,
+    measured by step 5). Returns the behaviour log-probs and the metrics."""
     current = step - 1
     lag = 0 if version is None else current - version
     behaviour_BT = old_logp_BT
@@ -470,8 +485,8 @@ def split_gaps(
         assert run.versions is not None and version is not None
         model_v = run.versions.model_at(version, run.learner.model)
         with torch.no_grad():
-            behaviour_BT = sequence_logprobs(model_v, batch, run.learner.sampling)
-    _, engine = measure_discrepancy(batch, behaviour_BT)
+            behaviour_BT = sequence_logprobs(model_v, sampled, run.learner.sampling)
+    _, engine = measure_discrepancy(sampled, behaviour_BT)
     out = {**engine, **{"total/" + k.removeprefix("discrepancy/"): v for k, v in total.items()}}
     out["staleness/versions"] = float(lag)
     mask = batch.response_mask_BT & torch.isfinite(behaviour_BT) & torch.isfinite(old_logp_BT)

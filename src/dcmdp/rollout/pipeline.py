@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import queue
 import signal
@@ -52,6 +53,29 @@ POLL_S = 0.5
 #: The worker's start (imports, engine build: vLLM takes tens of seconds) may take this long even
 #: when ``timeout_s`` is shorter.
 START_TIMEOUT_S = 300.0
+
+
+Layout = list[tuple[str, torch.dtype, int, tuple[int, ...]]]
+"""Where each tensor lives in a slot: (name, dtype, offset in that dtype's flat buffer, shape)."""
+
+
+def slot_layout(named: list[tuple[str, torch.Tensor]]) -> tuple[Layout, dict[torch.dtype, int]]:
+    """Pack tensors into one flat buffer per dtype: each tensor's offset, and each buffer's size."""
+    layout: Layout = []
+    sizes: dict[torch.dtype, int] = {}
+    for name, t in named:
+        offset = sizes.get(t.dtype, 0)
+        layout.append((name, t.dtype, offset, tuple(t.shape)))
+        sizes[t.dtype] = offset + t.numel()
+    return layout, sizes
+
+
+def slot_views(buffers: dict[torch.dtype, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Each tensor of a slot as a view into its flat buffer."""
+    return {
+        name: buffers[dtype].narrow(0, offset, math.prod(shape)).view(shape)
+        for name, dtype, offset, shape in layout
+    }
 
 
 class RolloutWorkerError(RuntimeError):
@@ -98,7 +122,8 @@ def rollout_cores(n_cpus: int | None = None) -> tuple[tuple[int, ...], tuple[int
 
 def _worker_main(
     spec: WorkerSpec,
-    slots: list[dict[str, torch.Tensor]],
+    buffers: list[dict[torch.dtype, torch.Tensor]],
+    layout: Layout,
     commands: Any,
     results: Any,
     loaded: Any,
@@ -107,6 +132,7 @@ def _worker_main(
     """The worker: build the engine, then follow commands until ``stop`` (or the parent is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     engine = None
+    slots = [slot_views(b, layout) for b in buffers]
     try:
         os.environ.update(spec.env)
         if spec.cores and hasattr(os, "sched_setaffinity"):
@@ -130,10 +156,14 @@ def _worker_main(
                 cmd = commands.get(timeout=POLL_S)
             except queue.Empty:
                 if os.getppid() != parent_pid:  # the trainer died (kill -9): do not linger
+                    # A batch nobody will read may still sit in the queue's pipe: exit without
+                    # waiting to flush it.
+                    results.cancel_join_thread()
                     return
                 continue
             kind = cmd[0]
             if kind == "stop":
+                results.cancel_join_thread()  # the trainer no longer reads what is in flight
                 return
             if kind == "weights":
                 _, version, slot = cmd
@@ -203,17 +233,19 @@ class AsyncRollout:
         """No batch is sampled for a step beyond this one (the run's last)."""
         self._received: dict[int, Rollout] = {}
         ctx = mp.get_context("spawn")
-        shapes = [(n, t.detach()) for n, t in named_params]
-        self.slots = [
-            {n: torch.empty_like(t, device="cpu").share_memory_() for n, t in shapes}
+        # One flat shared buffer per dtype per slot (one file descriptor each, not one per tensor).
+        layout, sizes = slot_layout([(n, t.detach()) for n, t in named_params])
+        self.buffers = [
+            {dtype: torch.empty(size, dtype=dtype).share_memory_() for dtype, size in sizes.items()}
             for _ in range(max_staleness + 1)
         ]
+        self.slots = [slot_views(b, layout) for b in self.buffers]
         self._commands = ctx.Queue()
         self._results = ctx.Queue()
         self._loaded = ctx.Value("q", -1)
         self.process = ctx.Process(
             target=_worker_main,
-            args=(spec, self.slots, self._commands, self._results, self._loaded, os.getpid()),
+            args=(spec, self.buffers, layout, self._commands, self._results, self._loaded, os.getpid()),
             daemon=True,
             name="dcmdp-rollout-worker",
         )
