@@ -221,9 +221,10 @@ def test_trainer_killed_leaves_no_orphan_and_resume_finishes(tiny_model_dir: Pat
     """Large batches and max_staleness 3, so sampled batches sit unread in the queue's pipe when
     the trainer dies (a worker that waited to flush them would live on forever)."""
     out = tmp_path / "run"
-    big = {"run.prompts_per_step": 16, "run.group_size": 8, "sampling.max_tokens": 48, "run.max_staleness": 3}
+    big = {"run.prompts_per_step": 16, "run.group_size": 8, "sampling.max_tokens": 64, "run.max_staleness": 3}
     proc = _start(tiny_model_dir, out, **{**ASYNC, **big})
-    _wait_for_step(proc, out / "metrics.jsonl", 2)
+    _wait_for_step(proc, out / "metrics.jsonl", 1)
+    time.sleep(3)  # the worker samples ahead meanwhile
     worker = _worker_pid(proc.pid)
     assert worker is not None
     proc.send_signal(signal.SIGKILL)

@@ -55,7 +55,8 @@ def test_every_dcmdp_command_parses(argv: list[str]) -> None:
         # runs go under runs/, never the repository root
         assert Path(cfg.run.out_dir).parts[0] == "runs", cfg.run.out_dir
     if argv[1] == "probe":
-        assert args.model == "default", "the tour probes the warm-started model, not a random one"
+        # the warm-started model, not a random one (the MoE model only for --attribute)
+        assert args.model == "default" or (args.attribute and args.model == "tiny-qwen3-moe"), args.model
     if argv[1] == "report":
         assert Path(args.out).parts[0] == "runs", args.out
 

@@ -271,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
     pad_id = tokenizer.pad_token_id  # None: build_token_batch pads with 0
     device = resolve_device(args.device)
     trainer = load_model(model_path, dtype=TORCH_DTYPES[args.trainer_dtype], device=device).eval()
+    if args.attribute:
+        return run_attribute(args, settings, model_path, trainer, prompts, sampling, pad_id)
 
     results = []
     for setting in settings:
@@ -313,6 +315,58 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_attribute(
+    args: argparse.Namespace,
+    settings: list[ProbeSetting],
+    model_path: Any,
+    trainer: torch.nn.Module,
+    prompts: list[list[int]],
+    sampling: SamplingSettings,
+    pad_id: int | None,
+) -> int:
+    """``--attribute``: the setting applied to one module group at a time (dcmdp.attribution)."""
+    from dcmdp.attribution import DTYPE_MODES, WEIGHT_MODES, attribute, format_attribution, plot_attribution
+    from dcmdp.engines.base import EngineSpec, make_engine
+    from dcmdp.rollout.batch import build_token_batch
+
+    if len(settings) != 1 or settings[0].engine != "transformers":
+        print("dcmdp probe: error: --attribute takes one transformers setting", file=sys.stderr)
+        return 2
+    setting = settings[0]
+    mode = setting.quantization or setting.dtype
+    if setting.quantization is not None and setting.dtype != "float32":
+        print(
+            "dcmdp probe: error: --attribute: a quantization at --dtype float32 (one cause at a time)",
+            file=sys.stderr,
+        )
+        return 2
+    if mode not in WEIGHT_MODES + DTYPE_MODES or args.trainer_dtype != "float32":
+        print(
+            f"dcmdp probe: error: --attribute needs a float32 trainer and one of {', '.join(WEIGHT_MODES + DTYPE_MODES)} "
+            f"(got {mode})",
+            file=sys.stderr,
+        )
+        return 2
+    reference = make_engine(
+        EngineSpec(type="transformers", model=str(model_path), dtype="float32", seed=args.seed)
+    )
+    result = reference.generate(prompts, sampling, n=args.samples, seed=args.seed)
+    reference.close()
+    batch = build_token_batch(prompts, result.completions, pad_id)
+    full, rows = attribute(trainer, batch, mode, per_layer=args.per_layer, only=args.only)
+    print(
+        f"model {model_path}  setting transformers {mode}{' on ' + args.only if args.only else ''}  "
+        f"{len(prompts)} prompts x {args.samples} samples (sampled by the float32 model, T={sampling.temperature})"
+    )
+    print(format_attribution(full, rows))
+    if args.plot:
+        plot_attribution(
+            full, rows, args.plot, f"{model_path.name if hasattr(model_path, 'name') else model_path}: {mode}"
+        )
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "probe",
@@ -344,5 +398,20 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=256, help="engine context length (vLLM)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--attribute",
+        action="store_true",
+        help="apply the (transformers) setting to one module group at a time and rank the groups' shares",
+    )
+    p.add_argument(
+        "--per-layer", action="store_true", help="with --attribute: attention / mlp / router per layer"
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="REGEX",
+        help="with --attribute: apply the setting only to matching names",
+    )
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --attribute: also write a bar chart")
     p.set_defaults(func=run)
     return p
