@@ -276,16 +276,17 @@ def test_ctrl_c_stops_both_processes(tiny_model_dir: Path, tmp_path: Path) -> No
     _wait_for_step(proc, out / "metrics.jsonl", 1)
     worker = _worker_pid(proc.pid)
     assert worker is not None
-    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
     t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    while time.time() - t0 < 30 and _alive(worker):
+        time.sleep(0.05)
+    gone_after = time.time() - t0
+    assert not _alive(worker), "the rollout worker outlived Ctrl-C"
+    # it stops when asked, not after close()'s 10 s join and a SIGTERM
+    assert gone_after < 9.5, f"the worker took {gone_after:.1f}s to stop"
     stdout, _ = proc.communicate(timeout=60)
-    assert time.time() - t0 < 8, "shutting down took the whole join timeout"
     assert proc.returncode == 130, stdout
     assert "interrupted" in stdout
-    deadline = time.time() + 15
-    while time.time() < deadline and _alive(worker):
-        time.sleep(0.1)
-    assert not _alive(worker), "the rollout worker outlived Ctrl-C"
 
 
 def test_every_loss_trains_on_stale_batches(tiny_model_dir: Path) -> None:
