@@ -103,13 +103,15 @@ def make_source(
     model: torch.nn.Module,
     start_step: int,
     log: Logger,
+    engine_factory: Callable[[EngineSpec], Any] = make_engine,
 ) -> RolloutSource:
-    """The rollout source of a run: in-process when synchronous, a worker process otherwise."""
+    """The rollout source of a run: in-process when synchronous (the engine built by
+    ``engine_factory``), a worker process otherwise (which builds its own)."""
     spec = engine_spec(cfg, base_path)
     task = make_task(cfg.task.name, **cfg.task.options)
     if cfg.run.max_staleness == 0:
         return SyncRollout(
-            make_engine(spec),
+            engine_factory(spec),
             task,
             tokenizer,
             sampling,

@@ -50,7 +50,7 @@ from dcmdp.checkpoint import (
     set_random_states,
 )
 from dcmdp.config import Config, ConfigError, build_task, dump_config
-from dcmdp.engines.base import SamplingSettings
+from dcmdp.engines.base import SamplingSettings, make_engine
 from dcmdp.grad_share import ConstraintGradients
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
@@ -243,7 +243,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     source: RolloutSource | None = None
     try:
-        source = make_source(cfg, base_path, tokenizer, sampling, model, start_step, log)
+        # make_engine through this module, so tests can replace it (dcmdp.trainer.make_engine)
+        source = make_source(cfg, base_path, tokenizer, sampling, model, start_step, log, make_engine)
         run = TrainState(learner, source, tokenizer, multiplier, versions)
         verifier = sync_verifier(cfg, task, tokenizer)
         if verifier is not None and ckpt is None:  # the engine loaded these very weights itself
