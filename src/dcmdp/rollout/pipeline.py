@@ -328,8 +328,9 @@ class AsyncRollout:
                 )
             return msg[2]
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the worker (asks, then terminates, then kills); safe to call twice."""
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Stop the worker (asks and waits ``timeout_s``, then terminates, then kills); safe to
+        call twice. A worker in the middle of a generation is terminated rather than waited for."""
         if self._closed:
             return
         self._closed = True
