@@ -183,7 +183,14 @@ def _start(tiny_model_dir: Path, out: Path, **extra: object) -> subprocess.Popen
     cmd += small_overrides(tiny_model_dir, out, **extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # as from a terminal: a SIGINT the test runner ignores would be inherited as ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
