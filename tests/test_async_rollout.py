@@ -189,9 +189,15 @@ def _start(tiny_model_dir: Path, out: Path, **extra: object) -> subprocess.Popen
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        # as from a terminal: a SIGINT the test runner ignores would be inherited as ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT at its default and unblocked, as from a terminal (a SIGINT
+    the test runner ignores or blocks would be inherited, and Ctrl-C would never arrive)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
