@@ -137,10 +137,17 @@ def _skip_cpu_repacking(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.vllm
+@pytest.mark.parametrize("model", ["tied", "moe"])
 @pytest.mark.parametrize("repaired", [True, False], ids=["repaired", "repacking_skipped"])
-def test_vllm_tied_lm_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repaired: bool) -> None:
+def test_vllm_cpu_repacking(
+    model: str, repaired: bool, tmp_path: Path, tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tied lm_head and MoE experts: caught when vLLM's CPU re-packing is skipped, fine when repaired."""
     pytest.importorskip("vllm")
-    model_dir = build_tiny_model(tmp_path / "tied", TinyModelSpec(tie_word_embeddings=True))
+    if model == "tied":
+        model_dir = build_tiny_model(tmp_path / "tied", TinyModelSpec(tie_word_embeddings=True))
+    else:
+        model_dir = tiny_moe_dir
     if not repaired:
         _skip_cpu_repacking(monkeypatch)
     for engine in vllm_engine(model_dir, "float32"):
@@ -149,17 +156,3 @@ def test_vllm_tied_lm_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repa
         else:
             with pytest.raises(SyncCheckError):
                 first_then_perturbed(EngineSource(engine), model_dir)
-
-
-@pytest.mark.vllm
-@pytest.mark.parametrize("repaired", [True, False], ids=["repaired", "repacking_skipped"])
-def test_vllm_moe_experts(tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch, repaired: bool) -> None:
-    pytest.importorskip("vllm")
-    if not repaired:
-        _skip_cpu_repacking(monkeypatch)
-    for engine in vllm_engine(tiny_moe_dir, "float32"):
-        if repaired:
-            first_then_perturbed(EngineSource(engine), tiny_moe_dir)
-        else:
-            with pytest.raises(SyncCheckError):
-                first_then_perturbed(EngineSource(engine), tiny_moe_dir)

@@ -303,28 +303,25 @@ class AsyncRollout:
     ) -> dict[str, float]:
         """Accuracy on the deployment engine with the newest published version (waits for it)."""
         self._commands.put(("eval", problems, greedy, sampled, seed))
-        while True:
-            msg = self._receive("an evaluation")
-            if msg[0] == "batch":  # a batch sampled ahead, before the eval command
-                self._received[msg[1]] = _with_rewards(msg[2], msg[3])
-                continue
-            if msg[0] != "eval":
-                raise RolloutWorkerError(f"rollout worker: expected an evaluation, got {msg[0]!r}")
-            if msg[1] != self.version:
-                raise RolloutWorkerError(f"evaluated version {msg[1]}, the newest is {self.version}")
-            return dict(msg[2])
+        return dict(self._reply("eval", "an evaluation"))
 
     def probe(self, prompts: list[list[int]], sampling: SamplingSettings, seed: int) -> GenerateResult:
         """One sample of each prompt with the newest published version (the weight-sync check)."""
         self._commands.put(("probe", prompts, sampling, seed))
+        result: GenerateResult = self._reply("probe", "the weight-sync probe")
+        return result
+
+    def _reply(self, kind: str, waiting_for: str) -> Any:
+        """The worker's answer to the command just sent, made with the newest published version;
+        batches sampled ahead that arrive first are kept for ``next_batch``."""
         while True:
-            msg = self._receive("the weight-sync probe")
+            msg = self._receive(waiting_for)
             if msg[0] == "batch":
                 self._received[msg[1]] = _with_rewards(msg[2], msg[3])
                 continue
-            if msg[0] != "probe" or msg[1] != self.version:
+            if msg[0] != kind or msg[1] != self.version:
                 raise RolloutWorkerError(
-                    f"rollout worker: expected the probe of version {self.version}, got {msg[:2]!r}"
+                    f"rollout worker: expected {kind} of version {self.version}, got {msg[:2]!r}"
                 )
             return msg[2]
 
