@@ -14,7 +14,7 @@ import torch
 from dcmdp.config import ConfigError, load_config
 from dcmdp.engines.base import EngineSpec, GenerateResult, SamplingSettings, make_engine
 from dcmdp.models import TinyModelSpec, build_tiny_model, load_model
-from dcmdp.sync_check import SyncCheckError, SyncCheckSettings, SyncVerifier
+from dcmdp.sync_check import SyncCheckError, SyncCheckSettings, SyncVerifier, probe_gap
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import run_cli, small_overrides, train_rows
@@ -153,6 +153,19 @@ def test_vllm_cpu_repacking(
     for engine in vllm_engine(model_dir, "float32"):
         if repaired:
             first_then_perturbed(EngineSource(engine), model_dir)
-        else:
-            with pytest.raises(SyncCheckError):
-                first_then_perturbed(EngineSource(engine), model_dir)
+            continue
+        try:
+            first_then_perturbed(EngineSource(engine), model_dir)
+        except SyncCheckError:
+            continue  # caught, as it must be where the stale copy changes what the engine serves
+        # Not caught: only acceptable where this CPU's kernels keep no stale packed copy, i.e. the
+        # engine serves the new weights even without the repair (then there is no bug to catch).
+        new = perturbed(model_dir, seed=7, noise=0.1)
+        result = engine.generate(PROMPTS, SamplingSettings(temperature=1.0, max_tokens=16), n=1, seed=5)
+        gap = probe_gap(
+            new, PROMPTS, result.completions, SamplingSettings(temperature=1.0, max_tokens=16), None
+        )
+        assert gap["sync/abs_log_ratio"] < 1e-4, (
+            f"the engine serves stale weights and the check missed it: {gap}"
+        )
+        pytest.skip(f"CPU capability: vLLM's {model} kernels on this CPU keep no stale packed copy")
