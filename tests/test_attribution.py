@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcmdp.attribution import attribute, group_label, group_of, with_setting
+from dcmdp.attribution import attribute, with_setting
+from dcmdp.engines.precision import group_label, group_of
 from dcmdp.cli import main as cli_main
 from dcmdp.engines.base import EngineSpec, SamplingSettings, make_engine
 from dcmdp.models import load_model

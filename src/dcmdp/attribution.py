@@ -26,43 +26,16 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from dcmdp.engines.precision import group_label, in_groups, run_leaf_modules_in
 from dcmdp.engines.quantize import quantizable_weight_names, quantize_weight
 from dcmdp.rollout.batch import TokenBatch
 
 WEIGHT_MODES = ("int8", "int4", "int3", "fp8")
 DTYPE_MODES = ("bfloat16", "float16")
-GROUPS = ("embeddings", "attention", "mlp", "router", "norms", "lm_head")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def group_of(name: str) -> str:
-    """The module group of a parameter or module name (HF Qwen3 / Qwen3-MoE / Llama naming)."""
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head") or ".lm_head" in name:
-        return "lm_head"
-    if "norm" in name.rsplit(".", 2)[-2 if name.endswith((".weight", ".bias")) else -1]:
-        return "norms"
-    if ".self_attn." in name or name.endswith(".self_attn"):
-        return "attention"
-    if re.search(r"\.mlp\.gate(\.|$)", name):
-        return "router"
-    if ".mlp." in name or name.endswith(".mlp"):
-        return "mlp"
-    return "other"
-
-
-def group_label(name: str, per_layer: bool) -> str:
-    group = group_of(name)
-    match = _LAYER.search(name + ".")
-    if per_layer and match and group in ("attention", "mlp", "router"):
-        return f"{group}.{match.group(1)}"
-    return group
 
 
 @dataclass(frozen=True)
@@ -88,30 +61,8 @@ def with_setting(model: nn.Module, mode: str, select: Callable[[str], bool]) -> 
         raise ValueError(
             f"attribution mode {mode!r} is unknown; valid: {', '.join(WEIGHT_MODES + DTYPE_MODES)}"
         )
-    dtype = getattr(torch, mode)
-    for name, module in out.named_modules():
-        leaf = next(module.children(), None) is None
-        if not leaf or not any(True for _ in module.parameters(recurse=False)) or not select(name):
-            continue
-        module.to(dtype)
-        module.register_forward_pre_hook(_cast_inputs(dtype))
-        module.register_forward_hook(lambda _m, _i, output: _cast(output, torch.float32))
+    run_leaf_modules_in(out, getattr(torch, mode), select, lambda _name: torch.float32)
     return out
-
-
-def _cast(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
-    if isinstance(x, tuple):
-        return tuple(_cast(v, dtype) for v in x)
-    return x
-
-
-def _cast_inputs(dtype: torch.dtype) -> Callable[..., Any]:
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(_cast(a, dtype) for a in args)
-
-    return hook
 
 
 def token_gap(
@@ -158,19 +109,13 @@ def attribute(
         for label in labels:
 
             def select(name: str, lab: str = label) -> bool:
-                return allowed(name) and _in_group(name, lab, per_layer)
+                return allowed(name) and in_groups(name, [lab])
 
             variant = with_setting(model, mode, select)
             d_g, r_g = token_gap(reference, score(variant, batch), mask)
             rows.append(GroupGap(label, d_g, r_g, r_g / r if r > 0 else 0.0))
     rows.sort(key=lambda g: g.abs_log_ratio, reverse=True)
     return full, rows
-
-
-def _in_group(name: str, label: str, per_layer: bool) -> bool:
-    """Whether a parameter or module name belongs to the group ``label``. A module name (dtype
-    modes) is matched through its parameters' names, which extend it."""
-    return group_label(name, per_layer) == label or group_label(name + ".weight", per_layer) == label
 
 
 def format_attribution(full: GroupGap, rows: list[GroupGap]) -> str:

@@ -44,7 +44,7 @@ from dcmdp.tasks import TASKS, Task, make_task, task_options
 #: The valid ``multiplier.type`` values: the multiplier registry's kinds.
 MULTIPLIER_TYPES = MULTIPLIER_KINDS
 LR_SCHEDULES = ("constant", "cosine")
-TRAINER_DTYPES = ("float32", "bfloat16")
+TRAINER_DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -55,7 +55,9 @@ class ModelConfig:
     smollm2-135m), "default": the tiny Qwen3 warm-started on the default task, or "long-addition":
     the 4,096-token BPE Qwen3 warm-started on long_addition (both built by `dcmdp pretrain`)."""
     dtype: str = "float32"
-    """Trainer precision: float32 | bfloat16."""
+    """Trainer precision: float32 | bfloat16 (weights and optimizer in bfloat16) | float16 (weights
+    and optimizer in float32, every forward and backward in float16: pair it with engine.dtype=
+    float16, the FP16 remedy in docs/why-disagree.md; no loss scaling)."""
     device: str = "auto"
     """Trainer device: auto (cuda when a GPU is visible, else cpu) | cpu | cuda. The engine follows."""
     cache_dir: str = ".cache/models"
@@ -70,6 +72,11 @@ class EngineConfig:
     """Engine precision: float32 | bfloat16 | float16. The deployment setting training aligns to."""
     quantization: str | None = None
     """vLLM quantization name; transformers: int8 | int4 | int3 | fp8; llamacpp: F32 | BF16 | Q8_0 | Q4_0."""
+    fp32_modules: list[str] = field(default_factory=list)
+    """Module groups the engine keeps in float32 while the rest runs at engine.dtype /
+    engine.quantization, the remedy docs/why-disagree.md measures: lm_head, norms, router,
+    embeddings, attention, mlp, or attention.L / mlp.L / router.L for layer L. transformers: any
+    (with a quantization: left unquantized); vllm: [lm_head] only (its head_dtype float32)."""
     kv_cache_gb: float = 1.0
     """vLLM KV cache on CPU, GiB."""
     max_model_len: int = 128
@@ -405,6 +412,7 @@ def _check_ranges(cfg: Config) -> None:
             f"engine.max_model_len ({cfg.engine.max_model_len}) must exceed sampling.max_tokens "
             f"({cfg.sampling.max_tokens}): it holds the prompt and the response"
         )
+    _check_fp32_modules(cfg.engine)
     allowed = ENGINE_QUANTIZATIONS.get(cfg.engine.type)
     if cfg.engine.quantization is not None and allowed is not None and cfg.engine.quantization not in allowed:
         raise ConfigError(
@@ -432,6 +440,18 @@ def _check_multiplier(cfg: Config) -> None:
         build_multiplier(cfg.multiplier)
     except ValueError as exc:
         raise ConfigError(f"multiplier: {exc}") from None
+
+
+def _check_fp32_modules(e: EngineConfig) -> None:
+    from dcmdp.engines.precision import check_group_labels, fp32_modules_problem
+
+    try:
+        labels = check_group_labels(e.fp32_modules)
+    except ValueError as exc:
+        raise ConfigError(f"engine.fp32_modules: {exc}") from None
+    problem = fp32_modules_problem(e.type, labels)
+    if problem:
+        raise ConfigError(f"engine.fp32_modules: {problem}")
 
 
 def _check_task_options(cfg: Config) -> None:

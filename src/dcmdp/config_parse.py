@@ -56,6 +56,14 @@ def coerce_value(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
         return tuple(coerce_value(name, v, a) for v, a in zip(value, args, strict=True))
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+        if value is None:
+            return []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [coerce_value(name, v, args[0]) for v in value]
     if origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -58,23 +58,39 @@ class ProbeSetting:
     engine: str
     dtype: str
     quantization: str | None = None
+    fp32_modules: tuple[str, ...] = ()  # module groups the engine keeps in float32 (the remedy)
 
     @property
     def label(self) -> str:
-        return ":".join([self.engine, self.dtype] + ([self.quantization] if self.quantization else []))
+        base = ":".join([self.engine, self.dtype] + ([self.quantization] if self.quantization else []))
+        return base + ("@" + "+".join(self.fp32_modules) if self.fp32_modules else "")
 
 
 def parse_setting(text: str) -> ProbeSetting:
-    """Parse ``engine:dtype[:quantization]`` (e.g. ``vllm:bfloat16``, ``transformers:float32:int4``)."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"setting {text!r} must look like engine:dtype[:quantization], e.g. vllm:bfloat16")
+    """Parse ``engine:dtype[:quantization][@group+group]`` (e.g. ``vllm:bfloat16``,
+    ``transformers:float32:int4``, ``transformers:bfloat16@lm_head+norms``: the groups after ``@``
+    kept in float32, see ``engine.fp32_modules``)."""
+    head, _, kept = text.partition("@")
+    parts = head.split(":")
+    if len(parts) not in (2, 3) or not all(parts) or ("@" in text and not kept):
+        raise ValueError(
+            f"setting {text!r} must look like engine:dtype[:quantization][@group+group], e.g. vllm:bfloat16 "
+            "or transformers:bfloat16@lm_head+norms"
+        )
     engine, dtype = parts[0], parts[1]
     quant = parts[2] if len(parts) == 3 and parts[2].lower() != "none" else None
-    return make_setting(engine, dtype, quant)
+    return make_setting(engine, dtype, quant, tuple(kept.split("+")) if kept else ())
 
 
-def make_setting(engine: str, dtype: str, quantization: str | None) -> ProbeSetting:
+def make_setting(
+    engine: str, dtype: str, quantization: str | None, fp32_modules: tuple[str, ...] = ()
+) -> ProbeSetting:
+    from dcmdp.engines.precision import check_group_labels, fp32_modules_problem
+
+    fp32_modules = check_group_labels(fp32_modules)
+    problem = fp32_modules_problem(engine, fp32_modules)
+    if problem:
+        raise ValueError(problem)
     if engine not in engine_names():
         raise ValueError(f"engine {engine!r} is unknown; valid: {', '.join(engine_names())}")
     if dtype not in DTYPES:
@@ -84,7 +100,7 @@ def make_setting(engine: str, dtype: str, quantization: str | None) -> ProbeSett
         raise ValueError(
             f"quantization {quantization!r} is unknown for engine {engine}; valid: {', '.join(allowed)} or none"
         )
-    return ProbeSetting(engine, dtype, quantization)
+    return ProbeSetting(engine, dtype, quantization, fp32_modules)
 
 
 def make_prompts(tokenizer: Any, num_prompts: int, seed: int) -> list[list[int]]:
@@ -116,6 +132,7 @@ class SettingResult:
     engine: str
     dtype: str
     quantization: str | None
+    fp32_modules: list[str]  # module groups the engine kept in float32
     samples: int  # completions kept after validation
     tokens: int  # response tokens generated (kept samples)
     tokens_per_s: float  # response tokens / seconds in engine.generate
@@ -151,6 +168,7 @@ def probe_setting(
         seed=seed,
         max_model_len=max_model_len,
         device=device,
+        fp32_modules=setting.fp32_modules,
     )
     t0 = time.perf_counter()
     engine = make_engine(spec)
@@ -181,6 +199,7 @@ def probe_setting(
         engine=setting.engine,
         dtype=setting.dtype,
         quantization=setting.quantization,
+        fp32_modules=list(setting.fp32_modules),
         samples=len(result.completions),
         tokens=result.num_tokens,
         tokens_per_s=result.num_tokens / gen_s if gen_s > 0 else float("nan"),
@@ -329,8 +348,10 @@ def run_attribute(
     from dcmdp.engines.base import EngineSpec, make_engine
     from dcmdp.rollout.batch import build_token_batch
 
-    if len(settings) != 1 or settings[0].engine != "transformers":
-        print("dcmdp probe: error: --attribute takes one transformers setting", file=sys.stderr)
+    if len(settings) != 1 or settings[0].engine != "transformers" or settings[0].fp32_modules:
+        print(
+            "dcmdp probe: error: --attribute takes one transformers setting without @groups", file=sys.stderr
+        )
         return 2
     setting = settings[0]
     mode = setting.quantization or setting.dtype
@@ -382,8 +403,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--setting",
         action="append",
         default=[],
-        metavar="ENGINE:DTYPE[:QUANT]",
-        help="a setting to probe (repeatable); when given, --engine/--dtype/--quantization are ignored",
+        metavar="ENGINE:DTYPE[:QUANT][@GROUPS]",
+        help="a setting to probe (repeatable); when given, --engine/--dtype/--quantization are ignored. "
+        "Append @lm_head+norms (any groups of engine.fp32_modules) to keep those modules in float32",
     )
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
     p.add_argument("--samples", type=int, default=4, help="completions per prompt")

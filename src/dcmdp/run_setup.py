@@ -46,6 +46,7 @@ def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
         max_model_len=e.max_model_len,
         kv_cache_gb=e.kv_cache_gb,
         device=cfg.model.device,
+        fp32_modules=tuple(e.fp32_modules),
     )
 
 

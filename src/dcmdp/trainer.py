@@ -61,6 +61,7 @@ from dcmdp.rollout import (
     drop_trainer_impossible,
     rollout,
     sequence_logprobs,
+    set_compute_dtype,
 )
 from dcmdp.rollout.pipeline import PolicyVersions
 from dcmdp.run_log import (
@@ -202,10 +203,19 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     tokenizer = load_tokenizer(base_path)
-    dtype = getattr(torch, cfg.model.dtype)
+    # float16: float32 weights and optimizer, every forward and backward in float16 (see
+    # set_compute_dtype); float32 / bfloat16: the weights themselves in that dtype.
+    compute = torch.float16 if cfg.model.dtype == "float16" else None
+    dtype = torch.float32 if compute is not None else getattr(torch, cfg.model.dtype)
     device = resolve_device(cfg.model.device)
-    model = load_model(ckpt if ckpt is not None else base_path, dtype=dtype, device=device)
-    ref_model = load_model(base_path, dtype=dtype, device=device).eval() if cfg.loss.kl_coef > 0 else None
+    model = set_compute_dtype(
+        load_model(ckpt if ckpt is not None else base_path, dtype=dtype, device=device), compute
+    )
+    ref_model = (
+        set_compute_dtype(load_model(base_path, dtype=dtype, device=device).eval(), compute)
+        if cfg.loss.kl_coef > 0
+        else None
+    )
     task = make_task(cfg.task.name, **cfg.task.options)
     from dcmdp.models import eos_token_ids
 

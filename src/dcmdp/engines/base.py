@@ -95,6 +95,9 @@ class EngineSpec:
     kv_cache_gb: float = 1.0  # vLLM KV-cache size (GiB) on CPU
     gpu_memory_utilization: float = 0.3  # vLLM on CUDA
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    # Module groups kept in float32 while the rest runs at ``dtype`` / ``quantization``
+    # (dcmdp.engines.precision): transformers any group; vllm "lm_head" only.
+    fp32_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.type not in ENGINES and self.type not in _LAZY_ENGINES:

@@ -35,7 +35,18 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
-from dcmdp.engines.quantize import QUANT_MODES, quantize_linear_weights_, quantize_weight
+from dcmdp.engines.precision import (
+    check_group_labels,
+    close_under_tying,
+    in_groups,
+    keep_float32_,
+)
+from dcmdp.engines.quantize import (
+    QUANT_MODES,
+    quantizable_weight_names,
+    quantize_linear_weights_,
+    quantize_weight,
+)
 from dcmdp.models import resolve_device
 from dcmdp.rollout.batch import padding_id
 from dcmdp.rollout.logprobs import process_logits
@@ -61,9 +72,15 @@ class TransformersEngine:
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.model: Any = load_model(spec.model, dtype=self.dtype, device=self.device).eval()
         self.quantization = spec.quantization
+        # engine.fp32_modules: those groups stay unquantized and run in float32 (dcmdp.engines.precision)
+        self.fp32_modules = close_under_tying(self.model, check_group_labels(spec.fp32_modules))
         self._quantized_names: set[str] = set()
         if self.quantization is not None:
-            self._quantized_names = set(quantize_linear_weights_(self.model, self.quantization))
+            keep = [n for n in quantizable_weight_names(self.model) if in_groups(n, self.fp32_modules)]
+            self._quantized_names = set(
+                quantize_linear_weights_(self.model, self.quantization, skip_names=keep)
+            )
+        self.fp32_module_names = keep_float32_(self.model, self.fp32_modules, self.dtype)
         config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.pad_id = padding_id(config.pad_token_id)  # left padding, masked: any id would do

@@ -117,12 +117,16 @@ def quantizable_weight_names(model: nn.Module, skip: Iterable[str] = DEFAULT_SKI
 
 
 @torch.no_grad()
-def quantize_linear_weights_(model: nn.Module, mode: str, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
-    """Replace, in place, each weight named by ``quantizable_weight_names`` with its
-    quantize-dequantize image under ``mode`` ("int8" | "int4" | "fp8"). Returns the names touched.
+def quantize_linear_weights_(
+    model: nn.Module, mode: str, skip: Iterable[str] = DEFAULT_SKIP, skip_names: Iterable[str] = ()
+) -> list[str]:
+    """Replace, in place, each weight named by ``quantizable_weight_names`` (except those in
+    ``skip_names``) with its quantize-dequantize image under ``mode`` ("int8" | "int4" | "int3" |
+    "fp8"). Returns the names touched.
     """
     _check_mode(mode)
-    names = quantizable_weight_names(model, skip)
+    kept = set(skip_names)
+    names = [n for n in quantizable_weight_names(model, skip) if n not in kept]
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in names:
         params[name].copy_(quantize_weight(params[name], mode))

@@ -114,6 +114,7 @@ from dcmdp.engines.base import (
     register_engine,
     validate_completions,
 )
+from dcmdp.engines.precision import check_group_labels, fp32_modules_problem
 from dcmdp.engines.vllm_sync import (
     check_on_worker,
     incomplete_push_message,
@@ -277,6 +278,9 @@ class VLLMEngine:
                     spec.quantization,
                     "it runs on dense models only (its fp8 activation op is missing for MoE)",
                 )
+        problem = fp32_modules_problem("vllm", check_group_labels(spec.fp32_modules))
+        if problem:
+            raise ValueError(f"engine.fp32_modules: {problem}")
         if _in_process() and _LIVE is not None and (live := _LIVE()) is not None and live._llm is not None:
             raise RuntimeError(
                 f"a vLLM engine for {live.spec.model} is still open in this process; vLLM allows one "
@@ -313,6 +317,8 @@ class VLLMEngine:
             # progress bars only when vLLM's INFO logs are wanted (`dcmdp --engine-logs`)
             use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"),
         )
+        if spec.fp32_modules:  # ["lm_head"]: the projection runs in float32 (weights stay at dtype)
+            kwargs["hf_overrides"] = {"head_dtype": "float32"}
         if self.device == "cpu":
             # vLLM lets the legacy VLLM_CPU_KVCACHE_SPACE (GiB) override this when it is set.
             kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * _GIB)

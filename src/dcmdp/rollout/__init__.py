@@ -9,7 +9,7 @@
 """
 
 from dcmdp.rollout.batch import TokenBatch, build_token_batch, drop_trainer_impossible, padding_id
-from dcmdp.rollout.logprobs import process_logits, sequence_logprobs, token_logprobs
+from dcmdp.rollout.logprobs import process_logits, sequence_logprobs, set_compute_dtype, token_logprobs
 from dcmdp.rollout.source import RolloutSource, SyncRollout, step_seed
 from dcmdp.rollout.step import Rollout, rollout
 
@@ -24,6 +24,7 @@ __all__ = [
     "process_logits",
     "rollout",
     "sequence_logprobs",
+    "set_compute_dtype",
     "step_seed",
     "token_logprobs",
 ]

@@ -43,6 +43,31 @@ def token_logprobs(logits_BTV: Tensor, targets_BT: Tensor, sampling: SamplingSet
     return logp.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
 
 
+COMPUTE_DTYPE_ATTR = "dcmdp_compute_dtype"
+
+
+def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Make :func:`sequence_logprobs` run ``model`` in ``dtype`` while its weights stay as they are.
+
+    The trainer's ``model.dtype=float16``: weights and optimizer state stay float32 (the master
+    copy), every forward casts them to float16 differentiably, so all operations and activations
+    are float16 as in a float16 engine and the gradients land on the float32 weights."""
+    setattr(model, COMPUTE_DTYPE_ATTR, dtype)
+    return model
+
+
+def _forward(model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    dtype = getattr(model, COMPUTE_DTYPE_ATTR, None)
+    if dtype is None:
+        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    from torch.func import functional_call
+
+    params = {n: p.to(dtype) for n, p in model.named_parameters(remove_duplicate=False)}
+    return functional_call(
+        model, params, (), {"input_ids": ids, "attention_mask": attn, "use_cache": False}
+    ).logits
+
+
 def sequence_logprobs(
     model: torch.nn.Module, batch: TokenBatch, sampling: SamplingSettings, micro_batch: int = 0
 ) -> Tensor:
@@ -57,6 +82,6 @@ def sequence_logprobs(
     for start in range(0, B, step):
         ids = batch.input_ids_BL[start : start + step].to(device)
         attn = batch.attention_mask_BL[start : start + step].to(device)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+        logits = _forward(model, ids, attn)[:, :-1]
         parts.append(token_logprobs(logits, batch.targets_BT[start : start + step].to(device), sampling))
     return torch.cat(parts, dim=0)
