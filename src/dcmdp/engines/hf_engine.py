@@ -70,10 +70,20 @@ class TransformersEngine:
         self.spec = spec
         self.device = resolve_device(spec.device)
         self.dtype = TORCH_DTYPES[spec.dtype]
-        self.model: Any = load_model(spec.model, dtype=self.dtype, device=self.device).eval()
+        kept = check_group_labels(spec.fp32_modules)
+        # With kept groups the checkpoint is read in float32, so their weights are not rounded
+        # through the engine dtype on the way (dcmdp.engines.precision).
+        load_dtype = torch.float32 if kept else self.dtype
+        self.model: Any = load_model(spec.model, dtype=load_dtype, device=self.device).eval()
         self.quantization = spec.quantization
-        # engine.fp32_modules: those groups stay unquantized and run in float32 (dcmdp.engines.precision)
-        self.fp32_modules = close_under_tying(self.model, check_group_labels(spec.fp32_modules))
+        self.fp32_modules = close_under_tying(self.model, kept)
+        exact = {
+            n: p.detach().clone()
+            for n, p in self.model.named_parameters(remove_duplicate=False)
+            if in_groups(n, self.fp32_modules)
+        }
+        for p in self.model.parameters():  # parameters only: buffers (rotary inv_freq) as loaded
+            p.data = p.data.to(self.dtype)
         self._quantized_names: set[str] = set()
         if self.quantization is not None:
             keep = [n for n in quantizable_weight_names(self.model) if in_groups(n, self.fp32_modules)]
@@ -81,6 +91,10 @@ class TransformersEngine:
                 quantize_linear_weights_(self.model, self.quantization, skip_names=keep)
             )
         self.fp32_module_names = keep_float32_(self.model, self.fp32_modules, self.dtype)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in exact.items():
+                params[name].copy_(value)
         config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.pad_id = padding_id(config.pad_token_id)  # left padding, masked: any id would do
