@@ -49,7 +49,7 @@ def test_engine_support_is_checked_in_the_config() -> None:
         load_config(None, ["engine.type=vllm", "engine.fp32_modules=[lm_head, norms]"])
     with pytest.raises(ConfigError, match="no per-module precision"):
         load_config(None, ["engine.type=llamacpp", "engine.fp32_modules=[lm_head]"])
-    with pytest.raises(ConfigError, match="engine.fp32_modules: module group 'lmhead' is unknown"):
+    with pytest.raises(ConfigError, match=r"engine\.fp32_modules: module group 'lmhead' is unknown"):
         load_config(None, ["engine.type=transformers", "engine.fp32_modules=lmhead"])
     cfg = load_config(None, ["engine.type=transformers", "engine.fp32_modules=lm_head"])
     assert cfg.engine.fp32_modules == ["lm_head"]
