@@ -52,6 +52,8 @@ INT3 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization
 HARM = ["optim.lr=1e-3", "run.steps=150", "run.eval_every=30"]
 ENGINES_BY_NAME = {"fp32": FP32_HF, "int4": INT4, "int3": INT3}
 FP8 = ["engine.type=transformers", "engine.dtype=float32", "engine.quantization=fp8"]
+BF16_HF = ["engine.type=transformers", "engine.dtype=bfloat16"]
+FP16_HF = ["engine.type=transformers", "engine.dtype=float16"]
 
 # Issue 13, the long-response regime: the 4,096-token BPE Qwen3 warm-started on long_addition
 # (82-131-token written scratchpads, graded on the final answer), 16 prompts x 8 samples at T = 1,
@@ -210,6 +212,31 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         }.items()
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
         for margin in ("0.05",)
+    },
+    # Issue 15: fixing the cause against correcting for it, in `harm` (lr 1e-3, 150 steps). The
+    # int3 engine with the groups `dcmdp probe --attribute --per-layer` ranks first (attention of
+    # layers 0 and 1) left unquantized; a bfloat16 engine with the lm_head and norms in float32;
+    # float16 instead of bfloat16, in the engine only and in the engine and the trainer.
+    "remedies": {
+        name: [*engine, *HARM, *overrides]
+        for name, engine, overrides in (
+            ("grpo_int3", INT3, ["loss.type=grpo"]),
+            ("tis_int3", INT3, ["loss.type=tis"]),
+            (
+                "grpo_int3_fp32_attn01",
+                INT3,
+                ["loss.type=grpo", "engine.fp32_modules=[attention.0, attention.1]"],
+            ),
+            ("grpo_bf16", BF16_HF, ["loss.type=grpo"]),
+            (
+                "grpo_bf16_fp32_head_norms",
+                BF16_HF,
+                ["loss.type=grpo", "engine.fp32_modules=[lm_head, norms]"],
+            ),
+            ("grpo_fp16", FP16_HF, ["loss.type=grpo"]),
+            ("grpo_fp16_trainer_fp16", FP16_HF, ["loss.type=grpo", "model.dtype=float16"]),
+            ("grpo_fp32_ceiling", FP32_HF, ["loss.type=grpo"]),
+        )
     },
     # Issue 13, section 3.1: does mismatch hurt vanilla GRPO with long responses? The matched fp32
     # rollout against the deployment engines, 200 steps.
