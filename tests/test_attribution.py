@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dcmdp.attribution import attribute, with_setting
-from dcmdp.engines.precision import group_label, group_of
 from dcmdp.cli import main as cli_main
 from dcmdp.engines.base import EngineSpec, SamplingSettings, make_engine
+from dcmdp.engines.precision import group_label, group_of
 from dcmdp.models import load_model
 from dcmdp.rollout.batch import build_token_batch
 

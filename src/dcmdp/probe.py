@@ -142,6 +142,8 @@ class SettingResult:
     # (top-k / top-p kept sets differ); left out of the metrics, which would be infinite.
     trainer_zero_prob_tokens: int
     metrics: dict[str, float]
+    # --breakdown: the gap by trainer token probability, entropy and position (dcmdp.breakdown)
+    breakdown: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def probe_setting(
@@ -155,10 +157,12 @@ def probe_setting(
     pad_id: int | None,
     max_model_len: int,
     device: str,
+    breakdown: bool = False,
 ) -> SettingResult:
     """Sample with one engine setting, recompute with the trainer, and measure the discrepancy."""
     from dcmdp.algo.discrepancy import discrepancy_metrics
-    from dcmdp.rollout import build_token_batch, sequence_logprobs
+    from dcmdp.breakdown import gap_breakdown, trainer_token_stats
+    from dcmdp.rollout import build_token_batch
 
     spec = EngineSpec(
         type=setting.engine,
@@ -185,10 +189,15 @@ def probe_setting(
     gen_s = result.timings.get("generate", float("nan"))
     metrics: dict[str, float] = {}
     zero_prob = 0
+    bins: list[dict[str, Any]] = []
     if result.completions:
         batch = build_token_batch(prompts, result.completions, pad_id)
-        with torch.no_grad():
-            logp_BT = sequence_logprobs(trainer, batch, sampling, micro_batch=16).float().cpu()
+        logp_BT, entropy_BT = trainer_token_stats(trainer, batch, sampling, micro_batch=16)
+        if breakdown:
+            bins = [
+                asdict(b)
+                for b in gap_breakdown(logp_BT, batch.engine_logp_BT, entropy_BT, batch.response_mask_BT)
+            ]
         mask_BT = batch.response_mask_BT & torch.isfinite(logp_BT)
         zero_prob = int((batch.response_mask_BT & ~torch.isfinite(logp_BT)).sum())
         if bool(mask_BT.any()):
@@ -207,6 +216,7 @@ def probe_setting(
         dropped=dict(result.dropped),
         trainer_zero_prob_tokens=zero_prob,
         metrics=metrics,
+        breakdown=bins,
     )
 
 
@@ -309,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 pad_id,
                 args.max_model_len,
                 args.device,
+                breakdown=args.breakdown,
             )
         except UnsupportedQuantizationError as exc:  # no kernel for it on this CPU
             print(f"dcmdp probe: error: {setting.label}: {exc}", file=sys.stderr)
@@ -331,6 +342,17 @@ def run(args: argparse.Namespace) -> int:
             f"T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} max_tokens={sampling.max_tokens}"
         )
         print(format_table(results))
+        if args.breakdown:
+            from dcmdp.breakdown import GapBin, format_breakdown
+
+            for r in results:
+                print(f"\ngap of {r.setting} by the trainer's token probability, entropy and position")
+                print(format_breakdown([GapBin(**b) for b in r.breakdown]))
+    if args.breakdown and args.plot:
+        from dcmdp.breakdown import GapBin, plot_breakdown
+
+        plot_breakdown({r.setting: [GapBin(**b) for b in r.breakdown] for r in results}, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -434,6 +456,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="REGEX",
         help="with --attribute: apply the setting only to matching names",
     )
-    p.add_argument("--plot", default=None, metavar="PNG", help="with --attribute: also write a bar chart")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also split each setting's gap by the trainer's token probability, the next-token entropy "
+        "and the position in the response",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="with --attribute or --breakdown: also write a bar chart"
+    )
     p.set_defaults(func=run)
     return p

@@ -98,8 +98,9 @@ def in_groups(name: str, labels: Iterable[str]) -> bool:
 
 
 def tied_embeddings(model: nn.Module) -> bool:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    m: Any = model
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
     return head is not None and emb is not None and head.weight is emb.weight
 
 

@@ -56,7 +56,7 @@ def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torc
     return model
 
 
-def _forward(model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+def forward_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
     dtype = getattr(model, COMPUTE_DTYPE_ATTR, None)
     if dtype is None:
         return model(input_ids=ids, attention_mask=attn, use_cache=False).logits
@@ -82,6 +82,6 @@ def sequence_logprobs(
     for start in range(0, B, step):
         ids = batch.input_ids_BL[start : start + step].to(device)
         attn = batch.attention_mask_BL[start : start + step].to(device)
-        logits = _forward(model, ids, attn)[:, :-1]
+        logits = forward_logits(model, ids, attn)[:, :-1]
         parts.append(token_logprobs(logits, batch.targets_BT[start : start + step].to(device), sampling))
     return torch.cat(parts, dim=0)
