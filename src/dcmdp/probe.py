@@ -296,7 +296,19 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_path)
     stop = eos_token_ids(model_path, tokenizer)  # all the model's EOS ids, as the trainer
     sampling = dataclasses.replace(sampling, stop_token_ids=stop)
-    prompts = make_prompts(tokenizer, args.prompts, args.seed)
+    if args.task:
+        from dcmdp.tasks import make_task
+
+        try:
+            problems = make_task(args.task, **args.task_options).problems(
+                "eval", args.prompts, seed=args.seed
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            print(f"dcmdp probe: error: --task {args.task}: {exc}", file=sys.stderr)
+            return 2
+        prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    else:
+        prompts = make_prompts(tokenizer, args.prompts, args.seed)
     pad_id = tokenizer.pad_token_id  # None: build_token_batch pads with 0
     device = resolve_device(args.device)
     trainer = load_model(model_path, dtype=TORCH_DTYPES[args.trainer_dtype], device=device).eval()
@@ -410,6 +422,17 @@ def run_attribute(
     return 0
 
 
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a YAML mapping such as '{{digits: [4, 6]}}', got {text!r}"
+        )
+    return value
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "probe",
@@ -430,6 +453,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "Append @lm_head+norms (any groups of engine.fp32_modules) to keep those modules in float32",
     )
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="take the prompts from this task's eval split (e.g. long_addition) instead of the built-in ones",
+    )
+    p.add_argument(
+        "--task-options",
+        type=_yaml_mapping,
+        default={},
+        metavar="YAML",
+        help="with --task: its options, e.g. '{digits: [4, 6]}'",
+    )
     p.add_argument("--samples", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)

@@ -25,11 +25,17 @@ How the loss gets the rollout log-probs. verl does not pass them to a policy los
   loss. Not usable.
 - decoupled mode with token-level IS weights, ``w_t = exp(clamp(old_t - rollout_t, -20, 20))``:
   with ``rollout_is: token``, ``rollout_is_threshold`` >= e^20 (so verl's truncation never binds) and
-  ``rollout_is_batch_normalize: false``, the weight carries mu exactly and
-  ``rollout_logp_t = old_t - log w_t`` (:func:`engine_logp_from_is_weights`; float32 round trip
-  error about 1e-7, far below a gap of 1e-3). This is the route used. The weights are not
-  multiplied into the loss: DCMDP replaces importance weighting. Token rejection (``rollout_rs``)
-  stays compatible: it only shrinks the response mask. :func:`check_verl_config` checks all of it.
+  ``rollout_is_batch_normalize: false``, the weight carries mu and ``rollout_logp_t = old_t - log w_t``
+  (:func:`engine_logp_from_is_weights`; float32 round trip error about 1e-7, far below a gap of
+  1e-3) for every token whose |log ratio| is below 20. At the clamp the recovery is wrong (a token
+  the engine sampled at p 0.5 that the trainer finds e^-25 as likely would come back at 4.5e-5 and
+  read as no gap, exactly the tokens the constraint exists for), so a saturated weight stops the
+  update with an error instead. This is the route used. The weights are not multiplied into the
+  loss: DCMDP replaces importance weighting. Token rejection (``rollout_rs``) is refused: it drops
+  the worst tokens from the mask before D is measured and biases D low, so lambda decays.
+  :func:`check_verl_config` checks all of it, and refuses top-k / top-p sampling (vLLM's processed
+  log-probs are renormalised over the kept set while verl's trainer applies the temperature only:
+  D would absorb the truncated mass).
 
 Loss normalisation follows verl's ``agg_loss``: with ``config.global_batch_info`` set (dp size and
 the global token / sequence counts), the micro-batch loss is scaled so that the sum over
@@ -38,13 +44,22 @@ exact for both the surrogate and the DCMDP term; for the ``seq-mean-*`` modes th
 and the term (a token mean per micro-batch) is weighted by each micro-batch's share of sequences.
 ``token-sum`` and ``seq-mean-token-sum-norm`` are not supported (dcmdp has no such aggregation).
 
-What the dual step reads: ``actor/dcmdp/prob_gap``, the DCMDP gap of the current policy against
-the rollout, reported by every micro-batch and reduced by verl (mean over micro-batches and
-data-parallel ranks), so a token mean to within micro-batch size differences.
+What the dual step reads: the token mean of the DCMDP gap of the current policy against the
+rollout over the whole update. verl averages a policy loss's metrics over micro-batches and
+data-parallel ranks whatever their token counts (a mean of micro-batch means: 40 tokens at 0.001
+and 4,000 at 0.010 would read 0.0055, not 0.0099), so every micro-batch reports the sum of its gaps
+(``actor/dcmdp/prob_gap_sum``) and its token count (``actor/dcmdp/tokens``); both are averaged the
+same way, and their ratio is the global token mean. An empty micro-batch (verl pads with samples
+whose response mask is all zero) gives a zero loss still connected to the graph, and zero sum and
+count.
+
+The dual step happens only where a driver pushes lambda (``DCMDPPPOTrainer``, or your own trainer
+calling :class:`DCMDPController`). Without a push the loss refuses to run rather than train silently
+with a fixed ``dcmdp_lambda_init``; set ``policy_loss.dcmdp_fixed_lambda: true`` to run that on purpose.
 
 Tested here: the loss against dcmdp's core function, through verl's own ``get_policy_loss_fn`` and
-``ppo_loss`` call site, with verl's own IS-weight function, and the shipped YAML composed with verl's
-Hydra defaults (verl 0.9.1, CPU). Not run here: the trainer class and any Ray / multi-node run.
+``ppo_loss`` call site, with verl's own IS-weight function and metric aggregation, and the shipped
+YAML composed with verl's Hydra defaults (verl 0.9.1, CPU). Not run here: any Ray / multi-node run.
 """
 
 from __future__ import annotations
@@ -77,8 +92,13 @@ LOSS_NAME = "dcmdp"
 TRAINER_NAME = "dcmdp_sync"
 #: The config class to name as ``actor_rollout_ref.actor.policy_loss._target_``.
 POLICY_LOSS_CONFIG_TARGET = "dcmdp.integrations.verl.DCMDPPolicyLossConfig"
-#: Where the driver finds D after the actor update (the loss's metric, prefixed by verl).
+#: Where the driver finds D after the actor update: the ratio of these two step metrics (the
+#: loss's, prefixed by verl), the global token mean (module docstring).
 MEASURE_KEY = "actor/dcmdp/prob_gap"
+GAP_SUM_KEY = "actor/dcmdp/prob_gap_sum"
+TOKENS_KEY = "actor/dcmdp/tokens"
+#: verl clamps the IS log ratio at +-20 before exp; a weight there no longer carries mu.
+IS_LOG_CLAMP = 20.0
 #: Smallest ``rollout_is_threshold`` that never truncates a token weight (weights are <= e^20).
 MIN_IS_THRESHOLD = math.exp(SAFETY_BOUND)
 #: verl ``loss_agg_mode`` values dcmdp's aggregation supports (same names, same formulas).
@@ -116,8 +136,19 @@ def engine_logp_from_is_weights(
             "recovered. DCMDP needs rollout_is: token with a single rollout_is_threshold >= "
             f"{MIN_IS_THRESHOLD:.3g} (no IcePop 'lower_upper' bounds)"
         )
+    log_w = torch.log(torch.where(keep, w, torch.ones_like(w)))
+    # verl computes w = exp(clamp(old - rollout, -20, 20)): at the clamp mu is lost (float32 puts
+    # exp(+-20) within about 2e-6 of the bound in log space)
+    n_sat = int((keep & (log_w.abs() >= IS_LOG_CLAMP - 1e-4)).sum())
+    if n_sat:
+        raise ValueError(
+            f"{n_sat} response token(s) have |log pi_old - log mu| >= {IS_LOG_CLAMP:g}, where verl clamps the "
+            "IS weight: their rollout log-probs cannot be recovered and their gap would read as about 0. "
+            "Engine and trainer disagree by a factor e^20 there: check the weight sync and that the rollout "
+            "samples with temperature only (no top-k / top-p), as check_verl_config requires"
+        )
     old = old_log_prob.detach()
-    return torch.where(keep, old - torch.log(torch.where(keep, w, torch.ones_like(w))), old)
+    return torch.where(keep, old - log_w, old)
 
 
 def dcmdp_policy_loss(
@@ -161,7 +192,14 @@ def dcmdp_policy_loss(
     pl = config.policy_loss
     form = _policy_loss_field(pl, "dcmdp_loss_form")
     lam = _policy_loss_field(pl, "dcmdp_lambda")
-    if lam is None:  # before the driver's first push
+    if lam is None:  # no driver pushed lambda: no dual step will ever happen
+        if not getattr(pl, "dcmdp_fixed_lambda", False):
+            raise ValueError(
+                "the dcmdp policy loss got no lambda from the driver, so no dual step runs and lambda would "
+                f"stay at dcmdp_lambda_init for the whole run. Use trainer.v1.trainer_mode={TRAINER_NAME} "
+                "(or call DCMDPController.push / observe around the actor update in your trainer), or set "
+                "actor_rollout_ref.actor.policy_loss.dcmdp_fixed_lambda=true to train with a fixed lambda"
+            )
         lam = _policy_loss_field(pl, "dcmdp_lambda_init")
     tolerance = _policy_loss_field(pl, "dcmdp_active_tolerance")
     if tolerance is None:
@@ -173,6 +211,16 @@ def dcmdp_policy_loss(
         lam=float(lam),
         tolerance=WARMUP_LOSS_TOLERANCE if tolerance is None else float(tolerance),
     )
+    loss_fn = get_policy_loss(core_loss_name(form))
+    tokens = int((response_mask != 0).sum())
+    if tokens == 0:
+        # verl pads a micro-batch with all-masked samples, and rejection can empty one: its share of
+        # the global mean is zero. Same metric keys as a real micro-batch (verl's per-rank metric lists
+        # must line up), all zero, and a zero loss that still reaches every parameter's graph.
+        names = _core_metric_names(loss_fn, settings)
+        metrics = {f"actor/{k}": 0.0 for k in names}
+        metrics[GAP_SUM_KEY] = metrics[TOKENS_KEY] = 0.0
+        return log_prob.sum() * 0.0, metrics
     inputs = LossInputs(
         logp_BT=log_prob,
         old_logp_BT=old_log_prob,
@@ -180,11 +228,20 @@ def dcmdp_policy_loss(
         advantages_BT=advantages,
         mask_BT=response_mask,
     )
-    out = get_policy_loss(core_loss_name(form))(inputs, settings)
+    out = loss_fn(inputs, settings)
     scale = _global_batch_scale(loss_agg_mode, response_mask, config.global_batch_info)
     values = torch.stack([v.float() for v in out.metrics.values()]).tolist()  # one device read-back
     metrics = {f"actor/{k}": v for k, v in zip(out.metrics, values)}
+    metrics[GAP_SUM_KEY] = metrics[MEASURE_KEY] * tokens
+    metrics[TOKENS_KEY] = float(tokens)
     return out.loss * scale, metrics
+
+
+def _core_metric_names(loss_fn: Any, settings: LossSettings) -> list[str]:
+    """The metric names the core loss reports, from one throwaway call on a one-token batch."""
+    one = torch.zeros(1, 1)
+    out = loss_fn(LossInputs(one, one, one, one, torch.ones(1, 1, dtype=torch.bool)), settings)
+    return list(out.metrics)
 
 
 def _policy_loss_field(pl: Any, name: str) -> Any:
@@ -287,6 +344,8 @@ if VERL_AVAILABLE:
         """Written by the driver: lambda for this update (None before the first push: lambda_init)."""
         dcmdp_active_tolerance: float | None = None
         """Written by the driver: the c the hinge uses now (None: dcmdp_tolerance, or 1.0 if automatic)."""
+        dcmdp_fixed_lambda: bool = False
+        """Allow the loss without a driver pushing lambda: a fixed dcmdp_lambda_init, no dual step."""
 
         def __post_init__(self) -> None:
             if self.loss_mode != LOSS_NAME:
@@ -335,6 +394,28 @@ def check_verl_config(config: Any) -> None:
         )
     if get(f"{rc}.rollout_is_batch_normalize"):
         problems.append(f"{rc}.rollout_is_batch_normalize must be false")
+    if get(f"{rc}.rollout_rs") not in (None, "null", "none"):
+        problems.append(
+            f"{rc}.rollout_rs must be null: rejection drops the worst tokens from the mask before D is "
+            "measured, which biases D low and makes lambda decay"
+        )
+    ro = "actor_rollout_ref.rollout"
+    top_k, top_p = get(f"{ro}.top_k"), get(f"{ro}.top_p")
+    if top_k not in (None, -1, 0):
+        problems.append(
+            f"{ro}.top_k must be -1 (off): the engine's log-probs are renormalised over the top-k set while "
+            "verl's trainer applies the temperature only, so D would absorb the truncated mass"
+        )
+    if top_p is not None and float(top_p) < 1.0:
+        problems.append(f"{ro}.top_p must be 1 (off), for the same reason as top_k")
+    mode, temperature = get(f"{ro}.logprobs_mode"), get(f"{ro}.temperature")
+    if mode not in (None, "processed_logprobs") and not (
+        mode == "raw_logprobs" and temperature in (None, 1, 1.0)
+    ):
+        problems.append(
+            f"{ro}.logprobs_mode must be processed_logprobs (the log-probs of the distribution sampled "
+            "from, temperature included), or raw_logprobs at temperature 1"
+        )
     if get("distillation.enabled"):
         problems.append("distillation.enabled must be false (its loss replaces the policy loss)")
     if problems:
@@ -388,14 +469,31 @@ class DCMDPController:
 
         worker_group.set_loss_fn(partial(ppo_loss, config=self.actor_loss_config(actor_config)))
 
-    def observe(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """One dual step on the D in the step's metrics; returns the ``dcmdp/*`` metrics to log."""
-        if self.measure_key not in metrics:
+    def measured_gap(self, metrics: Mapping[str, Any]) -> float:
+        """D of the update: the gap sum over the token count (the global token mean, module
+        docstring) for the default key; a custom ``measure_key`` is read as it is."""
+        keys = (GAP_SUM_KEY, TOKENS_KEY) if self.measure_key == MEASURE_KEY else (self.measure_key,)
+        missing = [k for k in keys if k not in metrics]
+        if missing:
             raise KeyError(
-                f"the step's metrics have no {self.measure_key!r}: is the actor's policy loss 'dcmdp'? "
+                f"the step's metrics have no {', '.join(map(repr, missing))}: is the actor's policy loss 'dcmdp'? "
                 f"dcmdp keys present: {sorted(k for k in metrics if 'dcmdp' in k)}"
             )
-        d = finite_float(self.measure_key, metrics[self.measure_key])
+        if len(keys) == 1:
+            return finite_float(self.measure_key, metrics[self.measure_key])
+        total, tokens = (
+            finite_float(GAP_SUM_KEY, metrics[GAP_SUM_KEY]),
+            finite_float(TOKENS_KEY, metrics[TOKENS_KEY]),
+        )
+        if tokens <= 0:
+            raise ValueError(
+                "the actor update saw no response tokens: D is undefined (every micro-batch empty)"
+            )
+        return total / tokens
+
+    def observe(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """One dual step on the D in the step's metrics; returns the ``dcmdp/*`` metrics to log."""
+        d = self.measured_gap(metrics)
         lam_used, c = self.multiplier.value, self.multiplier.tolerance
         self.multiplier.update(d)
         return {
@@ -410,6 +508,33 @@ class DCMDPController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier.load_state_dict(state)
+
+
+def save_multiplier_state(folder: str, state: dict[str, Any]) -> None:
+    """Write the multiplier's state into a checkpoint folder atomically (temp file + rename)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_multiplier_state(folder: str) -> dict[str, Any]:
+    """The multiplier's state saved in a checkpoint folder; a missing file is an error, never a
+    silent restart of lambda at its initial value."""
+    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: this checkpoint holds no DCMDP multiplier state (it was not saved by "
+            f"{TRAINER_NAME}, or the save was interrupted). Resuming would restart lambda at its initial "
+            "value; resume from an earlier checkpoint or start a new run"
+        )
+    with open(path) as f:
+        state: dict[str, Any] = json.load(f)
+    return state
 
 
 def _make_trainer_class() -> type:
@@ -438,10 +563,11 @@ def _make_trainer_class() -> type:
             return batch
 
         def _save_checkpoint(self) -> None:
-            super()._save_checkpoint()
+            # Before verl's save: verl writes its "latest" marker last, so a crash in between must not
+            # leave a latest checkpoint without lambda.
             folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-            with open(os.path.join(folder, MULTIPLIER_STATE_FILE), "w") as f:
-                json.dump(self.dcmdp.state_dict(), f, indent=2)
+            save_multiplier_state(folder, self.dcmdp.state_dict())
+            super()._save_checkpoint()
 
         def _load_checkpoint(self) -> Any:
             out = super()._load_checkpoint()
@@ -454,10 +580,7 @@ def _make_trainer_class() -> type:
                         os.path.abspath(t.default_local_dir), f"global_step_{self.global_steps}"
                     )
                 )
-                path = os.path.join(folder, MULTIPLIER_STATE_FILE)
-                if os.path.exists(path):
-                    with open(path) as f:
-                        self.dcmdp.load_state_dict(json.load(f))
+                self.dcmdp.load_state_dict(load_multiplier_state(folder))
             return out
 
     register_trainer(TRAINER_NAME)(DCMDPPPOTrainer)
@@ -471,11 +594,13 @@ except ImportError:
 
 
 __all__ = [
+    "GAP_SUM_KEY",
     "LOSS_NAME",
     "MEASURE_KEY",
     "MIN_IS_THRESHOLD",
     "POLICY_LOSS_CONFIG_TARGET",
     "SUPPORTED_AGG_MODES",
+    "TOKENS_KEY",
     "TRAINER_NAME",
     "VERL_AVAILABLE",
     "DCMDPController",
@@ -483,4 +608,6 @@ __all__ = [
     "check_verl_config",
     "dcmdp_policy_loss",
     "engine_logp_from_is_weights",
+    "load_multiplier_state",
+    "save_multiplier_state",
 ]
