@@ -21,11 +21,16 @@ import torch
 
 from dcmdp.integrations import LOSS_FORMS, DCMDPOptions
 from dcmdp.integrations.verl import (
+    GAP_SUM_KEY,
     LOSS_NAME,
     MIN_IS_THRESHOLD,
+    MULTIPLIER_STATE_FILE,
+    TOKENS_KEY,
     DCMDPController,
     dcmdp_policy_loss,
     engine_logp_from_is_weights,
+    load_multiplier_state,
+    save_multiplier_state,
 )
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.multiplier import LagrangeMultiplier
@@ -164,15 +169,83 @@ def test_controller_dual_step_matches_the_library_multiplier() -> None:
     controller = DCMDPController(DCMDPOptions(lambda_init=0.1, eta=1.0, tolerance=0.004))
     reference = LagrangeMultiplier(init=0.1, eta=1.0, tolerance=0.004)
     for d in (0.01, 0.02, 0.001):
-        logged = controller.observe({"actor/dcmdp/prob_gap": d, "actor/pg_loss": 0.3})
+        logged = controller.observe({GAP_SUM_KEY: d * 250, TOKENS_KEY: 250.0, "actor/pg_loss": 0.3})
         assert logged["dcmdp/lambda"] == pytest.approx(reference.value)
         reference.update(d)
         assert logged["dcmdp/lambda_next"] == pytest.approx(reference.value)
-        assert logged["dcmdp/prob_gap"] == d
+        assert logged["dcmdp/prob_gap"] == pytest.approx(d)
     assert controller.value == pytest.approx(0.1 + (0.01 - 0.004) + (0.02 - 0.004) + (0.001 - 0.004))
-    with pytest.raises(KeyError, match="actor/dcmdp/prob_gap"):
-        controller.observe({"actor/pg_loss": 0.3})
+    with pytest.raises(KeyError, match="actor/dcmdp/prob_gap_sum"):
+        controller.observe({"actor/pg_loss": 0.3, "actor/dcmdp/prob_gap": 0.01})
+    with pytest.raises(ValueError, match="no response tokens"):
+        controller.observe({GAP_SUM_KEY: 0.0, TOKENS_KEY: 0.0})
+    custom = DCMDPController(DCMDPOptions(tolerance=0.004), measure_key="actor/my_gap")
+    assert custom.observe({"actor/my_gap": 0.01})["dcmdp/prob_gap"] == 0.01  # a custom key is read as is
     controller.load_state_dict(controller.state_dict())
+
+
+def test_micro_batches_report_gap_sum_and_tokens() -> None:
+    b = batch()
+    _, metrics, _ = call(dcmdp_policy_loss, b, plain_config("penalty"))
+    n = int(b["mask"].sum())
+    assert metrics[TOKENS_KEY] == n
+    assert metrics[GAP_SUM_KEY] == pytest.approx(metrics["actor/dcmdp/prob_gap"] * n)
+
+
+def test_an_empty_micro_batch_gives_a_zero_loss_connected_to_the_graph() -> None:
+    b = batch()
+    empty = dict(b, mask=torch.zeros_like(b["mask"]), weights=torch.zeros_like(b["weights"]))
+    _, full_metrics, _ = call(dcmdp_policy_loss, b, plain_config("penalty"))
+    loss, metrics, grad = call(dcmdp_policy_loss, empty, plain_config("penalty"))
+    assert loss.item() == 0.0
+    assert grad is not None and torch.count_nonzero(grad) == 0  # backward ran through it
+    assert set(metrics) == set(full_metrics)  # verl lines up per-rank metric lists by key
+    assert metrics[TOKENS_KEY] == 0.0 and metrics[GAP_SUM_KEY] == 0.0
+
+
+def test_saturated_is_weights_are_refused() -> None:
+    """verl clamps the log ratio at +-20: there the weight no longer carries mu."""
+    b = batch()
+    engine = b["engine"].clone()
+    engine[0, 0] = math.log(0.5)
+    old = b["old"].clone()
+    old[0, 0] = math.log(0.5) - 25.0  # the trainer finds the engine's token e^-25 as likely
+    weights = torch.exp((old - engine).clamp(-20.0, 20.0)) * b["mask"]
+    wrong = engine_logp_from_is_weights(old, weights, torch.zeros_like(b["mask"]))  # masked: fine
+    assert torch.equal(wrong, old)
+    with pytest.raises(ValueError, match=r"1 response token\(s\) have \|log pi_old - log mu\| >= 20"):
+        engine_logp_from_is_weights(old, weights, b["mask"])
+    with pytest.raises(ValueError, match="verl clamps"):
+        call(dcmdp_policy_loss, dict(b, old=old, weights=weights), plain_config("penalty"))
+    # just inside the clamp the recovery still holds
+    old[0, 0] = math.log(0.5) - 19.5
+    weights = torch.exp((old - engine).clamp(-20.0, 20.0)) * b["mask"]
+    got = engine_logp_from_is_weights(old, weights, b["mask"])
+    assert got[0, 0].item() == pytest.approx(math.log(0.5), abs=1e-4)
+
+
+def test_no_driver_no_silent_fixed_lambda() -> None:
+    b = batch()
+    config = plain_config("penalty")
+    config.policy_loss.dcmdp_lambda = None  # nothing pushed lambda
+    with pytest.raises(ValueError, match="no lambda from the driver"):
+        call(dcmdp_policy_loss, b, config)
+    config.policy_loss.dcmdp_fixed_lambda = True
+    _, metrics, _ = call(dcmdp_policy_loss, b, config)
+    assert metrics["actor/dcmdp/lambda"] == pytest.approx(0.1)  # dcmdp_lambda_init, on purpose
+
+
+def test_multiplier_state_files(tmp_path: Path) -> None:
+    folder = tmp_path / "global_step_3"
+    with pytest.raises(FileNotFoundError, match="no DCMDP multiplier state"):
+        load_multiplier_state(str(folder))
+    controller = DCMDPController(DCMDPOptions(tolerance=0.004))
+    controller.observe({GAP_SUM_KEY: 5.0, TOKENS_KEY: 100.0})
+    save_multiplier_state(str(folder), controller.state_dict())
+    assert sorted(p.name for p in folder.iterdir()) == [MULTIPLIER_STATE_FILE]  # no temp file left
+    other = DCMDPController(DCMDPOptions(tolerance=0.004))
+    other.load_state_dict(load_multiplier_state(str(folder)))
+    assert other.value == controller.value != 0.1
 
 
 def test_module_imports_without_verl() -> None:
@@ -244,25 +317,21 @@ def test_weights_from_verls_own_rollout_correction() -> None:
     torch.testing.assert_close(got[b["mask"]], b["engine"][b["mask"]], rtol=0, atol=1e-5)
 
 
-def test_through_verls_ppo_loss_call_site() -> None:
-    """verl's engine-path ``ppo_loss`` (padding removal, field selection, loss lookup) with the dcmdp loss."""
-    _verl()
+def verl_ppo_loss(b: dict[str, torch.Tensor], config: Any, logp: torch.Tensor) -> tuple[Any, Any]:
+    """verl's engine-path ``ppo_loss`` on batch ``b`` with the policy log-probs ``logp`` [B, T]."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
 
-    b = batch(seed=3)
     B, T = b["mask"].shape
-    prompt_lens = [2, 3, 1, 2]
+    prompt_lens = [2, 3, 1, 2][:B]
     P = max(prompt_lens)
     attention = torch.zeros(B, P + T, dtype=torch.long)
     pieces = []
-    logp = b["logp"].detach().clone().requires_grad_(True)
     for i in range(B):
         n = int(b["mask"][i].sum())
         attention[i, P - prompt_lens[i] : P] = 1
         attention[i, P : P + n] = 1
-        # model output over prompt + response tokens; position k predicts token k + 1 (verl shifts by one)
         pieces.append(torch.cat([torch.zeros(prompt_lens[i] - 1), logp[i, :n], torch.zeros(1)]))
     data = TensorDict(
         {
@@ -277,8 +346,46 @@ def test_through_verls_ppo_loss_call_site() -> None:
         batch_size=B,
     )
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    return ppo_loss(config, {"log_probs": torch.cat(pieces)}, data)
+
+
+def test_d_is_the_token_mean_through_verls_metric_aggregation() -> None:
+    """Two ranks x two micro-batches of very different sizes, reduced by verl's own Metric code: the
+    controller's D is the token mean over all of them, not verl's mean of micro-batch means."""
+    _verl()
+    from verl.utils.metric import Metric
+
     config = _actor_config(dcmdp_lambda=LAM, dcmdp_tolerance=TOL)
-    loss, metrics = ppo_loss(config, {"log_probs": torch.cat(pieces)}, data)
+    per_rank, gaps, counts = [], [], []
+    for rank in range(2):
+        b = batch(seed=10 + rank, T=40)
+        b["mask"][0, 2:] = False  # micro-batch 1: one row of 2 tokens
+        b["weights"] = b["weights"] * b["mask"]
+        collected: dict[str, Metric] = {}
+        for rows in (slice(0, 1), slice(1, 4)):
+            part = {k: v[rows] for k, v in b.items()}
+            _, metrics = verl_ppo_loss(part, config, part["logp"].detach())
+            for key, metric in metrics.items():
+                collected.setdefault(key, metric.init_list()).extend(metric)
+            delta = (part["logp"].detach().exp() - part["engine"].exp()).abs()[part["mask"]]
+            gaps.append(float(delta.sum()))
+            counts.append(int(part["mask"].sum()))
+        per_rank.append(collected)
+    reduced = {k: Metric.aggregate_dp([r[k] for r in per_rank]) for k in per_rank[0]}
+    token_mean = sum(gaps) / sum(counts)
+    mean_of_means = sum(g / c for g, c in zip(gaps, counts, strict=True)) / len(gaps)
+    controller = DCMDPController(DCMDPOptions(tolerance=TOL))
+    assert controller.measured_gap(reduced) == pytest.approx(token_mean, rel=1e-4)
+    assert reduced["actor/dcmdp/prob_gap"] == pytest.approx(mean_of_means, rel=1e-4)
+    assert abs(mean_of_means - token_mean) > 0.05 * token_mean  # the two really differ here
+
+
+def test_through_verls_ppo_loss_call_site() -> None:
+    """verl's engine-path ``ppo_loss`` (padding removal, field selection, loss lookup) with the dcmdp loss."""
+    _verl()
+    b = batch(seed=3)
+    logp = b["logp"].detach().clone().requires_grad_(True)
+    loss, metrics = verl_ppo_loss(b, _actor_config(dcmdp_lambda=LAM, dcmdp_tolerance=TOL), logp)
     loss.backward()
     ref, ref_grad = core(b, "penalty")
     assert loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
@@ -304,7 +411,7 @@ def test_controller_pushes_lambda_to_the_actor_loss() -> None:
     controller = DCMDPController.from_config(actor.policy_loss)
     wg = FakeWorkerGroup()
     controller.push(wg, actor)
-    controller.observe({"actor/dcmdp/prob_gap": 0.05})
+    controller.observe({GAP_SUM_KEY: 5.0, TOKENS_KEY: 100.0})
     controller.push(wg, actor)
     lams = [fn.keywords["config"].policy_loss.dcmdp_lambda for fn in wg.sent]
     assert lams == pytest.approx([0.1, 0.1 + 0.05 - 0.004])
@@ -344,6 +451,10 @@ def test_shipped_yaml_composes_and_passes_the_checks() -> None:
         ("algorithm.rollout_correction.rollout_is", "sequence"),
         ("actor_rollout_ref.rollout.calculate_log_probs", False),
         ("actor_rollout_ref.actor.loss_agg_mode", "token-sum"),
+        ("algorithm.rollout_correction.rollout_rs", "token_k1"),
+        ("actor_rollout_ref.rollout.top_k", 50),
+        ("actor_rollout_ref.rollout.top_p", 0.9),
+        ("actor_rollout_ref.rollout.logprobs_mode", "raw_logits"),
     ]:
         bad = OmegaConf.create(OmegaConf.to_container(cfg))
         OmegaConf.update(bad, key, value)
