@@ -217,3 +217,66 @@ def test_invalid_settings_fail_clearly(tiny_model_dir: Path, tmp_path: Path) -> 
     plain = GRPOConfig(output_dir=str(tmp_path / "plain"), num_iterations=2, use_cpu=True, report_to=[])
     with pytest.raises(TypeError, match="DCMDPGRPOConfig"):
         make_trainer(tiny_model_dir, plain)
+
+
+def test_trls_own_is_correction_is_off_unless_asked(tmp_path: Path) -> None:
+    assert (
+        GRPOConfig(output_dir=str(tmp_path / "p"), use_cpu=True).vllm_importance_sampling_correction is True
+    )
+    assert make_args(tmp_path).vllm_importance_sampling_correction is False
+    assert make_args(tmp_path, vllm_importance_sampling_correction=True).vllm_importance_sampling_correction
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("top_k", 50), ("top_p", 0.9), ("min_p", 0.05), ("repetition_penalty", 1.1)]
+)
+def test_sampling_filters_are_refused_with_engine_logprobs(
+    tiny_model_dir: Path, tmp_path: Path, field: str, value: Any
+) -> None:
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path))
+    setattr(trainer.dcmdp_args, field, value)
+    with pytest.raises(ValueError, match=f"needs sampling without {field}"):
+        trainer._check_sampling_filters()
+
+
+def test_dual_step_reads_the_engine_gap_at_pi_old(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """vLLM + several optimizer steps per generation: the penalty acts on the current policy, the dual
+    step reads |pi_old - mu| (TRL's old_per_token_logps against the sampling log-probs)."""
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.dcmdp_rollout_key = "sampling_per_token_logps"  # as with use_vllm=True
+    inputs = micro_batch(trainer)
+    g = torch.Generator().manual_seed(5)
+    mu = (inputs["old_per_token_logps"] + 0.3 * torch.randn(4, 5, generator=g)).clamp(max=0.0)
+    inputs["sampling_per_token_logps"] = mu
+    mask = inputs["completion_mask"].bool()
+    lam, c = trainer.multiplier.value, trainer.multiplier.tolerance
+    trainer._compute_loss(trainer.model, inputs)
+    d_old = float((inputs["old_per_token_logps"].exp() - mu.exp()).abs()[mask].mean())
+    assert trainer._metrics["train"]["dcmdp/prob_gap"] == [pytest.approx(d_old, rel=1e-5)]
+    assert trainer.multiplier.value == pytest.approx(lam + (d_old - c))
+    # the logged per-micro-batch discrepancy is still the current policy's
+    assert trainer._metrics["train"]["discrepancy/prob_gap_mean"][0] != pytest.approx(d_old, rel=1e-3)
+
+
+def test_checkpoint_holds_lambda_before_trls_save_and_resume_needs_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path))
+    trainer.state.global_step = 7
+
+    def crash(self: Any, model: Any, trial: Any) -> None:
+        raise RuntimeError("killed during TRL's save")
+
+    monkeypatch.setattr(GRPOTrainer, "_save_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer._save_checkpoint(trainer.model, None)
+    saved = tmp_path / "out" / "checkpoint-7" / MULTIPLIER_STATE_FILE
+    assert json.loads(saved.read_text()) == trainer.multiplier.state_dict()
+    empty = tmp_path / "no-lambda"
+    empty.mkdir()
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    monkeypatch.setattr(GRPOTrainer, "_load_optimizer_and_scheduler", lambda self, checkpoint: None)
+    with pytest.raises(FileNotFoundError, match="no DCMDP multiplier state"):
+        trainer._load_optimizer_and_scheduler(str(empty))

@@ -27,6 +27,20 @@ Where each piece comes from:
   (``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``); D then measures
   how far the policy has moved since the completions were generated, not an engine mismatch. With
   neither available the trainer refuses to start (D would be 0 by construction).
+- D for the dual step: the gap of ``rollout_logp`` against the policy that generated. With several
+  optimizer steps per generation (``num_iterations > 1`` or ``steps_per_generation >
+  gradient_accumulation_steps``) and vLLM, that is TRL's ``old_per_token_logps`` (pi_old), as in
+  dcmdp's own trainer and in verl, so eta means the same thing everywhere; the penalty itself acts
+  on the current policy. Without vLLM ``rollout_logp`` is pi_old itself and D is the drift.
+- Sampling filters: with vLLM, top-k / top-p / min-p / a repetition penalty are refused (vLLM's
+  processed log-probs include them, TRL's trainer log-probs apply only the temperature, so D would
+  measure the filtered-out mass), and a vLLM server must run with ``--logprobs-mode
+  processed_logprobs``.
+- Corrections: TRL's own vLLM importance-sampling correction (``vllm_importance_sampling_correction``,
+  on by default in TRL: sequence_mask, cap 3) is **off** by default in :class:`DCMDPGRPOConfig`, so
+  TRL + DCMDP optimises the same objective as ``loss.type=dcmdp`` and the verl loss. Turning it on
+  gives DCMDP plus TRL's correction, the counterpart of ``loss.correction=seq_mis`` (or the mode you
+  pick) with the constraint in dcmdp's composed losses.
 - The multiplier: one per process, all identical. Each process sums the gap and the token count of
   its micro-batches; at the gradient-accumulation boundary (``accelerator.sync_gradients``) the two
   sums are all-reduced, every process computes the same D and takes the same dual step.
@@ -40,9 +54,8 @@ Logged through ``self._metrics`` (TRL averages them per logging step): ``dcmdp/l
 step), ``dcmdp/lambda_next``, ``dcmdp/prob_gap`` (the step's D), ``dcmdp/tolerance``,
 ``dcmdp/penalty``, and every ``discrepancy/*`` metric of ``dcmdp.algo.discrepancy.discrepancy_metrics``
 (micro-batch values averaged over processes). The multiplier's state is saved in each checkpoint
-as ``dcmdp_multiplier.json`` and restored on resume.
-
-Tested against TRL 1.16.0 (CPU, ``use_vllm=False``); TRL's vLLM path was not run here.
+as ``dcmdp_multiplier.json``, written before TRL's own save (which ends with the checkpoint
+rotation and the hub push), and restored on resume; a checkpoint without it is an error.
 """
 
 from __future__ import annotations
@@ -75,6 +88,12 @@ OLD_LOGPS = "old_per_token_logps"
 
 # The defaults of the dcmdp_* fields are DCMDPOptions' (dcmdp's multiplier settings): one definition.
 _O = DCMDPOptions
+
+
+def _gap_sum(logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """sum over the masked tokens of |exp(logp) - exp(rollout_logp)|."""
+    delta = (logp_BT.detach().float().exp() - rollout_logp_BT.float().exp()).abs()
+    return torch.where(mask_BT, delta, torch.zeros_like(delta)).sum()
 
 
 @dataclass
@@ -129,6 +148,16 @@ class DCMDPGRPOConfig(GRPOConfig):
     dcmdp_auto_multiple: float = field(
         default=_O.auto_multiple, metadata={"help": "... times this multiple."}
     )
+    # TRL turns its own vLLM importance-sampling correction on by default (sequence_mask, cap 3).
+    # DCMDP is the other answer to the same mismatch, and dcmdp's core loss and the verl loss run
+    # without a correction, so here it is off unless asked for (module docstring, "Corrections").
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's vLLM importance-sampling correction on top of DCMDP (off by default here; TRL's "
+            "default is on). On, the objective is DCMDP + TRL's correction, dcmdp's loss.correction axis."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -182,6 +211,8 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         self.dcmdp = self.dcmdp_args.dcmdp_options()
         self.multiplier = build_multiplier(self.dcmdp)
         self.dcmdp_rollout_key = self._rollout_logps_key()
+        if self.dcmdp_rollout_key == SAMPLING_LOGPS:
+            self._check_sampling_filters()
         # Gap sum and token count of the current accumulation window, this process only.
         self._dcmdp_window = torch.zeros(2, dtype=torch.float64)
         self._dcmdp_capture: _Capture | None = None
@@ -201,6 +232,36 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             "engine's log-probs, what DCMDP is for), or num_iterations > 1 (D then measures the policy's "
             "drift since generation)."
         )
+
+    def _check_sampling_filters(self) -> None:
+        """vLLM's log-probs are those of the processed distribution (top-k / top-p / min-p /
+        repetition penalty applied) while TRL's trainer log-probs apply the temperature only: D would
+        absorb the truncated mass and lambda would grow for no numerical reason. Refuse them."""
+        a = self.dcmdp_args
+        on = [
+            name
+            for name, value, off in (
+                ("top_k", a.top_k, (None, 0, -1)),
+                ("top_p", a.top_p, (None, 1.0)),
+                ("min_p", a.min_p, (None, 0.0)),
+                ("repetition_penalty", a.repetition_penalty, (None, 1.0)),
+            )
+            if value not in off
+        ]
+        if on:
+            raise ValueError(
+                f"DCMDP with use_vllm=True needs sampling without {', '.join(on)}: vLLM's sampling log-probs "
+                "include these filters and TRL's trainer log-probs do not, so D would measure the filtered-out "
+                "mass instead of the engine mismatch. Sample with the temperature only."
+            )
+        if self.vllm_mode == "server" and self.accelerator.is_main_process:
+            info = self.vllm_generation.vllm_client.get_server_info()
+            mode = info.get("model_config", {}).get("logprobs_mode")
+            if mode not in (None, "processed_logprobs"):
+                raise ValueError(
+                    f"the vLLM server runs with --logprobs-mode {mode}; DCMDP needs the log-probs of the "
+                    "distribution it sampled from: restart it with --logprobs-mode processed_logprobs"
+                )
 
     def _steps_per_generation(self) -> int:
         spg = self.dcmdp_args.steps_per_generation
@@ -256,6 +317,12 @@ class DCMDPGRPOTrainer(GRPOTrainer):
                 "not supported"
             )
         term, gap_sum, n_tokens, penalty = self._dcmdp_term(capture)
+        at_old = inputs.get(OLD_LOGPS) if self.dcmdp_rollout_key == SAMPLING_LOGPS else None
+        if at_old is not None and n_tokens > 0:
+            # Several optimizer steps per generation: the dual step reads the engine gap at the policy
+            # that generated (pi_old, TRL's recompute), as dcmdp's trainer and verl do, not a gap that
+            # also holds the policy's drift within the step.
+            gap_sum = float(_gap_sum(at_old, rollout_logp_BT, mask_BT))
         self._log_micro_batch(mode, capture, penalty)
         if mode == "train":
             term = term * (n_tokens / self._window_tokens(inputs))
@@ -337,21 +404,31 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------- checkpoints
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        # Before TRL's save: it ends with the checkpoint rotation and the hub push, so a crash in
+        # between must not leave a newest checkpoint without lambda.
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            with open(os.path.join(folder, MULTIPLIER_STATE_FILE), "w") as f:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, MULTIPLIER_STATE_FILE + ".tmp")
+            with open(tmp, "w") as f:
                 json.dump(self.multiplier.state_dict(), f, indent=2)
+            os.replace(tmp, os.path.join(folder, MULTIPLIER_STATE_FILE))
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             path = os.path.join(checkpoint, MULTIPLIER_STATE_FILE)
-            if os.path.exists(path):
-                with open(path) as f:
-                    self.multiplier.load_state_dict(json.load(f))
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint holds no DCMDP multiplier state (not saved by "
+                    "DCMDPGRPOTrainer, or its save was interrupted). Resuming would restart lambda at "
+                    "dcmdp_lambda_init; resume from another checkpoint or start a new run"
+                )
+            with open(path) as f:
+                self.multiplier.load_state_dict(json.load(f))
 
 
 __all__ = ["MULTIPLIER_STATE_FILE", "DCMDPGRPOConfig", "DCMDPGRPOTrainer"]
