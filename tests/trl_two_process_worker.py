@@ -1,0 +1,117 @@
+"""One rank of the two-process TRL test (tests/test_integration_trl_multiprocess.py).
+
+Launched with ``python -m torch.distributed.run --nproc_per_node 2`` (gloo on CPU). Runs
+``DCMDPGRPOTrainer`` on the tiny model for a few optimizer steps with gradient accumulation and
+writes, per rank, everything the test checks independently:
+
+- every micro-batch's tensors behind D (policy log-probs, rollout log-probs, mask) and its step;
+- every dual step's D, lambda used and lambda after;
+- on resume, lambda right after the checkpoint is loaded.
+
+    worker.py MODEL_DIR OUT_DIR MAX_STEPS [RESUME_CHECKPOINT]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from dcmdp.integrations.trl import DCMDPGRPOConfig, DCMDPGRPOTrainer
+
+PROMPTS = ["1+1=", "2+3=", "7-4=", "9+9=", "4+4=", "8-1=", "5+2=", "6-6="]
+
+
+def reward_length(completions: list[str], **_: Any) -> list[float]:
+    return [len(c) / 10.0 for c in completions]
+
+
+class RecordingTrainer(DCMDPGRPOTrainer):
+    """Records what the test recomputes; the training itself is DCMDPGRPOTrainer's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro: list[dict[str, Any]] = []
+        self.steps: list[dict[str, float]] = []
+        self.loaded_lambda: float | None = None
+
+    def _dcmdp_term(self, capture: Any) -> Any:
+        if self.model.training:
+            self.micro.append(
+                {
+                    "step": len(self.steps),
+                    "logp": capture.logp_BT.detach().cpu(),
+                    "rollout": capture.rollout_logp_BT.detach().cpu(),
+                    "mask": capture.mask_BT.cpu(),
+                }
+            )
+        return super()._dcmdp_term(capture)
+
+    def _dual_step(self, lam_used: float) -> None:
+        super()._dual_step(lam_used)
+        m = self._metrics["train"]
+        self.steps.append({"d": m["dcmdp/prob_gap"][-1], "lam": lam_used, "lam_next": self.multiplier.value})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.loaded_lambda = self.multiplier.value
+
+
+def main() -> None:
+    model_dir, out_dir, max_steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    resume = sys.argv[4] if len(sys.argv) > 4 else None
+    rank = int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    args = DCMDPGRPOConfig(
+        output_dir=str(out_dir / "trl"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+        max_completion_length=6,
+        max_steps=max_steps,
+        learning_rate=2e-2,
+        beta=0.0,
+        loss_type="bnpo",
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        seed=0,
+        dcmdp_lambda_init=0.5,
+        dcmdp_tolerance=0.002,
+    )
+    trainer = RecordingTrainer(
+        model=model_dir,
+        reward_funcs=reward_length,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    tag = "resume" if resume else "first"
+    torch.save(trainer.micro, out_dir / f"{tag}_micro_rank{rank}.pt")
+    (out_dir / f"{tag}_rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world": int(os.environ["WORLD_SIZE"]),
+                "steps": trainer.steps,
+                "final_lambda": trainer.multiplier.value,
+                "loaded_lambda": trainer.loaded_lambda,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
