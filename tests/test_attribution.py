@@ -60,6 +60,9 @@ def test_moe_experts_and_router(tiny_moe_dir: Path) -> None:
     # the router is a group of its own (in a compute dtype; the engine's int modes leave it alone)
     _, rows = attribute(model, batch, "float16", per_layer=True, only=r"layers\.0\.mlp\.gate$")
     assert rows[0].group == "router.0" and rows[0].abs_log_ratio > 0
+    # in a compute dtype the fused expert stacks (weights held by a module with a child) count too
+    _, rows = attribute(model, batch, "bfloat16")
+    assert {g.group: g.abs_log_ratio for g in rows}["mlp"] > 0
 
 
 def test_dtype_mode_casts_only_the_group(tiny_model_dir: Path) -> None:

@@ -50,6 +50,13 @@ def test_tokens_outside_the_trainers_kept_set_are_left_out() -> None:
     engine = torch.tensor([[math.log(0.4), math.log(0.01), math.log(0.9)]])
     bins = gap_breakdown(trainer, engine, torch.zeros(1, 3), mask)
     assert sum(b.tokens for b in bins if b.axis == "position") == 2
+    # positions still count every response token: a long response with one impossible token early
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    trainer = torch.full((1, 6), math.log(0.5))
+    trainer[0, 1] = float("-inf")
+    bins = gap_breakdown(trainer, torch.full((1, 6), math.log(0.4)), torch.zeros(1, 6), mask)
+    by = {b.label: b.tokens for b in bins if b.axis == "position"}
+    assert by["[0, 4)"] == 3 and by["[4, 16)"] == 2  # positions 0, 2, 3 and 4, 5
     assert all(math.isfinite(b.abs_log_ratio) for b in bins if b.tokens)
 
 

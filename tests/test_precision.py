@@ -83,11 +83,16 @@ def test_norms_in_float32_feed_the_rest_at_the_engine_dtype(tiny_model_dir: Path
     result = engine.generate(PROMPTS, SAMPLING, n=2, seed=0)  # runs: no dtype mismatch anywhere
     assert result.completions
     # the weight sync writes float32 values into the kept modules, engine-dtype values elsewhere
+    # (values float16 cannot hold, so a sync that rounded through the engine dtype would show)
     new = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        new.model.norm.weight.mul_(1.5)
+        for p in new.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
     engine.load_weights(new.named_parameters())
     assert torch.equal(model.model.norm.weight, new.model.norm.weight)
+    assert not torch.equal(new.model.norm.weight.half().float(), new.model.norm.weight)
+    assert torch.equal(model.lm_head.weight, new.lm_head.weight.half())
 
 
 def test_quantized_engine_leaves_the_kept_groups_unquantized(tiny_model_dir: Path) -> None:
@@ -253,3 +258,51 @@ def test_vllm_runs_the_lm_head_in_float32_and_still_syncs(tiny_model_dir: Path) 
         assert (to_new - engine_lp).abs().mean() < 0.2 * (to_old - engine_lp).abs().mean()
     finally:
         engine.close()
+
+
+def test_moe_experts_and_router_can_be_kept(tiny_moe_dir: Path) -> None:
+    """A fused expert stack owns its weights but has an activation child: it is kept all the same."""
+    engine = hf_engine(tiny_moe_dir, "bfloat16", keep=("mlp", "router"))
+    experts = engine.model.model.layers[0].mlp.experts
+    assert all(p.dtype == torch.float32 for p in experts.parameters())
+    assert engine.model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert engine.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert any(name.endswith("mlp.experts") for name in engine.fp32_module_names)
+    assert engine.generate(PROMPTS, SAMPLING, n=2, seed=0).completions
+
+
+def test_groups_that_name_nothing_are_refused(tiny_model_dir: Path) -> None:
+    for labels in (("attention.00",), ("attention.9",), ("router",)):  # typo, no such layer, dense model
+        with pytest.raises(ValueError, match=r"name\(s\) no parameter"):
+            hf_engine(tiny_model_dir, "bfloat16", keep=labels)
+
+
+def test_float16_trainer_on_a_tied_model(tmp_path: Path) -> None:
+    from dcmdp.models import TinyModelSpec
+
+    tied = build_tiny_model(tmp_path / "tied", TinyModelSpec(tie_word_embeddings=True))
+    sample = hf_engine(tied, "float16").generate(PROMPTS, SAMPLING, n=2, seed=0)
+    batch = build_token_batch(PROMPTS, sample.completions, None)
+    mask = batch.response_mask_BT
+    master = set_compute_dtype(load_model(tied), torch.float16)
+    got = sequence_logprobs(master, batch, SAMPLING)
+    with torch.no_grad():
+        expected = sequence_logprobs(load_model(tied, dtype=torch.float16), batch, SAMPLING)
+    assert torch.equal(got[mask], expected[mask])
+    got[mask].sum().backward()
+    assert master.lm_head.weight.grad is not None and master.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_float16_compute_survives_the_copies_the_trainer_makes(tiny_model_dir: Path) -> None:
+    """The stale-policy copies of asynchronous runs and the KL reference compute in float16 too."""
+    from dcmdp.rollout.logprobs import COMPUTE_DTYPE_ATTR
+    from dcmdp.rollout.pipeline import PolicyVersions
+    from dcmdp.trainer import trainer_model
+
+    model = trainer_model(tiny_model_dir, "float16", "cpu")
+    assert getattr(model, COMPUTE_DTYPE_ATTR) == torch.float16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    versions = PolicyVersions(keep=2)
+    versions.save(3, model)
+    assert getattr(versions.model_at(3, like=model), COMPUTE_DTYPE_ATTR) == torch.float16
+    assert getattr(trainer_model(tiny_model_dir, "bfloat16", "cpu"), COMPUTE_DTYPE_ATTR, None) is None

@@ -284,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--max-model-len ({args.max_model_len}) must exceed --max-tokens ({args.max_tokens})"
             )
+        if args.plot and not (args.attribute or args.breakdown):
+            raise ValueError("--plot needs --attribute or --breakdown (the plain probe has no chart)")
         if args.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {args.device!r} is unknown; valid: auto, cpu, cuda")
         if args.device == "cuda" and not torch.cuda.is_available():

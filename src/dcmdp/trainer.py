@@ -172,6 +172,16 @@ def timed(times: dict[str, float], name: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the loop
 
 
+def trainer_model(path: Any, dtype: str, device: str) -> torch.nn.Module:
+    """The trainer's model at ``model.dtype``: float32 / bfloat16 weights in that dtype; float16 as
+    float32 weights (and optimizer state) whose every forward and backward runs in float16
+    (:func:`dcmdp.rollout.logprobs.set_compute_dtype`)."""
+    if dtype == "float16":
+        return set_compute_dtype(load_model(path, dtype=torch.float32, device=device), torch.float16)
+    model: torch.nn.Module = load_model(path, dtype=getattr(torch, dtype), device=device)
+    return model
+
+
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
@@ -203,19 +213,9 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     tokenizer = load_tokenizer(base_path)
-    # float16: float32 weights and optimizer, every forward and backward in float16 (see
-    # set_compute_dtype); float32 / bfloat16: the weights themselves in that dtype.
-    compute = torch.float16 if cfg.model.dtype == "float16" else None
-    dtype = torch.float32 if compute is not None else getattr(torch, cfg.model.dtype)
     device = resolve_device(cfg.model.device)
-    model = set_compute_dtype(
-        load_model(ckpt if ckpt is not None else base_path, dtype=dtype, device=device), compute
-    )
-    ref_model = (
-        set_compute_dtype(load_model(base_path, dtype=dtype, device=device).eval(), compute)
-        if cfg.loss.kl_coef > 0
-        else None
-    )
+    model = trainer_model(ckpt if ckpt is not None else base_path, cfg.model.dtype, device)
+    ref_model = trainer_model(base_path, cfg.model.dtype, device).eval() if cfg.loss.kl_coef > 0 else None
     task = make_task(cfg.task.name, **cfg.task.options)
     from dcmdp.models import eos_token_ids
 
@@ -699,6 +699,7 @@ __all__ = [
     "timed",
     "train",
     "train_step",
+    "trainer_model",
     "unreachable_tolerance",
     "update_policy",
 ]

@@ -40,6 +40,7 @@ from dcmdp.engines.precision import (
     close_under_tying,
     in_groups,
     keep_float32_,
+    unmatched_groups,
 )
 from dcmdp.engines.quantize import (
     QUANT_MODES,
@@ -76,6 +77,12 @@ class TransformersEngine:
         load_dtype = torch.float32 if kept else self.dtype
         self.model: Any = load_model(spec.model, dtype=load_dtype, device=self.device).eval()
         self.quantization = spec.quantization
+        missing = unmatched_groups(self.model, kept)
+        if missing:
+            raise ValueError(
+                f"engine.fp32_modules: {', '.join(missing)} name(s) no parameter of {spec.model} "
+                "(see `dcmdp probe --attribute --per-layer` for the groups this model has)"
+            )
         self.fp32_modules = close_under_tying(self.model, kept)
         exact = {
             n: p.detach().clone()

@@ -87,14 +87,8 @@ def fp32_modules_problem(engine: str, labels: tuple[str, ...]) -> str | None:
 
 def in_groups(name: str, labels: Iterable[str]) -> bool:
     """Whether a parameter or module name belongs to any of the groups (a plain group label
-    covers every layer; ``attention.0`` only layer 0). A module name matches through its
-    parameters' names, which extend it."""
-    for label in labels:
-        per_layer = "." in label
-        for candidate in (name, name + ".weight"):
-            if group_label(candidate, per_layer) == label:
-                return True
-    return False
+    covers every layer; ``attention.0`` only layer 0)."""
+    return any(group_label(name, "." in label) == label for label in labels)
 
 
 def tied_embeddings(model: nn.Module) -> bool:
@@ -126,21 +120,31 @@ def run_leaf_modules_in(
     select: Callable[[str], bool],
     out_dtype: Callable[[str], torch.dtype | None],
 ) -> list[str]:
-    """Hold the selected leaf modules (those with parameters) in ``dtype`` and run them in it:
+    """Hold the selected modules that own parameters (a Linear, a norm, a fused MoE expert stack,
+    which has an activation child but holds its weights itself) in ``dtype`` and run them in it:
     a pre-hook casts their inputs to ``dtype`` and a hook casts their outputs to ``out_dtype(name)``
-    (None: left as computed). Returns the module names changed."""
+    (None: left as computed). Only each module's own parameters are cast. Returns the module
+    names changed."""
     changed = []
     for name, module in model.named_modules():
-        leaf = next(module.children(), None) is None
-        if not leaf or not any(True for _ in module.parameters(recurse=False)) or not select(name):
+        own = list(module.parameters(recurse=False))
+        if not own or not select(name):
             continue
-        module.to(dtype)
+        for p in own:
+            p.data = p.data.to(dtype)
         module.register_forward_pre_hook(lambda _m, args, d=dtype: tuple(cast(a, d) for a in args))
         target = out_dtype(name)
         if target is not None:
             module.register_forward_hook(lambda _m, _i, output, d=target: cast(output, d))
         changed.append(name)
     return changed
+
+
+def unmatched_groups(model: nn.Module, labels: Iterable[str]) -> list[str]:
+    """The labels that name no parameter of ``model`` (a typo such as ``attention.00``, a layer
+    the model does not have, ``router`` on a dense model)."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return [label for label in labels if not any(in_groups(n, [label]) for n in names)]
 
 
 def keep_float32_(model: nn.Module, labels: tuple[str, ...], engine_dtype: torch.dtype) -> list[str]:
@@ -170,4 +174,5 @@ __all__ = [
     "keep_float32_",
     "run_leaf_modules_in",
     "tied_embeddings",
+    "unmatched_groups",
 ]

@@ -62,7 +62,8 @@ def forward_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
         return model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     from torch.func import functional_call
 
-    params = {n: p.to(dtype) for n, p in model.named_parameters(remove_duplicate=False)}
+    # one entry per tensor: functional_call re-ties a tied embedding / lm_head pair itself
+    params = {n: p.to(dtype) for n, p in model.named_parameters()}
     return functional_call(
         model, params, (), {"input_ids": ids, "attention_mask": attn, "use_cache": False}
     ).logits
