@@ -56,8 +56,8 @@ class ModelConfig:
     the 4,096-token BPE Qwen3 warm-started on long_addition (both built by `dcmdp pretrain`)."""
     dtype: str = "float32"
     """Trainer precision: float32 | bfloat16 (weights and optimizer in bfloat16) | float16 (weights
-    and optimizer in float32, every forward and backward in float16: pair it with engine.dtype=
-    float16, the FP16 remedy in docs/why-disagree.md; no loss scaling)."""
+    and optimizer in float32, every forward and backward in float16, no loss scaling: pair it with
+    engine.dtype=float16, the FP16 remedy of docs/why-disagree.md)."""
     device: str = "auto"
     """Trainer device: auto (cuda when a GPU is visible, else cpu) | cpu | cuda. The engine follows."""
     cache_dir: str = ".cache/models"
