@@ -280,3 +280,51 @@ def test_checkpoint_holds_lambda_before_trls_save_and_resume_needs_it(
     monkeypatch.setattr(GRPOTrainer, "_load_optimizer_and_scheduler", lambda self, checkpoint: None)
     with pytest.raises(FileNotFoundError, match="no DCMDP multiplier state"):
         trainer._load_optimizer_and_scheduler(str(empty))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_k": 20},
+        {"top_p": 0.9},
+        {"min_p": 0.1},
+        {"repetition_penalty": 1.3},
+        {"presence_penalty": 0.5},
+        {"temperature": 0.7},
+        {"logit_bias": {5: 3.0}},
+    ],
+)
+def test_generation_kwargs_cannot_sneak_filters_past_the_check(
+    tiny_model_dir: Path, tmp_path: Path, kwargs: dict[str, Any]
+) -> None:
+    """TRL passes generation_kwargs to vLLM's SamplingParams last: they override top_k & co."""
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path))
+    trainer.dcmdp_args.generation_kwargs = kwargs
+    with pytest.raises(ValueError, match="generation_kwargs"):
+        trainer._check_sampling_filters()
+    trainer.dcmdp_args.generation_kwargs = {
+        "max_tokens": 8,
+        "top_k": -1,
+        "temperature": trainer.dcmdp_args.temperature,
+    }
+    trainer._check_sampling_filters()  # neutral values pass (vllm_mode "server" is not reached: no vLLM here)
+
+
+def test_penalty_is_scaled_by_its_share_of_the_accumulation_window(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Gradient accumulation 2: a micro-batch of n tokens in a window of 2n carries half the penalty,
+    so the two micro-batches together give lambda x the window's token mean."""
+    trainer = make_trainer(tiny_model_dir, make_args(tmp_path, gradient_accumulation_steps=2))
+    assert trainer.dcmdp_args.steps_per_generation == 2
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = micro_batch(trainer)
+    n = inputs["completion_mask"].sum()
+    inputs["num_items_in_batch"] = 2 * n  # TRL counts the whole generation batch: both micro-batches
+    with torch.no_grad():
+        trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+        loss = trainer._compute_loss(trainer.model, inputs)
+    penalty = trainer._metrics["train"]["dcmdp/penalty"][-1]
+    assert penalty > 0
+    assert (loss - trl_loss).item() == pytest.approx(penalty / 2, rel=1e-4)

@@ -90,6 +90,25 @@ OLD_LOGPS = "old_per_token_logps"
 _O = DCMDPOptions
 
 
+#: vLLM sampling parameters that change the distribution the log-probs are taken from, with the
+#: values that leave it alone (TRL's trainer applies only the temperature).
+_NEUTRAL_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "top_k": (None, 0, -1),
+    "top_p": (None, 1.0),
+    "min_p": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+}
+_CONSTRAINED_DECODING = (
+    "logit_bias",
+    "bad_words",
+    "allowed_token_ids",
+    "structured_outputs",
+    "guided_decoding",
+)
+
+
 def _gap_sum(logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """sum over the masked tokens of |exp(logp) - exp(rollout_logp)|."""
     delta = (logp_BT.detach().float().exp() - rollout_logp_BT.float().exp()).abs()
@@ -248,6 +267,20 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             )
             if value not in off
         ]
+        # generation_kwargs reach vLLM's SamplingParams last and override the fields above
+        extra = a.generation_kwargs if isinstance(a.generation_kwargs, dict) else {}
+        for key, value in extra.items():
+            neutral = _NEUTRAL_SAMPLING.get(key)
+            if key == "temperature" and value not in (None, a.temperature):
+                on.append(
+                    f"generation_kwargs.temperature={value} (the trainer divides by temperature={a.temperature})"
+                )
+            elif (neutral is not None and value not in neutral) or (
+                key in _CONSTRAINED_DECODING and value not in (None, {}, [])
+            ):
+                on.append(f"generation_kwargs.{key}")
+        if getattr(a, "vllm_structured_outputs_regex", None):
+            on.append("vllm_structured_outputs_regex")
         if on:
             raise ValueError(
                 f"DCMDP with use_vllm=True needs sampling without {', '.join(on)}: vLLM's sampling log-probs "

@@ -44,14 +44,20 @@ exact for both the surrogate and the DCMDP term; for the ``seq-mean-*`` modes th
 and the term (a token mean per micro-batch) is weighted by each micro-batch's share of sequences.
 ``token-sum`` and ``seq-mean-token-sum-norm`` are not supported (dcmdp has no such aggregation).
 
-What the dual step reads: the token mean of the DCMDP gap of the current policy against the
-rollout over the whole update. verl averages a policy loss's metrics over micro-batches and
+What the dual step reads: the token mean over the whole update of the gap between pi_old (verl's
+recompute before the update, ``old_log_prob``) and the rollout, as in dcmdp's own trainer and in
+TRL (the penalty itself acts on the current policy; ``actor/dcmdp/prob_gap`` logs the current
+policy's gap). verl averages a policy loss's metrics over micro-batches and
 data-parallel ranks whatever their token counts (a mean of micro-batch means: 40 tokens at 0.001
 and 4,000 at 0.010 would read 0.0055, not 0.0099), so every micro-batch reports the sum of its gaps
 (``actor/dcmdp/prob_gap_sum``) and its token count (``actor/dcmdp/tokens``); both are averaged the
-same way, and their ratio is the global token mean. An empty micro-batch (verl pads with samples
+same way, and their ratio is the global token mean, exactly so when every mini-batch of the
+step has the same number of micro-batches (one mini-batch per step, or fixed micro-batch sizes:
+:func:`check_verl_config` refuses dynamic batch sizes with several mini-batches). An empty
+micro-batch (verl pads with samples
 whose response mask is all zero) gives a zero loss still connected to the graph, and zero sum and
-count.
+count (verl then averages zeros into the displayed ``actor/*`` metrics of that step, such as
+``actor/dcmdp/lambda``; the driver's ``dcmdp/*`` are unaffected).
 
 The dual step happens only where a driver pushes lambda (``DCMDPPPOTrainer``, or your own trainer
 calling :class:`DCMDPController`). Without a push the loss refuses to run rather than train silently
@@ -232,7 +238,11 @@ def dcmdp_policy_loss(
     scale = _global_batch_scale(loss_agg_mode, response_mask, config.global_batch_info)
     values = torch.stack([v.float() for v in out.metrics.values()]).tolist()  # one device read-back
     metrics = {f"actor/{k}": v for k, v in zip(out.metrics, values)}
-    metrics[GAP_SUM_KEY] = metrics[MEASURE_KEY] * tokens
+    # D for the dual step at pi_old (verl's recompute before the update), as in dcmdp's trainer
+    # and TRL: with several mini-batches or epochs the current policy has drifted from it.
+    keep = response_mask != 0
+    gap_BT = (old_log_prob.detach().float().exp() - inputs.engine_logp_BT.float().exp()).abs()
+    metrics[GAP_SUM_KEY] = float(torch.where(keep, gap_BT, torch.zeros_like(gap_BT)).sum())
     metrics[TOKENS_KEY] = float(tokens)
     return out.loss * scale, metrics
 
@@ -394,6 +404,14 @@ def check_verl_config(config: Any) -> None:
         )
     if get(f"{rc}.rollout_is_batch_normalize"):
         problems.append(f"{rc}.rollout_is_batch_normalize must be false")
+    mini, total = get(f"{actor}.ppo_mini_batch_size"), get("data.train_batch_size")
+    if get(f"{actor}.use_dynamic_bsz") and mini is not None and total is not None and int(total) > int(mini):
+        problems.append(
+            f"{actor}.use_dynamic_bsz with several mini-batches per step (data.train_batch_size {total} > "
+            f"ppo_mini_batch_size {mini}): verl averages each mini-batch's metrics over its own number of "
+            "micro-batches, which dynamic batching varies, so D would not be the token mean. Use one "
+            "mini-batch per step, or fixed micro-batches (use_dynamic_bsz: false)"
+        )
     if get(f"{rc}.rollout_rs") not in (None, "null", "none"):
         problems.append(
             f"{rc}.rollout_rs must be null: rejection drops the worst tokens from the mask before D is "
@@ -537,17 +555,18 @@ def load_multiplier_state(folder: str) -> dict[str, Any]:
     return state
 
 
-def _make_trainer_class() -> type:
-    """verl's v1 synchronous trainer with the controller wired in (needs verl's full install)."""
+def dcmdp_trainer_class(base: type) -> type:
+    """``base`` (verl's ``PPOTrainerSync``, or anything with its ``_update_actor``,
+    ``_save_checkpoint`` and ``_load_checkpoint``) with the controller wired in: lambda pushed
+    before each actor update, the dual step after it, the multiplier in every checkpoint."""
     from omegaconf import OmegaConf
-    from verl.trainer.ppo.v1.trainer_base import register_trainer
-    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-    from verl.utils.config import omega_conf_to_dataclass
 
-    class DCMDPPPOTrainer(PPOTrainerSync):  # type: ignore[misc, valid-type]
+    class DCMDPPPOTrainer(base):  # type: ignore[misc, valid-type]
         """``PPOTrainerSync`` + DCMDP: lambda pushed before each actor update, dual step after it."""
 
         def __init__(self, config: Any) -> None:
+            from verl.utils.config import omega_conf_to_dataclass
+
             check_verl_config(config)
             # The class is already chosen by its name; verl's replay buffer keys on the mode name,
             # and this is the sync trainer, so it must read "sync" from here on.
@@ -583,8 +602,17 @@ def _make_trainer_class() -> type:
                 self.dcmdp.load_state_dict(load_multiplier_state(folder))
             return out
 
-    register_trainer(TRAINER_NAME)(DCMDPPPOTrainer)
     return DCMDPPPOTrainer
+
+
+def _make_trainer_class() -> type:
+    """verl's v1 synchronous trainer with the controller wired in (needs verl's full install)."""
+    from verl.trainer.ppo.v1.trainer_base import register_trainer
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    cls = dcmdp_trainer_class(PPOTrainerSync)
+    register_trainer(TRAINER_NAME)(cls)
+    return cls
 
 
 try:  # verl's v1 trainer needs Ray, TransferQueue, torchdata...: present on a cluster, maybe not here
@@ -607,6 +635,7 @@ __all__ = [
     "DCMDPPPOTrainer",
     "check_verl_config",
     "dcmdp_policy_loss",
+    "dcmdp_trainer_class",
     "engine_logp_from_is_weights",
     "load_multiplier_state",
     "save_multiplier_state",
