@@ -11,7 +11,8 @@ configs/verl/dcmdp_multinode.yaml):
 2. :class:`DCMDPController`, on the driver: the Lagrange multiplier. Before each actor update it
    pushes the current lambda to the actor workers (``set_loss_fn`` with an actor config whose
    ``policy_loss.dcmdp_lambda`` is set: verl's own driver pushes the critic's loss the same way);
-   after the update it reads the actor's reported D (``actor/dcmdp/prob_gap`` in the step's metrics)
+   after the update it reads the actor's reported D (``actor/dcmdp/prob_gap_sum`` over
+   ``actor/dcmdp/tokens`` in the step's metrics)
    and takes the dual step. Every worker thus uses the same lambda, and there is one multiplier.
 3. ``DCMDPPPOTrainer`` (registered as verl v1 trainer ``"dcmdp_sync"`` when verl's v1 trainer is
    importable): verl's synchronous PPO trainer with the controller wired into ``_update_actor``
