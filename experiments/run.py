@@ -423,7 +423,10 @@ def summarise(
         acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], []
         stale, total = [], []
         for seed in seeds:
-            rows = read_metrics(run_dir(key or experiment, arm, seed) / "metrics.jsonl")
+            path = run_dir(key or experiment, arm, seed)
+            if not finished(path, steps_of(COMMON + arms[arm])):
+                continue  # a run still going (or stopped) would mix a partial curve into the table
+            rows = read_metrics(path / "metrics.jsonl")
             evals = [r for r in rows if r.get("kind") == "eval"]
             train = [r for r in rows if r.get("kind") == "train"]
             if not evals or not train:

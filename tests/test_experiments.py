@@ -129,3 +129,16 @@ def test_summary_of_an_unfinished_grid_is_not_published(
     assert run.main() == 0
     assert _snapshot(published) == before
     assert "only 0 of its" in capsys.readouterr().out
+
+
+def test_the_summary_leaves_out_runs_still_going(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    arms = {"grpo": run.EXPERIMENTS["harm"]["grpo"]}
+    _fake_runs(tmp_path, "harm", ["grpo"], [0, 1])
+    done = tmp_path / "harm" / "grpo" / "seed0" / "metrics.jsonl"
+    with done.open("a") as fh:  # seed 0 reached its last step (150 in harm); seed 1 stopped at step 1
+        fh.write(json.dumps({"kind": "eval", "step": 150, "eval/accuracy_greedy": 0.9}) + "\n")
+    table = run.summarise("harm", arms, [0, 1], tmp_path / "out")
+    row = next(line for line in table.splitlines() if line.startswith("| grpo |"))
+    assert row.split("|")[2].strip() == "1"  # one seed: the finished one
+    assert "0.900 ± 0.000" in row  # its last evaluation, not a mix with the partial run
