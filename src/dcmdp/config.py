@@ -85,8 +85,9 @@ class EngineConfig:
     """Weight-sync check: after the first sync and then every N steps the engine samples a fixed
     probe and the trainer scores it; a gap far above the first check's stops the run (0 = off).
     See docs/engines.md, "Is the engine serving my weights?"."""
-    sync_check_factor: float = 4.0
-    """The check fails when the probe's mean |log ratio| exceeds max(factor x floor, floor + margin)."""
+    sync_check_factor: float = 8.0
+    """The check fails when the probe's mean |log ratio| exceeds max(factor x floor, floor + margin).
+    Healthy runs reached 3.6x their floor (bf16, lr 1e-3, 150 steps; docs/engines.md), hence 8."""
     sync_check_margin: float = 0.005
     """Nats per token above the floor the check always tolerates."""
     sync_check_first_max: float = 1.0

@@ -39,7 +39,7 @@ class SyncCheckError(RuntimeError):
 class SyncCheckSettings:
     every: int = 10
     """Check after the first sync, then every N steps (0 = never)."""
-    factor: float = 4.0
+    factor: float = 8.0
     margin: float = 0.005
     """Nats of mean |log ratio| above the floor a check tolerates besides the factor."""
     first_max: float = 1.0
