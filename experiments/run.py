@@ -253,6 +253,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
         }.items()
     },
+    # Issue 13: the same methods on llama.cpp Q4_0, the engine where GRPO first lost ground in the
+    # long regime (long_search: 0.335 ± 0.098 against the ceiling's 0.392 ± 0.078, 3 seeds).
+    "long_methods_q4_0": {
+        name: [*LONG, *LONG_ENGINES["llamacpp_q4_0"], *overrides]
+        for name, overrides in {
+            "tis": ["loss.type=tis"],
+            "seq_mis": ["loss.type=seq_mis"],
+            "dcmdp_guard0.05": ["loss.type=dcmdp", "multiplier.reward_guard=0.05"],
+            "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
+        }.items()
+    },
     # The guard does not catch an abrupt collapse once lambda is large (shaping, seed 2: lambda 2.1,
     # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.
     "harm_guard_lammax1": {
@@ -284,6 +295,7 @@ PREPARE = {
     "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
     "long_search": [["pretrain", "--task", "long_addition"]],
     "long_methods": [["pretrain", "--task", "long_addition"]],
+    "long_methods_q4_0": [["pretrain", "--task", "long_addition"]],
 }
 
 
