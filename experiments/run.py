@@ -96,6 +96,20 @@ METHODS = {
 }
 
 
+LONG_METHODS = {
+    "grpo": ["loss.type=grpo"],
+    "tis": ["loss.type=tis"],
+    "seq_mis": ["loss.type=seq_mis"],
+    "dcmdp_guard0.05": ["loss.type=dcmdp", "multiplier.reward_guard=0.05"],
+    "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
+}
+
+
+def _long_methods(engine: list[str], names: list[str]) -> dict[str, list[str]]:
+    """The long-response regime on ``engine``, one arm per method of ``LONG_METHODS``."""
+    return {name: [*LONG, *engine, *LONG_METHODS[name]] for name in names}
+
+
 def _arms(engine: list[str], ceiling: list[str]) -> dict[str, list[str]]:
     arms = {name: engine + o for name, o in METHODS.items()}
     arms["grpo_fp32_ceiling"] = [*ceiling, "loss.type=grpo"]
@@ -244,26 +258,12 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         f"grpo_{name}": [*LONG, *engine, "loss.type=grpo"] for name, engine in LONG_ENGINES.items()
     },
     # Issue 13, section 3.2 (started): the methods on the int4 engine in the long regime.
-    "long_methods": {
-        name: [*LONG, *INT4, *overrides]
-        for name, overrides in {
-            "grpo": ["loss.type=grpo"],
-            "tis": ["loss.type=tis"],
-            "dcmdp_guard0.05": ["loss.type=dcmdp", "multiplier.reward_guard=0.05"],
-            "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
-        }.items()
-    },
+    "long_methods": _long_methods(INT4, ["grpo", "tis", "dcmdp_guard0.05", "dcmdp_tis_guard0.05"]),
     # Issue 13: the same methods on llama.cpp Q4_0, the engine where GRPO first lost ground in the
     # long regime (long_search: 0.335 ± 0.098 against the ceiling's 0.392 ± 0.078, 3 seeds).
-    "long_methods_q4_0": {
-        name: [*LONG, *LONG_ENGINES["llamacpp_q4_0"], *overrides]
-        for name, overrides in {
-            "tis": ["loss.type=tis"],
-            "seq_mis": ["loss.type=seq_mis"],
-            "dcmdp_guard0.05": ["loss.type=dcmdp", "multiplier.reward_guard=0.05"],
-            "dcmdp_tis_guard0.05": ["loss.type=dcmdp", "loss.correction=tis", "multiplier.reward_guard=0.05"],
-        }.items()
-    },
+    "long_methods_q4_0": _long_methods(
+        LONG_ENGINES["llamacpp_q4_0"], ["tis", "seq_mis", "dcmdp_guard0.05", "dcmdp_tis_guard0.05"]
+    ),
     # The guard does not catch an abrupt collapse once lambda is large (shaping, seed 2: lambda 2.1,
     # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.
     "harm_guard_lammax1": {

@@ -23,22 +23,16 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from dcmdp.integrations.trl import DCMDPGRPOConfig, DCMDPGRPOTrainer
-
-PROMPTS = ["1+1=", "2+3=", "7-4=", "9+9=", "4+4=", "8-1=", "5+2=", "6-6="]
-
-
-def reward_length(completions: list[str], **_: Any) -> list[float]:
-    return [len(c) / 10.0 for c in completions]
+from dcmdp.integrations.trl import DCMDPGRPOConfig
+from trl_worker_common import PROMPTS, StepRecorder, reward_length
 
 
-class RecordingTrainer(DCMDPGRPOTrainer):
-    """Records what the test recomputes; the training itself is DCMDPGRPOTrainer's."""
+class RecordingTrainer(StepRecorder):
+    """Also records every micro-batch's tensors behind D, and lambda right after a resume's load."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.micro: list[dict[str, Any]] = []
-        self.steps: list[dict[str, float]] = []
         self.loaded_lambda: float | None = None
 
     def _dcmdp_term(self, capture: Any) -> Any:
@@ -52,11 +46,6 @@ class RecordingTrainer(DCMDPGRPOTrainer):
                 }
             )
         return super()._dcmdp_term(capture)
-
-    def _dual_step(self, lam_used: float) -> None:
-        super()._dual_step(lam_used)
-        m = self._metrics["train"]
-        self.steps.append({"d": m["dcmdp/prob_gap"][-1], "lam": lam_used, "lam_next": self.multiplier.value})
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

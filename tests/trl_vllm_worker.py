@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -25,29 +24,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from dcmdp.integrations.trl import DCMDPGRPOConfig, DCMDPGRPOTrainer
-
-PROMPTS = ["1+1=", "2+3=", "7-4=", "9+9=", "4+4=", "8-1=", "5+2=", "6-6="]
-
-
-def reward_length(completions: list[str], **_: Any) -> list[float]:
-    return [len(c) / 10.0 for c in completions]
-
-
-class RecordingTrainer(DCMDPGRPOTrainer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.steps: list[dict[str, float]] = []
-
-    def _dual_step(self, lam_used: float) -> None:
-        super()._dual_step(lam_used)
-        self.steps.append(
-            {
-                "d": self._metrics["train"]["dcmdp/prob_gap"][-1],
-                "lam": lam_used,
-                "lam_next": self.multiplier.value,
-            }
-        )
+from dcmdp.integrations.trl import DCMDPGRPOConfig
+from trl_worker_common import PROMPTS, StepRecorder, reward_length
 
 
 def main() -> None:
@@ -74,7 +52,7 @@ def main() -> None:
         dcmdp_lambda_init=0.5,
         dcmdp_tolerance=0.002,
     )
-    trainer = RecordingTrainer(
+    trainer = StepRecorder(
         model=model_dir,
         reward_funcs=reward_length,
         args=args,

@@ -18,13 +18,16 @@ DCMDP part of the loss alone (used by TRL, whose own surrogate stays in place).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dcmdp.algo.discrepancy import prob_gap
+from dcmdp.algo.discrepancy import fill_masked, prob_gap
 from dcmdp.algo.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings
 from dcmdp.algo.multiplier import build_multiplier as build_core_multiplier
@@ -185,6 +188,45 @@ def shaped_advantages(
     return torch.where(keep_BT, advantages_BT - lam * delta_BT, advantages_BT)
 
 
+def gap_sum(logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor) -> float:
+    """Sum over the masked tokens of the probability gap |pi - mu| (no gradient): the numerator of
+    D that every rank / micro-batch reports so that D can be formed as a token mean."""
+    with torch.no_grad():
+        logp, rollout = fill_masked(logp_BT.float(), mask_BT), fill_masked(rollout_logp_BT.float(), mask_BT)
+        return float(fill_masked(prob_gap(logp, rollout), mask_BT).sum())
+
+
+#: File holding the multiplier's state inside each TRL or verl checkpoint folder.
+MULTIPLIER_STATE_FILE = "dcmdp_multiplier.json"
+
+
+def save_multiplier_state(folder: str, state: dict[str, Any]) -> None:
+    """Write the multiplier's state into a checkpoint folder atomically (temp file + rename)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_multiplier_state(folder: str) -> dict[str, Any]:
+    """The multiplier's state saved in a checkpoint folder; a missing file is an error, never a
+    silent restart of lambda at its initial value."""
+    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: this checkpoint holds no DCMDP multiplier state (it was not saved by a "
+            "DCMDP trainer, or the save was interrupted). Resuming would restart lambda at its initial "
+            "value; resume from an earlier checkpoint or start a new run"
+        )
+    with open(path) as f:
+        state: dict[str, Any] = json.load(f)
+    return state
+
+
 def finite_float(name: str, value: object) -> float:
     """``value`` as a finite float, or ``ValueError`` naming it (for metrics read from a framework)."""
     try:
@@ -199,12 +241,16 @@ def finite_float(name: str, value: object) -> float:
 __all__ = [
     "LOSS_FORMS",
     "MULTIPLIER_KINDS",
+    "MULTIPLIER_STATE_FILE",
     "WARMUP_LOSS_TOLERANCE",
     "DCMDPOptions",
     "build_multiplier",
     "core_loss_name",
     "dcmdp_term",
     "finite_float",
+    "gap_sum",
+    "load_multiplier_state",
     "loss_tolerance",
+    "save_multiplier_state",
     "shaped_advantages",
 ]

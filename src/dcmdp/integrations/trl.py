@@ -60,7 +60,6 @@ rotation and the hub push), and restored on resume; a checkpoint without it is a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,15 +71,17 @@ from trl import GRPOConfig, GRPOTrainer
 
 from dcmdp.algo.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
 from dcmdp.integrations import (
+    MULTIPLIER_STATE_FILE,
     DCMDPOptions,
     build_multiplier,
     dcmdp_term,
+    load_multiplier_state,
     loss_tolerance,
+    save_multiplier_state,
     shaped_advantages,
 )
+from dcmdp.integrations import gap_sum as gap_sum_of
 
-#: File holding the multiplier's state inside each TRL checkpoint folder.
-MULTIPLIER_STATE_FILE = "dcmdp_multiplier.json"
 #: The two places TRL keeps rollout log-probs, in order of preference.
 SAMPLING_LOGPS = "sampling_per_token_logps"
 OLD_LOGPS = "old_per_token_logps"
@@ -107,12 +108,6 @@ _CONSTRAINED_DECODING = (
     "structured_outputs",
     "guided_decoding",
 )
-
-
-def _gap_sum(logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """sum over the masked tokens of |exp(logp) - exp(rollout_logp)|."""
-    delta = (logp_BT.detach().float().exp() - rollout_logp_BT.float().exp()).abs()
-    return torch.where(mask_BT, delta, torch.zeros_like(delta)).sum()
 
 
 @dataclass
@@ -355,7 +350,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             # Several optimizer steps per generation: the dual step reads the engine gap at the policy
             # that generated (pi_old, TRL's recompute), as dcmdp's trainer and verl do, not a gap that
             # also holds the policy's drift within the step.
-            gap_sum = float(_gap_sum(at_old, rollout_logp_BT, mask_BT))
+            gap_sum = gap_sum_of(at_old, rollout_logp_BT, mask_BT)
         self._log_micro_batch(mode, capture, penalty)
         if mode == "train":
             term = term * (n_tokens / self._window_tokens(inputs))
@@ -443,25 +438,13 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, MULTIPLIER_STATE_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(self.multiplier.state_dict(), f, indent=2)
-            os.replace(tmp, os.path.join(folder, MULTIPLIER_STATE_FILE))
+            save_multiplier_state(folder, self.multiplier.state_dict())
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            path = os.path.join(checkpoint, MULTIPLIER_STATE_FILE)
-            if not os.path.exists(path):
-                raise FileNotFoundError(
-                    f"{path} is missing: this checkpoint holds no DCMDP multiplier state (not saved by "
-                    "DCMDPGRPOTrainer, or its save was interrupted). Resuming would restart lambda at "
-                    "dcmdp_lambda_init; resume from another checkpoint or start a new run"
-                )
-            with open(path) as f:
-                self.multiplier.load_state_dict(json.load(f))
+            self.multiplier.load_state_dict(load_multiplier_state(checkpoint))
 
 
 __all__ = ["MULTIPLIER_STATE_FILE", "DCMDPGRPOConfig", "DCMDPGRPOTrainer"]

@@ -71,7 +71,6 @@ YAML composed with verl's Hydra defaults (verl 0.9.1, CPU). Not run here: any Ra
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -85,12 +84,16 @@ from torch import Tensor
 from dcmdp.algo.discrepancy import SAFETY_BOUND
 from dcmdp.algo.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.integrations import (
+    MULTIPLIER_STATE_FILE,
     WARMUP_LOSS_TOLERANCE,
     DCMDPOptions,
     build_multiplier,
     core_loss_name,
     finite_float,
+    gap_sum,
+    load_multiplier_state,
     loss_tolerance,
+    save_multiplier_state,
 )
 
 #: The name the loss is registered under: ``actor_rollout_ref.actor.policy_loss.loss_mode``.
@@ -110,8 +113,6 @@ IS_LOG_CLAMP = 20.0
 MIN_IS_THRESHOLD = math.exp(SAFETY_BOUND)
 #: verl ``loss_agg_mode`` values dcmdp's aggregation supports (same names, same formulas).
 SUPPORTED_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-#: File holding the multiplier's state in each verl checkpoint folder.
-MULTIPLIER_STATE_FILE = "dcmdp_multiplier.json"
 
 try:
     from verl.trainer.ppo.core_algos import register_policy_loss as _verl_register_policy_loss
@@ -241,9 +242,7 @@ def dcmdp_policy_loss(
     metrics = {f"actor/{k}": v for k, v in zip(out.metrics, values)}
     # D for the dual step at pi_old (verl's recompute before the update), as in dcmdp's trainer
     # and TRL: with several mini-batches or epochs the current policy has drifted from it.
-    keep = response_mask != 0
-    gap_BT = (old_log_prob.detach().float().exp() - inputs.engine_logp_BT.float().exp()).abs()
-    metrics[GAP_SUM_KEY] = float(torch.where(keep, gap_BT, torch.zeros_like(gap_BT)).sum())
+    metrics[GAP_SUM_KEY] = gap_sum(old_log_prob, inputs.engine_logp_BT, response_mask != 0)
     metrics[TOKENS_KEY] = float(tokens)
     return out.loss * scale, metrics
 
@@ -529,33 +528,6 @@ class DCMDPController:
         self.multiplier.load_state_dict(state)
 
 
-def save_multiplier_state(folder: str, state: dict[str, Any]) -> None:
-    """Write the multiplier's state into a checkpoint folder atomically (temp file + rename)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_multiplier_state(folder: str) -> dict[str, Any]:
-    """The multiplier's state saved in a checkpoint folder; a missing file is an error, never a
-    silent restart of lambda at its initial value."""
-    path = os.path.join(folder, MULTIPLIER_STATE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} is missing: this checkpoint holds no DCMDP multiplier state (it was not saved by "
-            f"{TRAINER_NAME}, or the save was interrupted). Resuming would restart lambda at its initial "
-            "value; resume from an earlier checkpoint or start a new run"
-        )
-    with open(path) as f:
-        state: dict[str, Any] = json.load(f)
-    return state
-
-
 def dcmdp_trainer_class(base: type) -> type:
     """``base`` (verl's ``PPOTrainerSync``, or anything with its ``_update_actor``,
     ``_save_checkpoint`` and ``_load_checkpoint``) with the controller wired in: lambda pushed
@@ -627,6 +599,7 @@ __all__ = [
     "LOSS_NAME",
     "MEASURE_KEY",
     "MIN_IS_THRESHOLD",
+    "MULTIPLIER_STATE_FILE",
     "POLICY_LOSS_CONFIG_TARGET",
     "SUPPORTED_AGG_MODES",
     "TOKENS_KEY",
