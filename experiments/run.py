@@ -287,6 +287,30 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for eng in ("int3", "int4", "fp32")
     },
 }
+# Defaults that changed after an experiment ran: its arms keep the value they ran with, so each
+# documented command still reproduces its documented result. An arm that sets the key keeps its own.
+RAN_WITH = {
+    # The reward guard became the default in 6737149; these ran without it.
+    "multiplier.reward_guard=0.0": (
+        "mismatch", "int4", "harm", "int8", "fp8", "self_correction", "tolerance", "multiplier",
+        "moe", "smollm2", "harm_capped", "harm_capped_more", "harm_share", "harm_search",
+    ),
+    # lam_max became 1 (from 10) after every experiment above had run.
+    "multiplier.lam_max=10.0": tuple(EXPERIMENTS),
+}
+
+
+def _pin_defaults(experiments: dict[str, dict[str, list[str]]]) -> None:
+    for setting, names in RAN_WITH.items():
+        key = setting.split("=", 1)[0] + "="
+        for name in names:
+            for arm in experiments[name].values():
+                if not any(o.startswith(key) for o in arm):
+                    arm.append(setting)
+
+
+_pin_defaults(EXPERIMENTS)
+
 # The tolerance sweep is relative to the discrepancy measured at the start of training; the
 # placeholders above are multiplied by START_D when the runs are launched.
 START_D_KEY = "discrepancy/prob_gap_mean"

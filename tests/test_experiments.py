@@ -38,6 +38,29 @@ def test_every_arm_is_a_valid_config(experiment: str) -> None:
         assert cfg.run.steps == run.steps_of([*run.COMMON, *overrides]), arm
 
 
+def test_experiments_keep_the_defaults_they_ran_with() -> None:
+    """A default that changed after an experiment ran must not change what its documented command
+    runs: harm's DCMDP arms ran unguarded with lam_max 10 (and collapsed), harm_guard's guarded with
+    10, harm_guard_lammax1 with its own bound of 1; a new experiment gets today's defaults."""
+    from dcmdp.algo.multiplier import MultiplierSettings
+
+    def multiplier(experiment: str, arm: str) -> tuple[float, float]:
+        cfg = load_config(overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"])
+        return cfg.multiplier.reward_guard, cfg.multiplier.lam_max
+
+    assert multiplier("harm", "dcmdp") == (0.0, 10.0)
+    assert multiplier("mismatch", "dcmdp_hinge") == (0.0, 10.0)
+    assert multiplier("harm_guard", "dcmdp_guard0.05") == (0.05, 10.0)
+    assert multiplier("harm_guard_lammax1", "dcmdp_shaping_guard0.05_lammax1") == (0.05, 1.0)
+    assert multiplier("long_methods_q4_0", "dcmdp_guard0.05") == (0.05, 10.0)
+    today = MultiplierSettings()
+    run.EXPERIMENTS["_new"] = {"a": ["loss.type=dcmdp"]}
+    try:
+        assert multiplier("_new", "a") == (today.reward_guard, today.lam_max) == (0.05, 1.0)
+    finally:
+        del run.EXPERIMENTS["_new"]
+
+
 def test_steps_of_takes_the_last_override() -> None:
     assert run.steps_of(["run.steps=60", "loss.type=grpo", "run.steps=150"]) == 150
     assert run.steps_of(["loss.type=grpo"]) == 60

@@ -321,7 +321,7 @@ def test_reward_guard_backs_off_while_reward_falls_and_never_returns_to_the_lamb
     assert not m.tripped and m.value > low
     assert m.value == pytest.approx(m.ceiling) and m.ceiling < lam_before
     state = json.loads(json.dumps(m.state_dict()))
-    copy = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05))
+    copy = build_multiplier(MultiplierSettings(init=2.0, tolerance=0.001, reward_guard=0.05, lam_max=10.0))
     copy.load_state_dict(state)
     assert copy.state_dict() == m.state_dict()
 

@@ -64,7 +64,7 @@ def unreachable_tolerance(
         f"warning: the measured gap D stayed above 2c for {window} steps (min {min(last):.4g}, c {tolerance:.4g}): "
         "the tolerance looks out of this engine's reach, so lambda keeps growing and the gap penalty "
         "can swamp the reward signal. Consider multiplier.tolerance=null (automatic c from the "
-        "measured gap), a larger c, or a cap such as multiplier.lam_max=0.3 (see docs/RESULTS.md)."
+        "measured gap), a larger c, or a smaller cap than multiplier.lam_max (see docs/RESULTS.md)."
     )
 
 

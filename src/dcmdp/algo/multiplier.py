@@ -93,8 +93,11 @@ class MultiplierSettings:
     """c, the tolerated mean probability gap (paper: 0.0037 dense, 0.005 MoE). null = automatic."""
     lam_min: float = 0.0
     """Lower bound of the projection."""
-    lam_max: float = 10.0
-    """Upper bound of the projection."""
+    lam_max: float = 1.0
+    """Upper bound of the projection (1, the bound of the paper's public implementation). With the
+    reward guard it kept every DCMDP form from collapsing in the ``harm`` experiment, where the
+    guard alone let one run fall once lambda passed 2 (docs/RESULTS.md). Runs before this default
+    used 10."""
     ema: float | None = None
     """EMA decay of the measured discrepancy before the dual step (null = raw)."""
     kp: float = 10.0
