@@ -292,8 +292,20 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
 RAN_WITH = {
     # The reward guard became the default in 6737149; these ran without it.
     "multiplier.reward_guard=0.0": (
-        "mismatch", "int4", "harm", "int8", "fp8", "self_correction", "tolerance", "multiplier",
-        "moe", "smollm2", "harm_capped", "harm_capped_more", "harm_share", "harm_search",
+        "mismatch",
+        "int4",
+        "harm",
+        "int8",
+        "fp8",
+        "self_correction",
+        "tolerance",
+        "multiplier",
+        "moe",
+        "smollm2",
+        "harm_capped",
+        "harm_capped_more",
+        "harm_share",
+        "harm_search",
     ),
     # lam_max became 1 (from 10) after every experiment above had run.
     "multiplier.lam_max=10.0": tuple(EXPERIMENTS),

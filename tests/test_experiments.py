@@ -45,7 +45,9 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     from dcmdp.algo.multiplier import MultiplierSettings
 
     def multiplier(experiment: str, arm: str) -> tuple[float, float]:
-        cfg = load_config(overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"])
+        cfg = load_config(
+            overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"]
+        )
         return cfg.multiplier.reward_guard, cfg.multiplier.lam_max
 
     assert multiplier("harm", "dcmdp") == (0.0, 10.0)
