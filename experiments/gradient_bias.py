@@ -21,7 +21,9 @@ Also printed: the gap against response length (the samples split into length qua
 token probability gap and mean |sequence log ratio| per quartile), to see whether the gap
 compounds over long responses. ``--config`` takes the task, sampling and batch shape from a run
 config (e.g. configs/long_addition.yaml) instead of the default job's.
-Writes docs/results/gradient_bias/summary.json (``--out`` elsewhere).
+Writes docs/results/gradient_bias/summary.json (``--out`` elsewhere). ``--plot PNG`` also draws
+the gap and the sequence log ratio against response length, one line per setting;
+``--from-summary JSON --plot PNG`` draws it from a summary written before, measuring nothing.
 """
 
 from __future__ import annotations
@@ -158,6 +160,33 @@ def measure(
     }
 
 
+def plot_by_length(results: list[dict[str, Any]], path: Path) -> None:
+    """Token gap and mean |sequence log ratio| per response-length quartile, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for res in results:
+        quartiles = res["by_length"]
+        xs = [(q["len_min"] + q["len_max"]) / 2 for q in quartiles]
+        left.plot(xs, [q["prob_gap_mean"] for q in quartiles], marker="o", label=res["setting"])
+        right.plot(xs, [q["seq_abs_log_ratio_mean"] for q in quartiles], marker="o", label=res["setting"])
+    left.set_title("Token probability gap by response length")
+    right.set_title("Mean |sequence log ratio| by response length")
+    for ax in (left, right):
+        ax.set_xlabel("response length, middle of the quartile (tokens)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="run config for the task, sampling and batch shape")
@@ -166,7 +195,17 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "gradient_bias" / "summary.json"))
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also plot the gap against response length")
+    ap.add_argument("--from-summary", default=None, metavar="JSON", help="plot a summary written before")
     args = ap.parse_args()
+    if args.from_summary is not None:
+        if args.plot is None:
+            ap.error("--from-summary only plots: give --plot PNG")
+        summary = Path(args.from_summary)
+        if not summary.is_file():
+            ap.error(f"--from-summary: no such file {summary}")
+        plot_by_length(json.loads(summary.read_text())["results"], Path(args.plot))
+        return 0
     if args.batches < 2:
         ap.error("--batches must be at least 2 (the noise reference compares two batches)")
     for text in args.settings:
@@ -193,6 +232,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model_dir), "config": args.config, "results": results}, indent=2))
     print(f"wrote {out}")
+    if args.plot is not None:
+        plot_by_length(results, Path(args.plot))
     return 0
 
 

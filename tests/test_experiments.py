@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -55,12 +56,11 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert multiplier("harm_guard", "dcmdp_guard0.05") == (0.05, 10.0)
     assert multiplier("harm_guard_lammax1", "dcmdp_shaping_guard0.05_lammax1") == (0.05, 1.0)
     assert multiplier("long_methods_q4_0", "dcmdp_guard0.05") == (0.05, 10.0)
+    # An experiment no pin names (long_methods has not run) gets today's defaults.
     today = MultiplierSettings()
-    run.EXPERIMENTS["_new"] = {"a": ["loss.type=dcmdp"]}
-    try:
-        assert multiplier("_new", "a") == (today.reward_guard, today.lam_max) == (0.05, 1.0)
-    finally:
-        del run.EXPERIMENTS["_new"]
+    assert multiplier("long_methods", "dcmdp_guard0.05") == (today.reward_guard, today.lam_max) == (0.05, 1.0)
+    pinned = {name for names in run.RAN_WITH.values() for name in names}
+    assert pinned <= set(run.EXPERIMENTS) and "long_methods" not in pinned
 
 
 def test_steps_of_takes_the_last_override() -> None:
@@ -167,3 +167,20 @@ def test_the_summary_leaves_out_runs_still_going(tmp_path: Path, monkeypatch: py
     row = next(line for line in table.splitlines() if line.startswith("| grpo |"))
     assert row.split("|")[2].strip() == "1"  # one seed: the finished one
     assert "0.900 ± 0.000" in row  # its last evaluation, not a mix with the partial run
+
+
+def test_gradient_bias_plots_the_gap_against_length_from_a_summary(tmp_path: Path) -> None:
+    quartiles = [
+        {"len_min": a, "len_max": b, "prob_gap_mean": g, "seq_abs_log_ratio_mean": r}
+        for a, b, g, r in ((10, 20, 1e-3, 0.1), (20, 40, 2e-3, 0.3))
+    ]
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"results": [{"setting": "x:float32", "by_length": quartiles}]}))
+    png = tmp_path / "by_length.png"
+    script = str(ROOT / "experiments" / "gradient_bias.py")
+    ok = subprocess.run([sys.executable, script, "--from-summary", str(summary), "--plot", str(png)])
+    assert ok.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(
+        [sys.executable, script, "--from-summary", str(summary)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "give --plot PNG" in bad.stderr

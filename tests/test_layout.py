@@ -93,6 +93,25 @@ def test_multiplier_defaults_have_one_definition() -> None:
 
 
 @pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"lambda_init": 2.0}, "lambda_init (2.0) must lie within [lambda_min, lambda_max] = [0.0, 1.0]"),
+        (
+            {"lambda_min": 0.5, "lambda_max": 0.2, "lambda_init": 0.3},
+            "lambda_max (0.2) must be >= lambda_min",
+        ),
+        ({"multiplier": "pid", "pid_kp": -1.0}, "pid_kp must be >= 0"),
+    ],
+)
+def test_integration_options_are_refused_in_their_own_names(options: dict[str, Any], needle: str) -> None:
+    from dcmdp.integrations import DCMDPOptions
+
+    with pytest.raises(ValueError) as err:
+        DCMDPOptions(**options)
+    assert needle in str(err.value) and "dcmdp_" in str(err.value)
+
+
+@pytest.mark.parametrize(
     ("overrides", "needle"),
     [
         (["multiplier.ema=2"], "ema"),

@@ -1,7 +1,7 @@
 """`dcmdp report RUN_DIR [RUN_DIR ...]`: PNG plots and an HTML page comparing runs side by side.
 
 Plots: reward, deployment-engine accuracy, discrepancy against the tolerance, the multiplier,
-and step time split by phase. Each run is one line, labelled by its directory name.
+the token and sequence log ratios, and step time split by phase. Each run is one line, labelled by its directory name.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ PLOTS = [
     ("discrepancy", "Mean probability gap D (dashed: tolerance c)", [("train", "discrepancy/prob_gap_mean")]),
     ("multiplier", "Lagrange multiplier lambda", [("train", "multiplier/lambda")]),
     ("abs_log_ratio", "Mean |log ratio| trainer vs engine", [("train", "discrepancy/abs_log_ratio_mean")]),
+    (
+        "seq_log_ratio",
+        "Mean sequence log ratio, sum over tokens of log(pi/mu)",
+        [("train", "discrepancy/seq_log_ratio_mean")],
+    ),
 ]
 TIME_KEYS = ["time/rollout", "time/recompute", "time/update", "time/dual", "time/sync"]
 

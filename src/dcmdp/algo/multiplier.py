@@ -96,7 +96,7 @@ class MultiplierSettings:
     lam_max: float = 1.0
     """Upper bound of the projection (1, the bound of the paper's public implementation). With the
     reward guard it kept every DCMDP form from collapsing in the ``harm`` experiment, where the
-    guard alone let one run fall once lambda passed 2 (docs/RESULTS.md). Runs before this default
+    guard alone let one run fall once lambda reached 1.9 (docs/RESULTS.md). Runs before this default
     used 10."""
     ema: float | None = None
     """EMA decay of the measured discrepancy before the dual step (null = raw)."""

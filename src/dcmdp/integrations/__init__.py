@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,15 @@ def core_loss_name(form: str) -> str:
 # Defaults of the multiplier options: the fields of dcmdp's own multiplier settings, so the
 # integrations and `dcmdp train` share one definition of each.
 _M = MultiplierSettings
+# The multiplier settings' names that these options spell differently.
+_OPTION_NAMES = {
+    "init": "lambda_init",
+    "lam_min": "lambda_min",
+    "lam_max": "lambda_max",
+    "kp": "pid_kp",
+    "kd": "pid_kd",
+    "ki": "eta",
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,13 @@ class DCMDPOptions:
         if self.loss_form == "hinge" and self.tolerance is None:
             # The hinge needs c inside the loss from the first step; an automatic c comes later.
             raise ValueError("loss form 'hinge' needs a fixed tolerance (tolerance=None is automatic)")
-        build_multiplier(self)  # the multiplier's own checks name any bad number
+        try:
+            build_multiplier(self)  # the multiplier's own checks name any bad number ...
+        except ValueError as exc:  # ... in dcmdp's names: say it in these options' names
+            message = str(exc)
+            for core, here in _OPTION_NAMES.items():
+                message = re.sub(rf"(?<![\w.]){core}\b", here, message)
+            raise ValueError(f"{message} (TRL and verl: the dcmdp_ options of these names)") from None
 
     def multiplier_settings(self) -> MultiplierSettings:
         """These options as dcmdp's multiplier settings (the one mapping of the names)."""
