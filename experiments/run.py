@@ -264,6 +264,21 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     "long_methods_q4_0": _long_methods(
         LONG_ENGINES["llamacpp_q4_0"], ["tis", "seq_mis", "dcmdp_guard0.05", "dcmdp_tis_guard0.05"]
     ),
+    # Issue 13, the defaults under stress in the long regime: a tolerance 45x below Q4_0's floor gap
+    # (c 1e-4 against D about 0.0045) and lambda starting at 1, the condition under which every
+    # DCMDP form collapsed in `harm`, with today's guard and bound (lam_max 1). Also the
+    # self-correction test: does D fall with the constraint on hard (GRPO on Q4_0, long_search, is
+    # "off")?
+    "long_stress_q4_0": {
+        f"{form}_c1e-4": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+            "multiplier.init=1.0",
+        ]
+        for form in ("dcmdp", "dcmdp_full")
+    },
     # The guard does not catch an abrupt collapse once lambda is large (shaping, seed 2: lambda 2.1,
     # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.
     "harm_guard_lammax1": {
@@ -354,6 +369,7 @@ PREPARE = {
     "long_search": [["pretrain", "--task", "long_addition"]],
     "long_methods": [["pretrain", "--task", "long_addition"]],
     "long_methods_q4_0": [["pretrain", "--task", "long_addition"]],
+    "long_stress_q4_0": [["pretrain", "--task", "long_addition"]],
 }
 
 
