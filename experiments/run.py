@@ -278,6 +278,18 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "multiplier.init=1.0",
         ]
         for form in ("dcmdp", "dcmdp_full")
+    }
+    | {
+        # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
+        # the best reward average as well (multiplier.reward_guard_relative).
+        "dcmdp_c1e-4_relguard0.3": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            "loss.type=dcmdp",
+            "multiplier.tolerance=0.0001",
+            "multiplier.init=1.0",
+            "multiplier.reward_guard_relative=0.3",
+        ]
     },
     # The guard does not catch an abrupt collapse once lambda is large (shaping, seed 2: lambda 2.1,
     # the reward fell from 0.35 to 0.07 in ten steps): the guard together with lam_max 1.

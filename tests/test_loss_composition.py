@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -448,3 +449,50 @@ def test_settings_record_has_no_share_field() -> None:
     # The share bound needs the parameters' gradients: it is the trainer's (loss.constraint_share),
     # not a number the pure losses read.
     assert "constraint_share" not in {f.name for f in dataclasses.fields(LossSettings)}
+
+
+def test_relative_reward_guard_trips_where_the_reward_is_below_the_margin() -> None:
+    """A training reward of 0.05 falling to 0 never trips a margin of 0.05 (the average cannot go
+    below best - 0.05 = 0); bounded by half the best, the guard trips and cuts lambda."""
+    absolute = build_multiplier(MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05))
+    relative = build_multiplier(
+        MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05, reward_guard_relative=0.5)
+    )
+    assert isinstance(absolute, GuardedMultiplier) and isinstance(relative, GuardedMultiplier)
+    for r in [0.05] * 15 + [0.0] * 15:
+        for m in (absolute, relative):
+            m.observe_reward(r)
+            m.update(0.005)
+    assert absolute.trips == 0 and absolute.value == 1.0
+    assert relative.trips == 1 and relative.value < 0.01
+    # On a high reward the absolute margin is the tighter one: the two agree.
+    high = build_multiplier(
+        MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05, reward_guard_relative=0.5)
+    )
+    plain = build_multiplier(MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05))
+    for r in [0.6] * 15 + [0.52] * 15:
+        for m in (high, plain):
+            m.observe_reward(r)
+            m.update(0.005)
+    assert high.state_dict()["cap"] == plain.state_dict()["cap"] and high.trips == plain.trips == 1
+    copy = build_multiplier(
+        MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05, reward_guard_relative=0.5)
+    )
+    copy.load_state_dict(json.loads(json.dumps(relative.state_dict())))
+    assert copy.state_dict() == relative.state_dict()
+    old_state = {k: v for k, v in plain.state_dict().items() if k != "relative"}  # saved before it existed
+    plain.load_state_dict(old_state)
+    assert plain.relative == 0.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"reward_guard": 0.0, "reward_guard_relative": 0.5}, "needs reward_guard > 0"),
+        ({"reward_guard_relative": 1.0}, "must be in [0, 1)"),
+        ({"reward_guard_relative": -0.1}, "reward_guard_relative"),
+    ],
+)
+def test_relative_reward_guard_refuses_what_it_cannot_do(settings: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        build_multiplier(MultiplierSettings(**settings))

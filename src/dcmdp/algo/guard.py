@@ -19,6 +19,12 @@ largest value the reward tolerated instead of climbing straight back to ``lam_ma
 the run a second time; a trip caused by reward noise costs the constraint a while, not the run. This adds a second constraint, "reward at least its recent best
 minus the margin", with a fast controller in front of the slow dual ascent.
 
+A margin in reward units is blind where the reward itself is smaller than it: in the long-response
+regime the training reward starts near 0.04, so a margin of 0.05 cannot trip before the reward is
+already 0 (docs/RESULTS.md, ``long_stress_q4_0``). ``relative`` (``multiplier.reward_guard_relative``)
+bounds the margin by that fraction of the best average as well: the guard trips when the average
+falls below ``best - min(margin, relative * best)``.
+
 :class:`GuardedMultiplier` wraps any multiplier; the trainer calls :meth:`GuardedMultiplier.observe_reward`
 once per step, before the dual step. Integrations that do not call it get the wrapped multiplier
 unchanged (the cap stays at ``lam_max``).
@@ -51,9 +57,10 @@ class GuardedMultiplier:
 
     kind = "reward_guard"
 
-    def __init__(self, multiplier: Any, margin: float, lam_max: float) -> None:
+    def __init__(self, multiplier: Any, margin: float, lam_max: float, relative: float = 0.0) -> None:
         self._inner = multiplier
         self.margin = check_non_negative("reward_guard", margin)
+        self.relative = check_relative(relative)
         self.lam_max = check_non_negative("lam_max", lam_max)
         self.cap = self.lam_max
         self.ceiling = self.lam_max
@@ -79,13 +86,20 @@ class GuardedMultiplier:
         """The wrapped multiplier."""
         return self._inner
 
+    def effective_margin(self, best: float | None = None) -> float:
+        """``margin``, or ``min(margin, relative * best)`` with a relative bound (best: the best average)."""
+        best = self.best_ema if best is None else best
+        if self.relative > 0 and best is not None:
+            return min(self.margin, self.relative * max(best, 0.0))
+        return self.margin
+
     @property
     def tripped(self) -> bool:
-        """Whether the last observed reward average was more than ``margin`` below its best."""
+        """Whether the last observed reward average was more than the margin below its best."""
         return (
             self.reward_ema is not None
             and self.best_ema is not None
-            and self.reward_ema < self.best_ema - self.margin
+            and self.reward_ema < self.best_ema - self.effective_margin()
         )
 
     def observe_reward(self, reward: float) -> float:
@@ -93,7 +107,9 @@ class GuardedMultiplier:
         r = check_finite("reward", reward)
         was_tripped = self.tripped
         ema = r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
-        best = ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.margin, ema)
+        best = (
+            ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.effective_margin(), ema)
+        )
         self.reward_ema, self.best_ema = ema, best
         in_use = self.value
         if self.tripped and in_use > 0:  # a lambda of 0 cannot have cost the reward
@@ -115,6 +131,7 @@ class GuardedMultiplier:
         return {
             "kind": self.kind,
             "margin": self.margin,
+            "relative": self.relative,
             "lam_max": self.lam_max,
             "cap": self.cap,
             "ceiling": self.ceiling,
@@ -128,6 +145,7 @@ class GuardedMultiplier:
         """Restore; everything is checked before anything changes."""
         check_kind(self.kind, state)
         margin = check_non_negative("margin", state["margin"])
+        relative = check_relative(state.get("relative", 0.0))  # states saved before it existed: 0
         lam_max = check_non_negative("lam_max", state["lam_max"])
         cap = check_non_negative("cap", state["cap"])
         ceiling = check_non_negative("ceiling", state["ceiling"])
@@ -135,7 +153,13 @@ class GuardedMultiplier:
         best_ema = optional_float("best_ema", state["best_ema"])
         trips = int(state["trips"])
         self._inner.load_state_dict(state["inner"])
-        self.margin, self.lam_max, self.cap, self.ceiling = margin, lam_max, cap, ceiling
+        self.margin, self.relative, self.lam_max, self.cap, self.ceiling = (
+            margin,
+            relative,
+            lam_max,
+            cap,
+            ceiling,
+        )
         self.reward_ema, self.best_ema, self.trips = reward_ema, best_ema, trips
 
     def __repr__(self) -> str:
@@ -143,3 +167,10 @@ class GuardedMultiplier:
             f"GuardedMultiplier({self._inner!r}, margin={self.margin}, cap={self.cap:.4g}, "
             f"ceiling={self.ceiling:.4g})"
         )
+
+
+def check_relative(value: Any) -> float:
+    relative = check_non_negative("reward_guard_relative", value)
+    if relative >= 1:
+        raise ValueError(f"reward_guard_relative must be in [0, 1), got {relative}")
+    return relative

@@ -118,6 +118,11 @@ class MultiplierSettings:
     more than this below its best, lambda is capped and the cap backs off
     (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward. On by default:
     without it every DCMDP form collapsed in the ``harm`` experiment (docs/RESULTS.md)."""
+    reward_guard_relative: float = 0.0
+    """Reward guard: also bound the margin by this fraction of the best reward average (the guard
+    trips below ``best - min(reward_guard, this x best)``); 0 = off, must be < 1. For tasks whose
+    training reward is near or below the margin, where an absolute margin cannot trip before the
+    reward is gone (docs/RESULTS.md, long_stress_q4_0). Off by default: not yet measured in ``harm``."""
 
 
 # Constructor defaults below are the MultiplierSettings field defaults (class attributes of the
@@ -499,8 +504,12 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
         )
     else:
         built = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
-    if check_non_negative("reward_guard", s.reward_guard) > 0:
-        from dcmdp.algo.guard import GuardedMultiplier
+    from dcmdp.algo.guard import GuardedMultiplier, check_relative
 
-        built = GuardedMultiplier(built, margin=s.reward_guard, lam_max=s.lam_max)
+    if check_relative(s.reward_guard_relative) > 0 and not s.reward_guard > 0:
+        raise ValueError("reward_guard_relative bounds the reward guard's margin: it needs reward_guard > 0")
+    if check_non_negative("reward_guard", s.reward_guard) > 0:
+        built = GuardedMultiplier(
+            built, margin=s.reward_guard, lam_max=s.lam_max, relative=s.reward_guard_relative
+        )
     return built
