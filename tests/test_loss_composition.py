@@ -496,3 +496,21 @@ def test_relative_reward_guard_trips_where_the_reward_is_below_the_margin() -> N
 def test_relative_reward_guard_refuses_what_it_cannot_do(settings: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=re.escape(needle)):
         build_multiplier(MultiplierSettings(**settings))
+
+
+def test_relative_reward_guard_releases_and_ignores_dips_of_a_negative_reward() -> None:
+    """A reward stuck at 0 after the trip: the best is still forgotten by an absolute amount, so the
+    trip ends; a steady negative reward with small dips never holds the guard shut."""
+    settings = MultiplierSettings(init=1.0, tolerance=1e-4, reward_guard=0.05, reward_guard_relative=0.3)
+    stuck = build_multiplier(settings)
+    assert isinstance(stuck, GuardedMultiplier)
+    for r in [0.04] * 30 + [0.0] * 400:
+        stuck.observe_reward(r)
+        stuck.update(0.005)
+    assert stuck.trips == 1 and not stuck.tripped and stuck.value > 0.5
+    negative = build_multiplier(settings)
+    assert isinstance(negative, GuardedMultiplier)
+    for i in range(300):
+        negative.observe_reward(-0.5 + (0.005 if i % 2 else -0.005))
+        negative.update(0.005)
+    assert negative.trips == 0 and negative.value == 1.0

@@ -23,7 +23,9 @@ A margin in reward units is blind where the reward itself is smaller than it: in
 regime the training reward starts near 0.04, so a margin of 0.05 cannot trip before the reward is
 already 0 (docs/RESULTS.md, ``long_stress_q4_0``). ``relative`` (``multiplier.reward_guard_relative``)
 bounds the margin by that fraction of the best average as well: the guard trips when the average
-falls below ``best - min(margin, relative * best)``.
+falls below ``best - min(margin, max(relative * best, MIN_MARGIN * margin))`` (the floor keeps a
+reward at or below 0 from tripping it on every dip). The best is still forgotten at
+``BEST_FORGET * margin`` per step, so a trip always ends.
 
 :class:`GuardedMultiplier` wraps any multiplier; the trainer calls :meth:`GuardedMultiplier.observe_reward`
 once per step, before the dual step. Integrations that do not call it get the wrapped multiplier
@@ -42,6 +44,8 @@ REWARD_EMA = 0.9
 #: steps): slow enough that a reward falling by a margin over 60 steps still trips the guard (at
 #: 0.02, a shaping run in ``harm`` declined unnoticed until lambda was 2.1 and lost 0.4 accuracy).
 BEST_FORGET = 0.005
+#: With a relative margin, the margin never falls below this fraction of the absolute one.
+MIN_MARGIN = 0.2
 #: Factor applied to the lambda in use when the guard trips.
 BACKOFF = 0.5
 #: Recovery per healthy step: ``cap <- cap * RECOVER + RECOVER_STEP`` (a cap of 0 recovers too).
@@ -87,10 +91,10 @@ class GuardedMultiplier:
         return self._inner
 
     def effective_margin(self, best: float | None = None) -> float:
-        """``margin``, or ``min(margin, relative * best)`` with a relative bound (best: the best average)."""
+        """``margin``; with a relative bound ``min(margin, max(relative * best, MIN_MARGIN * margin))``."""
         best = self.best_ema if best is None else best
         if self.relative > 0 and best is not None:
-            return min(self.margin, self.relative * max(best, 0.0))
+            return min(self.margin, max(self.relative * best, MIN_MARGIN * self.margin))
         return self.margin
 
     @property
@@ -107,9 +111,7 @@ class GuardedMultiplier:
         r = check_finite("reward", reward)
         was_tripped = self.tripped
         ema = r if self.reward_ema is None else REWARD_EMA * self.reward_ema + (1 - REWARD_EMA) * r
-        best = (
-            ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.effective_margin(), ema)
-        )
+        best = ema if self.best_ema is None else max(self.best_ema - BEST_FORGET * self.margin, ema)
         self.reward_ema, self.best_ema = ema, best
         in_use = self.value
         if self.tripped and in_use > 0:  # a lambda of 0 cannot have cost the reward

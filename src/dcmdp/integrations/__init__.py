@@ -136,6 +136,7 @@ class DCMDPOptions:
             # The reward guard needs the step's training reward, which these integrations do not
             # pass to the multiplier: off here (dcmdp train has it on by default).
             reward_guard=0.0,
+            reward_guard_relative=0.0,
         )
 
 
