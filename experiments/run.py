@@ -316,41 +316,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
 }
 # Defaults that changed after an experiment ran: its arms keep the value they ran with, so each
 # documented command still reproduces its documented result. An arm that sets the key keeps its own.
+# The reward guard became the default in 6737149; these ran without it.
+BEFORE_GUARD = (
+    "mismatch", "int4", "harm", "int8", "fp8", "self_correction", "tolerance", "multiplier", "moe",
+    "smollm2", "harm_capped", "harm_capped_more", "harm_share", "harm_search",
+)  # fmt: skip
 RAN_WITH = {
-    # The reward guard became the default in 6737149; these ran without it.
-    "multiplier.reward_guard=0.0": (
-        "mismatch",
-        "int4",
-        "harm",
-        "int8",
-        "fp8",
-        "self_correction",
-        "tolerance",
-        "multiplier",
-        "moe",
-        "smollm2",
-        "harm_capped",
-        "harm_capped_more",
-        "harm_share",
-        "harm_search",
-    ),
+    "multiplier.reward_guard=0.0": BEFORE_GUARD,
     # lam_max became 1 (from 10) in 9a17284; these had run (or, long_methods_q4_0, were running).
-    # A name listed by hand, so that an experiment added later gets today's default.
+    # Names listed by hand, so that an experiment added later gets today's default.
     "multiplier.lam_max=10.0": (
-        "mismatch",
-        "int4",
-        "harm",
-        "int8",
-        "fp8",
-        "self_correction",
-        "tolerance",
-        "multiplier",
-        "moe",
-        "smollm2",
-        "harm_capped",
-        "harm_capped_more",
-        "harm_share",
-        "harm_search",
+        *BEFORE_GUARD,
         "harm_guard",
         "remedies",
         "long_search",
