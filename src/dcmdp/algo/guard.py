@@ -90,11 +90,10 @@ class GuardedMultiplier:
         """The wrapped multiplier."""
         return self._inner
 
-    def effective_margin(self, best: float | None = None) -> float:
+    def effective_margin(self) -> float:
         """``margin``; with a relative bound ``min(margin, max(relative * best, MIN_MARGIN * margin))``."""
-        best = self.best_ema if best is None else best
-        if self.relative > 0 and best is not None:
-            return min(self.margin, max(self.relative * best, MIN_MARGIN * self.margin))
+        if self.relative > 0 and self.best_ema is not None:
+            return min(self.margin, max(self.relative * self.best_ema, MIN_MARGIN * self.margin))
         return self.margin
 
     @property
@@ -155,18 +154,13 @@ class GuardedMultiplier:
         best_ema = optional_float("best_ema", state["best_ema"])
         trips = int(state["trips"])
         self._inner.load_state_dict(state["inner"])
-        self.margin, self.relative, self.lam_max, self.cap, self.ceiling = (
-            margin,
-            relative,
-            lam_max,
-            cap,
-            ceiling,
-        )
+        self.margin, self.relative, self.lam_max = margin, relative, lam_max
+        self.cap, self.ceiling = cap, ceiling
         self.reward_ema, self.best_ema, self.trips = reward_ema, best_ema, trips
 
     def __repr__(self) -> str:
         return (
-            f"GuardedMultiplier({self._inner!r}, margin={self.margin}, cap={self.cap:.4g}, "
+            f"GuardedMultiplier({self._inner!r}, margin={self.margin}, relative={self.relative}, cap={self.cap:.4g}, "
             f"ceiling={self.ceiling:.4g})"
         )
 

@@ -120,9 +120,10 @@ class MultiplierSettings:
     without it every DCMDP form collapsed in the ``harm`` experiment (docs/RESULTS.md)."""
     reward_guard_relative: float = 0.0
     """Reward guard: also bound the margin by this fraction of the best reward average (the guard
-    trips below ``best - min(reward_guard, max(this x best, 0.2 x reward_guard))``); 0 = off, < 1. For tasks whose
-    training reward is near or below the margin, where an absolute margin cannot trip before the
-    reward is gone (docs/RESULTS.md, long_stress_q4_0). Off by default: not yet measured in ``harm``."""
+    trips below ``best - min(reward_guard, max(this x best, 0.2 x reward_guard))``); 0 = off, < 1.
+    For tasks whose training reward is near or below the margin, where an absolute margin cannot
+    trip before the reward is gone (docs/RESULTS.md, long_stress_q4_0). Off by default: not yet
+    measured in ``harm``."""
 
 
 # Constructor defaults below are the MultiplierSettings field defaults (class attributes of the
@@ -506,10 +507,10 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
         built = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
     from dcmdp.algo.guard import GuardedMultiplier, check_relative
 
-    check_non_negative("reward_guard", s.reward_guard)
-    if check_relative(s.reward_guard_relative) > 0 and not s.reward_guard > 0:
+    margin = check_non_negative("reward_guard", s.reward_guard)
+    if check_relative(s.reward_guard_relative) > 0 and margin == 0:
         raise ValueError("reward_guard_relative bounds the reward guard's margin: it needs reward_guard > 0")
-    if check_non_negative("reward_guard", s.reward_guard) > 0:
+    if margin > 0:
         built = GuardedMultiplier(
             built, margin=s.reward_guard, lam_max=s.lam_max, relative=s.reward_guard_relative
         )
