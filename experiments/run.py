@@ -280,6 +280,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for form in ("dcmdp", "dcmdp_full")
     }
     | {
+        # The two parts of the stress apart: c 45x below the floor with the default lambda_0 (0.1),
+        # the mistake a user can make by keeping the paper's c on a coarser engine.
+        f"{form}_c1e-4_init0.1": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+        ]
+        for form in ("dcmdp", "dcmdp_full")
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [
