@@ -282,13 +282,16 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     | {
         # The two parts of the stress apart: c 45x below the floor with the default lambda_0 (0.1),
         # the mistake a user can make by keeping the paper's c on a coarser engine.
-        f"{form}_c1e-4_init0.1": [
+        f"{form}_c1e-4_init0.1{tag}": [
             *LONG,
             *LONG_ENGINES["llamacpp_q4_0"],
             f"loss.type={form}",
             "multiplier.tolerance=0.0001",
+            *floor,
         ]
         for form in ("dcmdp", "dcmdp_full")
+        # and with c raised to the measured floor (multiplier.tolerance_floor)
+        for tag, floor in (("", []), ("_floor1", ["multiplier.tolerance_floor=1.0"]))
     }
     | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
@@ -308,6 +311,15 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         f"{k}_guard0.05_lammax1": [*v, *HARM, "multiplier.reward_guard=0.05", "multiplier.lam_max=1.0"]
         for k, v in {**_arms(INT3, FP32_HF), "dcmdp_full": [*INT3, "loss.type=dcmdp_full"]}.items()
         if k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full", "dcmdp_auto_c")
+    },
+    # Issue 13, safety by construction: a fixed c raised to the engine's measured floor
+    # (multiplier.tolerance_floor=1: c >= the median D of the first 5 steps), so the starting policy
+    # meets the constraint. With today's guard and bound, and without the guard: is the floor alone
+    # enough where int3's gap (about 0.023 at the start) is six times the paper's c?
+    "harm_floor": {
+        f"{k}_floor1{tag}": [*INT3, f"loss.type={k}", *HARM, "multiplier.tolerance_floor=1.0", *guard]
+        for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
+        for tag, guard in (("", []), ("_noguard", ["multiplier.reward_guard=0.0"]))
     },
     # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
     # rollout, 60 steps) synchronous against one policy version stale, without a correction, with

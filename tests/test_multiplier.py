@@ -261,6 +261,70 @@ def test_auto_tolerance_floor_when_engines_agree() -> None:
     assert m.value < 0.1  # constraint met: lambda decays
 
 
+# ----------------------------------------------------------------------------- tolerance floor
+
+
+@pytest.mark.parametrize("floor", [1.0, 1.5])
+def test_tolerance_floor_raises_c_below_the_measured_gap(floor: float) -> None:
+    """multiplier.tolerance_floor: a fixed c below floor x the warm-up median becomes that; lambda
+    stays at init while the warm-up is measured, and the user's c is the tolerance meanwhile."""
+    from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
+
+    m = build_multiplier(MultiplierSettings(tolerance=1e-4, tolerance_floor=floor, reward_guard=0.0))
+    warmup = [0.004, 0.002, 0.006, 0.010, 0.003]  # median 0.004
+    for d in warmup:
+        assert m.tolerance == 1e-4
+        assert m.update(d) == 0.1
+    assert m.tolerance == pytest.approx(0.004 * floor)
+    assert m.update(0.005) == pytest.approx(0.1 + 0.005 - 0.004 * floor)
+
+
+def test_tolerance_floor_keeps_a_c_above_the_measured_gap() -> None:
+    from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
+
+    m = build_multiplier(MultiplierSettings(tolerance=0.05, tolerance_floor=1.0, reward_guard=0.0))
+    for d in [0.004, 0.002, 0.006, 0.010, 0.003]:
+        m.update(d)
+    assert m.tolerance == 0.05
+    assert m.update(0.01) == pytest.approx(0.1 - 0.04)
+
+
+def test_tolerance_floor_off_or_automatic_c_builds_what_it_did() -> None:
+    from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
+
+    off = build_multiplier(MultiplierSettings(tolerance_floor=0.0, reward_guard=0.0))
+    assert isinstance(off, LagrangeMultiplier) and off.tolerance == C
+    auto = build_multiplier(MultiplierSettings(tolerance=None, tolerance_floor=3.0, reward_guard=0.0))
+    assert isinstance(auto, AutoTolerance) and auto.at_least is None  # the floor is ignored
+    for d in [0.004, 0.002, 0.006, 0.010, 0.003]:
+        auto.update(d)
+    assert auto.tolerance == pytest.approx(0.004)  # auto_multiple 1, not the floor's 3
+    with pytest.raises(ValueError, match="tolerance_floor"):
+        build_multiplier(MultiplierSettings(tolerance_floor=-1.0))
+
+
+def test_tolerance_floor_round_trips_and_reads_checkpoints_from_before_it() -> None:
+    rng = random.Random(3)
+    measurements = [rng.uniform(0.0, 0.01) for _ in range(12)]
+    first = AutoTolerance(LagrangeMultiplier(tolerance=1e-4), warmup_steps=4, at_least=1e-4)
+    for d in measurements[:6]:
+        first.update(d)
+    saved = json.loads(json.dumps(first.state_dict()))
+    resumed = AutoTolerance(LagrangeMultiplier(), warmup_steps=4)  # the checkpoint's settings win
+    resumed.load_state_dict(saved)
+    assert resumed.at_least == 1e-4 and resumed.state_dict() == first.state_dict()
+    for d in measurements[6:]:
+        assert resumed.update(d) == first.update(d)
+    older = AutoTolerance(LagrangeMultiplier(), warmup_steps=4).state_dict()
+    assert "at_least" not in older  # an automatic c saves what it saved before the floor existed
+    back = AutoTolerance(LagrangeMultiplier(), warmup_steps=4, at_least=1e-4)
+    back.load_state_dict(older)
+    assert back.at_least is None and back.tolerance is None
+    bad = dict(saved, at_least=-1.0)
+    with pytest.raises(ValueError, match="at_least"):
+        resumed.load_state_dict(bad)
+
+
 # ----------------------------------------------------------------------------- factory and bad input
 
 

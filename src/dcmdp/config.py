@@ -406,6 +406,7 @@ def _check_ranges(cfg: Config) -> None:
     if m.auto_warmup_steps < 1:
         raise ConfigError(f"multiplier.auto_warmup_steps: must be >= 1, got {m.auto_warmup_steps}")
     _positive("multiplier.auto_multiple", m.auto_multiple)
+    _positive("multiplier.tolerance_floor", m.tolerance_floor, strict=False)
     if cfg.run.eval_problems < 1:
         raise ConfigError(f"run.eval_problems: must be >= 1, got {cfg.run.eval_problems}")
     if cfg.engine.max_model_len <= cfg.sampling.max_tokens:
@@ -542,7 +543,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # would make the resumed run a different experiment than the one its first steps belong to.
 #: Fields whose default changed after runs were saved without them: a saved config.yaml that lacks
 #: one resumes with the value that run trained with (the guard was off before it existed).
-DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {"multiplier": {"reward_guard": 0.0}}
+DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {"multiplier": {"reward_guard": 0.0, "tolerance_floor": 0.0}}
 
 RESUME_CHANGEABLE = (
     "run.steps",

@@ -63,8 +63,9 @@ def unreachable_tolerance(
     return (
         f"warning: the measured gap D stayed above 2c for {window} steps (min {min(last):.4g}, c {tolerance:.4g}): "
         "the tolerance looks out of this engine's reach, so lambda keeps growing and the gap penalty "
-        "can swamp the reward signal. Consider multiplier.tolerance=null (automatic c from the "
-        "measured gap), a larger c, or a smaller cap than multiplier.lam_max (see docs/RESULTS.md)."
+        "can swamp the reward signal. Consider multiplier.tolerance_floor=1 (c raised to the gap "
+        "measured in the first steps), multiplier.tolerance=null (automatic c), a larger c, or a "
+        "smaller cap than multiplier.lam_max (see docs/RESULTS.md)."
     )
 
 

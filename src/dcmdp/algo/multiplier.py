@@ -113,6 +113,12 @@ class MultiplierSettings:
     """Automatic tolerance: c = quantile of the warm-up D's ..."""
     auto_multiple: float = 1.0
     """... times this multiple."""
+    tolerance_floor: float = 0.0
+    """Keep a fixed c within the engine's reach: c is raised to at least this multiple of the
+    auto_quantile of D over the first auto_warmup_steps steps (lambda stays at init while they are
+    measured); 0 = off. With 1, the starting policy meets the constraint, so lambda grows only
+    while training pushes the gap above where it started. Ignored with tolerance=null, whose c
+    is measured anyway."""
     reward_guard: float = 0.05
     """Reward guard margin, in reward units; 0 = off. While the training reward's moving average is
     more than this below its best, lambda is capped and the cap backs off
@@ -354,6 +360,10 @@ class AutoTolerance:
     with the first post-warm-up measurement. ``min_tolerance`` keeps c > 0 when the engines agree
     exactly (D = 0): the constraint is then met and lambda decays to lam_min.
 
+    With ``at_least`` (a fixed c the user chose; ``multiplier.tolerance_floor``), the chosen c is
+    ``max(at_least, quantile x multiple)``, and ``at_least`` is the tolerance during the warm-up:
+    a fixed c raised to the engine's measured floor when it lies below it.
+
     The quantile/multiple rule is our reading of "choose c automatically", named future work in
     DCMDP (arXiv 2606.08779): the paper found c near the discrepancy level of a healthy run.
     """
@@ -367,11 +377,13 @@ class AutoTolerance:
         quantile: float = _D.auto_quantile,
         multiple: float = _D.auto_multiple,
         min_tolerance: float = 1e-6,
+        at_least: float | None = None,
     ) -> None:
         self._inner = multiplier
         self._warmup_steps, self._quantile, self._multiple, self._min_tolerance = check_auto(
             warmup_steps, quantile, multiple, min_tolerance
         )
+        self._at_least = None if at_least is None else check_positive("at_least", at_least)
         self._collected: list[float] = []
         self._tolerance: float | None = None
         self._steps = 0
@@ -383,8 +395,13 @@ class AutoTolerance:
 
     @property
     def tolerance(self) -> float | None:
-        """The chosen c, or None during warm-up."""
-        return self._tolerance
+        """The chosen c; during warm-up ``at_least`` (None for an automatic c)."""
+        return self._at_least if self._tolerance is None else self._tolerance
+
+    @property
+    def at_least(self) -> float | None:
+        """The fixed c that the measured one may only raise (None for an automatic c)."""
+        return self._at_least
 
     @property
     def steps(self) -> int:
@@ -409,13 +426,18 @@ class AutoTolerance:
             return self._inner.update(d)
         self._collected.append(d)
         if len(self._collected) == self._warmup_steps:
-            c = max(quantile(self._collected, self._quantile) * self._multiple, self._min_tolerance)
+            c = max(
+                quantile(self._collected, self._quantile) * self._multiple,
+                self._min_tolerance,
+                self._at_least or 0.0,
+            )
             self._inner.tolerance = c
             self._tolerance = self._inner.tolerance
         return self._inner.value
 
     def state_dict(self) -> dict[str, Any]:
-        """Warm-up state, chosen c and the wrapped multiplier's state dict (under "inner")."""
+        """Warm-up state, chosen c, the floor's fixed c ("at_least", only with one) and the wrapped
+        multiplier's state dict (under "inner")."""
         return {
             "kind": self.kind,
             "warmup_steps": self._warmup_steps,
@@ -426,6 +448,8 @@ class AutoTolerance:
             "tolerance": self._tolerance,
             "steps": self._steps,
             "inner": self._inner.state_dict(),
+            # only with a floor, so an automatic c's state is what it was before the floor existed
+            **({} if self._at_least is None else {"at_least": self._at_least}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -435,6 +459,9 @@ class AutoTolerance:
         settings = check_auto(
             state["warmup_steps"], state["quantile"], state["multiple"], state["min_tolerance"]
         )
+        at_least = optional_float("at_least", state.get("at_least"))  # absent before the floor
+        if at_least is not None:
+            check_positive("at_least", at_least)
         collected = [check_finite("collected", x) for x in state["collected"]]
         if len(collected) > settings[0]:
             raise ValueError(f"collected holds {len(collected)} values, more than warmup_steps")
@@ -443,10 +470,13 @@ class AutoTolerance:
         self._inner.load_state_dict(state["inner"])  # checks all before changing the inner one
         self._warmup_steps, self._quantile, self._multiple, self._min_tolerance = settings
         self._collected, self._tolerance, self._steps = collected, tolerance, steps
+        self._at_least = at_least
 
     def __repr__(self) -> str:
+        floor = "" if self._at_least is None else f", at_least={self._at_least}"
         return (
-            f"AutoTolerance({self._inner!r}, warmup_steps={self._warmup_steps}, tolerance={self._tolerance})"
+            f"AutoTolerance({self._inner!r}, warmup_steps={self._warmup_steps}, "
+            f"tolerance={self._tolerance}{floor})"
         )
 
 
@@ -477,7 +507,8 @@ def make_multiplier(kind: str, **kwargs: Any) -> LagrangeMultiplier | PIDMultipl
 def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Multiplier:
     """The multiplier a run uses: ``settings.type`` "dual_ascent" (uses ``eta``) or "pid" (``kp``,
     ``ki``, ``kd``), with a fixed ``tolerance`` c, or ``tolerance=None`` for an automatic c
-    (:class:`AutoTolerance` over the first ``auto_warmup_steps`` measurements).
+    (:class:`AutoTolerance` over the first ``auto_warmup_steps`` measurements); a fixed c with
+    ``tolerance_floor > 0`` is an :class:`AutoTolerance` whose measured c may only raise it.
 
     ``build_multiplier("pid", kp=2.0, tolerance=None)`` is short for
     ``build_multiplier(MultiplierSettings(type="pid", kp=2.0, tolerance=None))``. A bad value raises
@@ -498,10 +529,16 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
     else:
         kwargs.update(kp=s.kp, ki=s.ki, kd=s.kd)
     built: Multiplier
+    floor = check_non_negative("tolerance_floor", s.tolerance_floor)
     if s.tolerance is None:
         inner = make_multiplier(s.type, tolerance=1.0, **kwargs)  # placeholder c, set after the warm-up
         built = AutoTolerance(
             inner, warmup_steps=s.auto_warmup_steps, quantile=s.auto_quantile, multiple=s.auto_multiple
+        )
+    elif floor > 0:
+        inner = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
+        built = AutoTolerance(
+            inner, s.auto_warmup_steps, quantile=s.auto_quantile, multiple=floor, at_least=s.tolerance
         )
     else:
         built = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)

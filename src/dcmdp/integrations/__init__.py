@@ -99,6 +99,8 @@ class DCMDPOptions:
     """Automatic tolerance: c = quantile of the warm-up D's ..."""
     auto_multiple: float = _M.auto_multiple
     """... times this multiple."""
+    tolerance_floor: float = _M.tolerance_floor
+    """A fixed c is raised to at least this multiple of the warm-up D's quantile; 0 = off."""
 
     def __post_init__(self) -> None:
         core_loss_name(self.loss_form)
@@ -133,6 +135,7 @@ class DCMDPOptions:
             auto_warmup_steps=self.auto_warmup_steps,
             auto_quantile=self.auto_quantile,
             auto_multiple=self.auto_multiple,
+            tolerance_floor=self.tolerance_floor,
             # The reward guard needs the step's training reward, which these integrations do not
             # pass to the multiplier: off here (dcmdp train has it on by default).
             reward_guard=0.0,

@@ -162,6 +162,13 @@ class DCMDPGRPOConfig(GRPOConfig):
     dcmdp_auto_multiple: float = field(
         default=_O.auto_multiple, metadata={"help": "... times this multiple."}
     )
+    dcmdp_tolerance_floor: float = field(
+        default=_O.tolerance_floor,
+        metadata={
+            "help": "A fixed c is raised to at least this multiple of the warm-up gaps' quantile "
+            "(the engine's measured floor); 0 = off."
+        },
+    )
     # TRL turns its own vLLM importance-sampling correction on by default (sequence_mask, cap 3).
     # DCMDP is the other answer to the same mismatch, and dcmdp's core loss and the verl loss run
     # without a correction, so here it is off unless asked for (module docstring, "Corrections").
@@ -193,6 +200,7 @@ class DCMDPGRPOConfig(GRPOConfig):
             auto_warmup_steps=self.dcmdp_auto_warmup_steps,
             auto_quantile=self.dcmdp_auto_quantile,
             auto_multiple=self.dcmdp_auto_multiple,
+            tolerance_floor=self.dcmdp_tolerance_floor,
         )
 
 

@@ -307,6 +307,7 @@ def _options_from(pl: Any) -> DCMDPOptions:
         auto_warmup_steps=pl.dcmdp_auto_warmup_steps,
         auto_quantile=pl.dcmdp_auto_quantile,
         auto_multiple=pl.dcmdp_auto_multiple,
+        tolerance_floor=pl.dcmdp_tolerance_floor,
     )
 
 
@@ -348,6 +349,8 @@ if VERL_AVAILABLE:
         """Automatic tolerance: quantile of the warm-up D's ..."""
         dcmdp_auto_multiple: float = _O.auto_multiple
         """... times this multiple."""
+        dcmdp_tolerance_floor: float = _O.tolerance_floor
+        """A fixed c is raised to at least this multiple of the warm-up D's quantile; 0 = off."""
         dcmdp_measure_key: str = MEASURE_KEY
         """The step metric the driver's dual step reads."""
         dcmdp_lambda: float | None = None
