@@ -568,3 +568,57 @@ def test_step_line_names_automatic_tolerance_while_it_measures() -> None:
         overrides=["engine.type=transformers", "engine.dtype=float32", "engine.quantization=int3"]
     )
     assert engine_label(q) == "transformers float32 int3"
+
+
+def test_tolerance_floor_in_a_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """multiplier.tolerance_floor end to end: c is the user's during the warm-up (lambda held at
+    init), then the median of the warm-up steps' measured gaps when that is larger."""
+    out = tmp_path / "run"
+    extra = {
+        "loss.type": "dcmdp",
+        "run.steps": 4,
+        "run.eval_every": 0,
+        "run.checkpoint_every": 0,
+        "multiplier.tolerance": 1e-6,
+        "multiplier.tolerance_floor": 1.0,
+        "multiplier.auto_warmup_steps": 2,
+        "multiplier.reward_guard": 0.0,
+    }
+    assert run_cli(small_overrides(tiny_model_dir, out, **extra)) == 0
+    rows = train_rows(out)
+    d = [r["discrepancy/prob_gap_mean"] for r in rows]
+    assert min(d[:2]) > 1e-6  # bf16 engine against the fp32 trainer: a real gap to raise c to
+    assert rows[0]["multiplier/tolerance"] == 1e-6  # logged after the step's dual update
+    assert [r["multiplier/lambda_next"] for r in rows[:2]] == [0.1, 0.1]
+    for r in rows[1:]:
+        assert r["multiplier/tolerance"] == pytest.approx((d[0] + d[1]) / 2, rel=1e-9)
+    assert rows[2]["multiplier/lambda_next"] == pytest.approx(0.1 + d[2] - (d[0] + d[1]) / 2, rel=1e-6)
+
+
+def test_step_line_says_when_the_floor_raised_c() -> None:
+    from dcmdp.config import load_config
+    from dcmdp.trainer import multiplier_from_config, step_line
+
+    cfg = load_config(overrides=["multiplier.tolerance=0.0001", "multiplier.tolerance_floor=1.0"])
+    lam = multiplier_from_config(cfg.multiplier)  # guarded (the default reward guard)
+    row = {
+        "reward/mean": 0.5,
+        "discrepancy/prob_gap_mean": 0.004,
+        "loss/total": 0.1,
+        "time/step": 1.0,
+        "perf/tokens_per_s": 100.0,
+        "multiplier/lambda": 0.1,
+    }
+    lam.update(0.004)
+    line = step_line(cfg, 1, {**row, "multiplier/tolerance": 1e-4}, lam)
+    assert "c 0.00010 (floor measured 1/5 warm-up steps)" in line
+    for _ in range(4):
+        lam.update(0.004)
+    line = step_line(cfg, 5, {**row, "multiplier/tolerance": lam.tolerance}, lam)
+    assert "c 0.00400 (raised from 0.00010)" in line
+    kept = load_config(overrides=["multiplier.tolerance=0.01", "multiplier.tolerance_floor=1.0"])
+    lam = multiplier_from_config(kept.multiplier)
+    for _ in range(5):
+        lam.update(0.004)
+    line = step_line(kept, 5, {**row, "multiplier/tolerance": lam.tolerance}, lam)
+    assert "c 0.01000" in line and "raised" not in line and "floor" not in line

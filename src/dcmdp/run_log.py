@@ -96,12 +96,18 @@ def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Multipl
     if "multiplier/lambda" in row:
         parts.append(f"lambda {row['multiplier/lambda']:.4f}")
         c = row["multiplier/tolerance"]
+        auto = multiplier.multiplier if isinstance(multiplier, GuardedMultiplier) else multiplier
+        seen = len(auto.collected) if isinstance(auto, AutoTolerance) else 0
+        measuring = f"measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps"
+        floor = auto.at_least if isinstance(auto, AutoTolerance) else None
         if math.isnan(c):
-            auto = multiplier.multiplier if isinstance(multiplier, GuardedMultiplier) else multiplier
-            seen = len(auto.collected) if isinstance(auto, AutoTolerance) else 0
-            parts.append(f"c auto (measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps)")
-        else:
+            parts.append(f"c auto ({measuring})")
+        elif floor is None:
             parts.append(f"c {c:.5f}")
+        elif seen < cfg.multiplier.auto_warmup_steps:  # multiplier.tolerance_floor, still measuring
+            parts.append(f"c {c:.5f} (floor {measuring})")
+        else:
+            parts.append(f"c {c:.5f}" + (f" (raised from {floor:.5f})" if c > floor else ""))
     parts.append(
         f"loss {row['loss/total']:+.4f}" if "loss/total" in row else "no update (every sample dropped)"
     )
