@@ -518,6 +518,12 @@ def test_unreachable_tolerance_warning() -> None:
     assert unreachable_tolerance([*far[:19], 0.007], c, uses_multiplier=True) is None  # one step within 2c
     assert unreachable_tolerance(far, c, uses_multiplier=False) is None  # grpo: lambda unused
     assert unreachable_tolerance(far, None, uses_multiplier=True) is None  # automatic c not set yet
+    raised = unreachable_tolerance(far, c, uses_multiplier=True, floor=True)
+    assert (
+        raised is not None
+        and "tolerance_floor=1" not in raised
+        and "larger multiplier.tolerance_floor" in raised
+    )
     assert (
         unreachable_tolerance([0.0, *far], c, uses_multiplier=True) is not None
     )  # only the last window counts
@@ -588,9 +594,9 @@ def test_tolerance_floor_in_a_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     rows = train_rows(out)
     d = [r["discrepancy/prob_gap_mean"] for r in rows]
     assert min(d[:2]) > 1e-6  # bf16 engine against the fp32 trainer: a real gap to raise c to
-    assert rows[0]["multiplier/tolerance"] == 1e-6  # logged after the step's dual update
+    assert [r["multiplier/tolerance"] for r in rows[:2]] == [1e-6, 1e-6]  # the c the loss used
     assert [r["multiplier/lambda_next"] for r in rows[:2]] == [0.1, 0.1]
-    for r in rows[1:]:
+    for r in rows[2:]:
         assert r["multiplier/tolerance"] == pytest.approx((d[0] + d[1]) / 2, rel=1e-9)
     assert rows[2]["multiplier/lambda_next"] == pytest.approx(0.1 + d[2] - (d[0] + d[1]) / 2, rel=1e-6)
 

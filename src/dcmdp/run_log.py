@@ -47,19 +47,31 @@ def step_metrics(
 
 
 def unreachable_tolerance(
-    recent_d: list[float], tolerance: float | None, uses_multiplier: bool, window: int = 20
+    recent_d: list[float],
+    tolerance: float | None,
+    uses_multiplier: bool,
+    window: int = 20,
+    floor: bool = False,
 ) -> str | None:
     """A warning when the measured gap stayed above twice c for ``window`` steps in a row.
 
     Then the constraint is out of the engine's reach: lambda only grows and the gap penalty takes
     over the update (docs/RESULTS.md: runs with c far below the engine's floor gap lost accuracy
-    or collapsed). None when all is well or the loss does not use lambda.
+    or collapsed). None when all is well or the loss does not use lambda. ``floor``: c was
+    already raised by ``multiplier.tolerance_floor``, so the gap has grown since the warm-up.
     """
     if not uses_multiplier or tolerance is None or len(recent_d) < window:
         return None
     last = recent_d[-window:]
     if min(last) <= 2 * tolerance:
         return None
+    if floor:
+        return (
+            f"warning: the measured gap D stayed above 2c for {window} steps (min {min(last):.4g}, c {tolerance:.4g}, "
+            "raised to the gap of the first steps by multiplier.tolerance_floor): the gap has doubled "
+            "since, so lambda keeps growing and the gap penalty can swamp the reward signal. Consider "
+            "a larger multiplier.tolerance_floor or a smaller multiplier.lam_max (see docs/RESULTS.md)."
+        )
     return (
         f"warning: the measured gap D stayed above 2c for {window} steps (min {min(last):.4g}, c {tolerance:.4g}): "
         "the tolerance looks out of this engine's reach, so lambda keeps growing and the gap penalty "
@@ -83,6 +95,13 @@ def impossible_tokens_warning(dropped_frac: float, limit: float = 0.2) -> str | 
     )
 
 
+def unwrap_auto(multiplier: Multiplier) -> AutoTolerance | None:
+    """The run's :class:`AutoTolerance` (an automatic c or a tolerance floor), under the reward
+    guard if there is one; None for a fixed c."""
+    inner = multiplier.multiplier if isinstance(multiplier, GuardedMultiplier) else multiplier
+    return inner if isinstance(inner, AutoTolerance) else None
+
+
 def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Multiplier) -> str:
     """One progress line; lambda and c only for losses that read them, c "auto" while warming up."""
     parts = [
@@ -96,15 +115,15 @@ def step_line(cfg: Config, step: int, row: dict[str, float], multiplier: Multipl
     if "multiplier/lambda" in row:
         parts.append(f"lambda {row['multiplier/lambda']:.4f}")
         c = row["multiplier/tolerance"]
-        auto = multiplier.multiplier if isinstance(multiplier, GuardedMultiplier) else multiplier
-        seen = len(auto.collected) if isinstance(auto, AutoTolerance) else 0
+        auto = unwrap_auto(multiplier)
+        seen = len(auto.collected) if auto is not None else 0
         measuring = f"measured {seen}/{cfg.multiplier.auto_warmup_steps} warm-up steps"
-        floor = auto.at_least if isinstance(auto, AutoTolerance) else None
+        floor = auto.at_least if auto is not None else None
         if math.isnan(c):
             parts.append(f"c auto ({measuring})")
         elif floor is None:
             parts.append(f"c {c:.5f}")
-        elif seen < cfg.multiplier.auto_warmup_steps:  # multiplier.tolerance_floor, still measuring
+        elif auto is not None and auto.warming_up:  # multiplier.tolerance_floor, still measuring
             parts.append(f"c {c:.5f} (floor {measuring})")
         else:
             parts.append(f"c {c:.5f}" + (f" (raised from {floor:.5f})" if c > floor else ""))

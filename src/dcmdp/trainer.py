@@ -72,6 +72,7 @@ from dcmdp.run_log import (
     step_line,
     step_metrics,
     unreachable_tolerance,
+    unwrap_auto,
 )
 from dcmdp.run_setup import (
     Logger,
@@ -300,7 +301,10 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             d_read = row.get(gap_key(cfg), math.nan)
             if math.isfinite(d_read):
                 recent_d.append(d_read)
-            warning = unreachable_tolerance(recent_d, multiplier.tolerance, cfg.loss.uses_multiplier())
+            auto = unwrap_auto(multiplier)
+            floor = auto is not None and auto.at_least is not None
+            c_now = None if auto is not None and auto.warming_up else multiplier.tolerance
+            warning = unreachable_tolerance(recent_d, c_now, cfg.loss.uses_multiplier(), floor=floor)
             if warning is not None and not warned:
                 log(warning)
                 warned = True
@@ -380,7 +384,7 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
             if batch.num_response_tokens > 0:  # else every sample was dropped: no D, no update
                 data = UpdateBatch(batch, old_logp_BT, ref_logp_BT, advantages_N, target_BT, logp_BT)
                 upd = update_policy(learner, data, settings)
-        lam_used = multiplier.value
+        lam_used, c_used = multiplier.value, multiplier.tolerance
         with timed(times, "time/dual"):  # 7. dual step (the reward guard first, if on)
             if isinstance(multiplier, GuardedMultiplier) and cfg.loss.uses_multiplier():
                 multiplier.observe_reward(float(ro.rewards_N.mean()))
@@ -396,10 +400,8 @@ def train_step(run: TrainState, step: int) -> dict[str, float]:
         if isinstance(multiplier, GuardedMultiplier):
             row["multiplier/guard_cap"] = multiplier.cap
             row["multiplier/guard_tripped"] = float(multiplier.tripped)
-        # NaN while an automatic tolerance is still measuring its warm-up steps
-        row["multiplier/tolerance"] = (
-            math.nan if multiplier.tolerance is None else float(multiplier.tolerance)
-        )
+        # the c this step's loss used; NaN while an automatic tolerance is still measuring
+        row["multiplier/tolerance"] = math.nan if c_used is None else float(c_used)
     return row
 
 

@@ -115,8 +115,8 @@ class MultiplierSettings:
     """... times this multiple."""
     tolerance_floor: float = 0.0
     """Keep a fixed c within the engine's reach: c is raised to at least this multiple of the
-    auto_quantile of D over the first auto_warmup_steps steps (lambda stays at init while they are
-    measured); 0 = off. With 1, the starting policy meets the constraint, so lambda grows only
+    auto_quantile of D over the first auto_warmup_steps steps (lambda stays at init, and the loss
+    reads your c, while they are measured); 0 = off. With 1, the starting policy meets the constraint, so lambda grows only
     while training pushes the gap above where it started. Ignored with tolerance=null, whose c
     is measured anyway."""
     reward_guard: float = 0.05
@@ -397,6 +397,11 @@ class AutoTolerance:
     def tolerance(self) -> float | None:
         """The chosen c; during warm-up ``at_least`` (None for an automatic c)."""
         return self._at_least if self._tolerance is None else self._tolerance
+
+    @property
+    def warming_up(self) -> bool:
+        """True until the warm-up's measurements have set c."""
+        return self._tolerance is None
 
     @property
     def at_least(self) -> float | None:
