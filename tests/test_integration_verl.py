@@ -184,6 +184,21 @@ def test_controller_dual_step_matches_the_library_multiplier() -> None:
     controller.load_state_dict(controller.state_dict())
 
 
+def test_controller_with_the_tolerance_floor() -> None:
+    """dcmdp_tolerance_floor=1: lambda held and the user's c for the warm-up steps, then c = the
+    median warm-up gap; a fixed-c checkpoint resumed with the floor on names the way back."""
+    controller = DCMDPController(DCMDPOptions(tolerance=1e-4, tolerance_floor=1.0, auto_warmup_steps=3))
+    for d in (0.004, 0.002, 0.006):
+        logged = controller.observe({GAP_SUM_KEY: d * 100, TOKENS_KEY: 100.0})
+        assert logged["dcmdp/lambda_next"] == 0.1 and logged["dcmdp/tolerance"] == 1e-4
+    assert controller.multiplier.tolerance == pytest.approx(0.004)
+    logged = controller.observe({GAP_SUM_KEY: 0.5, TOKENS_KEY: 100.0})
+    assert logged["dcmdp/lambda_next"] == pytest.approx(0.1 + 0.005 - 0.004)
+    fixed = DCMDPController(DCMDPOptions(tolerance=1e-4)).state_dict()
+    with pytest.raises(ValueError, match="dcmdp_tolerance_floor=0"):
+        DCMDPController(DCMDPOptions(tolerance=1e-4, tolerance_floor=1.0)).load_state_dict(fixed)
+
+
 def test_micro_batches_report_gap_sum_and_tokens() -> None:
     b = batch()
     _, metrics, _ = call(dcmdp_policy_loss, b, plain_config("penalty"))

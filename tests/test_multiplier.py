@@ -323,6 +323,10 @@ def test_tolerance_floor_round_trips_and_reads_checkpoints_from_before_it() -> N
     bad = dict(saved, at_least=-1.0)
     with pytest.raises(ValueError, match="at_least"):
         resumed.load_state_dict(bad)
+    fixed = LagrangeMultiplier(tolerance=1e-4).state_dict()  # a fixed-c run, resumed with the floor on
+    floored = AutoTolerance(LagrangeMultiplier(), warmup_steps=4, at_least=1e-4)
+    with pytest.raises(ValueError, match="tolerance_floor=0"):
+        floored.load_state_dict(fixed)
 
 
 # ----------------------------------------------------------------------------- factory and bad input

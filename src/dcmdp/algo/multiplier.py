@@ -460,6 +460,11 @@ class AutoTolerance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore (the checkpoint's settings win; the wrapped multiplier must be the same kind).
         Everything is checked before anything changes."""
+        if self._at_least is not None and state.get("kind") in MULTIPLIERS:
+            raise ValueError(
+                f"state dict is for a fixed c ({state.get('kind')!r}, saved without the tolerance "
+                "floor): resume it with tolerance_floor=0 (TRL and verl: dcmdp_tolerance_floor=0)"
+            )
         check_kind(self.kind, state)
         settings = check_auto(
             state["warmup_steps"], state["quantile"], state["multiple"], state["min_tolerance"]
