@@ -289,7 +289,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "multiplier.tolerance=0.0001",
             *floor,
         ]
-        for form in ("dcmdp", "dcmdp_full")
+        # (the shaping form: is the score-function part what runs away?)
+        for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
         # and with c raised to the measured floor (multiplier.tolerance_floor)
         for tag, floor in (("", []), ("_floor1", ["multiplier.tolerance_floor=1.0"]))
     }
