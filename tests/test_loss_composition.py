@@ -99,6 +99,8 @@ def loop_loss(correction: str, constraint: str, measure: str, x: LossInputs, s: 
     lp, old, eng = x.logp_BT.tolist(), x.old_logp_BT.tolist(), x.engine_logp_BT.tolist()
     adv, mask = x.advantages_BT.tolist(), x.mask_BT.tolist()
     n_tokens = sum(sum(1 for v in row if v) for row in mask)
+    cells = [(b, t) for b in range(B) for t in range(T) if mask[b][t]]
+    baseline = sum(token_measure(measure, lp[b][t], eng[b][t]) for b, t in cells) / n_tokens
     policy = penalty = 0.0
     for b in range(B):
         ts = [t for t in range(T) if mask[b][t]]
@@ -120,7 +122,7 @@ def loop_loss(correction: str, constraint: str, measure: str, x: LossInputs, s: 
                 "opsm": 0.0 if (a < 0 and kl > s.opsm_delta) else 1.0,  # the unshifted advantage
             }[correction]
             if constraint in ("shaping", "full"):
-                a -= s.lam * m
+                a -= s.lam * (m - baseline if s.shaping_baseline else m)
             r = math.exp(lp[b][t] - old[b][t])
             clipped = min(max(r, 1 - s.clip_low), 1 + s.clip_high)
             policy += -min(r * a, clipped * a) * weight / n_tokens
@@ -151,6 +153,59 @@ def test_every_composition_matches_the_loop_formula(correction: str, constraint:
         has_constraint = constraint != "none"
         assert (got.constraint_part is not None) == has_constraint
         assert ("dcmdp/measure" in got.metrics) == (has_constraint and measure != "prob_gap")
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "opsm"])
+@pytest.mark.parametrize("constraint", ["shaping", "full"])
+@pytest.mark.parametrize("measure", list(MEASURES))
+def test_the_centred_cost_matches_the_loop_formula(correction: str, constraint: str, measure: str) -> None:
+    """loss.shaping_baseline: the score-function cost is m_t minus its token mean over the batch."""
+    fn = compose_loss(correction, constraint, measure)
+    centred = dataclasses.replace(SETTINGS, shaping_baseline=True)
+    for seed in range(4):
+        x = random_inputs(seed)
+        got = fn(x, centred).loss.item()
+        assert got == pytest.approx(loop_loss(correction, constraint, measure, x, centred), rel=1e-10)
+        assert got != pytest.approx(fn(x, SETTINGS).loss.item(), rel=1e-6)  # it does change the loss
+    for other in ("penalty", "hinge", "none"):  # forms without a score-function part ignore it
+        x = random_inputs(0)
+        loss = compose_loss(correction, other, measure)
+        assert loss(x, centred).loss.item() == loss(x, SETTINGS).loss.item()
+
+
+def test_the_uncentred_cost_pushes_pi_away_from_the_engine() -> None:
+    """Why the baseline: with every advantage 0 and tokens drawn from mu, the shaping cost's
+    constant part is lam * mean(m) * grad of the cross-entropy from mu to pi. A step on the
+    uncentred cost lowers pi's log-likelihood of the engine's samples; the centred cost's does not
+    in this case, where every token has the same gap."""
+    torch.manual_seed(0)
+    V, N = 6, 4000
+    logits = torch.randn(V, dtype=F64)
+    mu_logp = torch.log_softmax(logits + 0.3 * torch.randn(V, dtype=F64), -1)
+    samples = torch.multinomial(
+        mu_logp.exp(), N, replacement=True, generator=torch.Generator().manual_seed(1)
+    )
+
+    def step(baseline: bool) -> float:
+        theta = logits.clone().requires_grad_(True)
+        logp = torch.log_softmax(theta, -1)[samples][None, :]
+        engine = mu_logp[samples][None, :]
+        x = LossInputs(
+            logp, logp.detach(), engine, torch.zeros(1, N, dtype=F64), torch.ones(1, N, dtype=torch.bool)
+        )
+        s = LossSettings(lam=1.0, shaping_baseline=baseline)
+        cost = dataclasses.replace(MEASURES["prob_gap"], token_fn=lambda lp, eng: torch.full_like(lp, 0.1))
+        from dcmdp.algo.constraints import shaping_constraint
+
+        terms = shaping_constraint(x, s, cost)
+        assert terms.shift_BT is not None
+        surrogate = -((0.0 - terms.shift_BT) * (logp - logp.detach()).exp()).mean()
+        (grad,) = torch.autograd.grad(surrogate, theta)
+        new = torch.log_softmax(logits - 0.5 * grad, -1)
+        return float((mu_logp.exp() * new).sum() - (mu_logp.exp() * torch.log_softmax(logits, -1)).sum())
+
+    assert step(baseline=False) < -1e-4  # E_mu[log pi] fell: pi moved away from mu
+    assert step(baseline=True) == 0.0
 
 
 def test_the_random_cases_hit_every_correction_branch() -> None:

@@ -167,6 +167,10 @@ class LossConfig:
     """geo_mask: upper bound on the geometric-mean ratio."""
     opsm_delta: float = _L.opsm_delta
     """offpolicy_seq_mask: drop negative-advantage sequences whose mean log(mu/pi) exceeds this."""
+    shaping_baseline: bool = _L.shaping_baseline
+    """shaping / full constraint: centre the cost m_t on the batch's token mean before it shifts
+    the advantages (off = the paper's reading (b) as written). The uncentred cost pushes pi away
+    from the engine when samples come from the engine (docs/RESULTS.md, long_stress_q4_0)."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True
@@ -210,6 +214,7 @@ class LossConfig:
             geo_low=self.geo_low,
             geo_high=self.geo_high,
             opsm_delta=self.opsm_delta,
+            shaping_baseline=self.shaping_baseline,
             lam=lam,
             tolerance=tolerance,
         )

@@ -176,12 +176,27 @@ def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
     return ConstraintTerms(penalty=penalty, metrics=_metrics(x, measure, value, penalty, s.lam))
 
 
+def cost_shift(m_BT: Tensor, mask_BT: Tensor, lam: float, baseline: bool) -> Tensor:
+    """The score-function part's advantage shift ``lam * m_t`` (detached), or with ``baseline``
+    ``lam * (m_t - token-mean(m))``.
+
+    Why a baseline: the samples come from the engine mu, not from pi, so the uncentred cost's
+    constant part ``lam * mean(m) * sum_t grad log pi(o_t)`` does not vanish in expectation; it is
+    the gradient of ``lam * mean(m)`` times the cross-entropy from mu to pi, a push of pi away from
+    mu that grows with the gap it creates. The centred cost keeps the part that ranks tokens by
+    their gap and drops that push."""
+    m_BT = m_BT.detach()
+    if baseline:
+        m_BT = m_BT - masked_mean(m_BT, mask_BT)
+    return lam * m_BT
+
+
 @register_constraint("shaping")
 def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
-    """Paper reading (b), advantage shaping ``A_t - lam * m_t`` with m detached (m as a cost);
-    ``dcmdp/penalty`` reports ``lam * token-mean(m)``, the mean advantage removed."""
+    """Paper reading (b), advantage shaping ``A_t - lam * m_t`` with m detached (m as a cost;
+    centred with ``s.shaping_baseline``); ``dcmdp/penalty`` reports ``lam * token-mean(m)``."""
     m_BT = measure.token_fn(x.logp_BT.detach(), x.constraint_target_BT)
-    shift_BT = s.lam * m_BT
+    shift_BT = cost_shift(m_BT, x.mask_BT, s.lam, s.shaping_baseline)
     value = masked_mean(m_BT, x.mask_BT)
     return ConstraintTerms(shift_BT=shift_BT, metrics=_metrics(x, measure, value, s.lam * value, s.lam))
 
@@ -206,8 +221,9 @@ def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constra
     m_BT = measure.token_fn(x.logp_BT, x.constraint_target_BT)
     value = masked_mean(m_BT, x.mask_BT)
     penalty = s.lam * value
+    shift_BT = cost_shift(m_BT, x.mask_BT, s.lam, s.shaping_baseline)
     return ConstraintTerms(
-        penalty=penalty, shift_BT=s.lam * m_BT.detach(), metrics=_metrics(x, measure, value, penalty, s.lam)
+        penalty=penalty, shift_BT=shift_BT, metrics=_metrics(x, measure, value, penalty, s.lam)
     )
 
 

@@ -78,6 +78,9 @@ class LossSettings:
     """Lagrange multiplier value lambda >= 0, a plain number from ``dcmdp.algo.multiplier``."""
     tolerance: float = 0.0037
     """DCMDP tolerance c (the paper's value for Qwen3-8B); the hinge penalises delta above it."""
+    shaping_baseline: bool = False
+    """shaping and full forms: subtract the batch's token-mean of m from the cost ``m_t`` before it
+    shifts the advantages (a baseline for the score-function part; see constraints.py)."""
 
     def __post_init__(self) -> None:
         check_loss_settings(self)
