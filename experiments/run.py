@@ -295,6 +295,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for tag, floor in (("", []), ("_floor1", ["multiplier.tolerance_floor=1.0"]))
     }
     | {
+        # The full and shaping forms with the centred cost (loss.shaping_baseline)
+        f"{form}_c1e-4_init0.1_centred": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+            "loss.shaping_baseline=true",
+        ]
+        for form in ("dcmdp_full", "dcmdp_shaping")
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [
