@@ -205,7 +205,27 @@ def test_the_uncentred_cost_pushes_pi_away_from_the_engine() -> None:
         return float((mu_logp.exp() * new).sum() - (mu_logp.exp() * torch.log_softmax(logits, -1)).sum())
 
     assert step(baseline=False) < -1e-4  # E_mu[log pi] fell: pi moved away from mu
-    assert step(baseline=True) == 0.0
+    assert step(baseline=True) == 0.0  # (a constant cost centres to 0: nothing is left to push)
+
+
+@pytest.mark.parametrize("measure", list(MEASURES))
+def test_the_centred_full_form_has_the_hand_written_gradient(measure: str) -> None:
+    """The baseline is a number, not a function of the policy: its gradient is the penalty's plus
+    the score-function part with the centred cost held fixed (a baseline taken with its gradient
+    would cancel part of the pathwise term)."""
+    x = random_inputs(2)
+    s = dataclasses.replace(SETTINGS, shaping_baseline=True)
+    (got,) = torch.autograd.grad(compose_loss("none", "full", measure)(x, s).loss, x.logp_BT)
+    logp = x.logp_BT.detach().clone().requires_grad_(True)
+    m = MEASURES[measure].token_fn(logp, x.engine_logp_BT)
+    n = x.mask_BT.sum()
+    cost = (m.detach() - (m.detach() * x.mask_BT).sum() / n) * s.lam
+    a = x.advantages_BT - cost
+    r = (logp - x.old_logp_BT).exp()
+    surrogate = -torch.minimum(r * a, r.clamp(1 - s.clip_low, 1 + s.clip_high) * a)
+    hand = ((surrogate + s.lam * m) * x.mask_BT).sum() / n
+    (want,) = torch.autograd.grad(hand, logp)
+    torch.testing.assert_close(got, want)
 
 
 def test_the_random_cases_hit_every_correction_branch() -> None:
@@ -438,6 +458,9 @@ def test_config_composes_and_checks() -> None:
         load_config(overrides=["loss.measure=kl"])
     with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
         load_config(overrides=["loss.constraint_share=-1"])
+    with pytest.raises(ConfigError, match=r"loss\.shaping_baseline: not supported with optim\.grad_accum"):
+        load_config(overrides=["loss.type=dcmdp_full", "loss.shaping_baseline=true", "optim.grad_accum=2"])
+    assert load_config(overrides=["loss.shaping_baseline=true"]).loss.settings().shaping_baseline
 
 
 def test_config_refuses_to_compose_a_user_registered_loss() -> None:

@@ -116,6 +116,7 @@ LOSS_KNOBS: dict[str, object] = {
     "geo_low": 0.99,
     "geo_high": 1.02,
     "opsm_delta": 0.7,
+    "shaping_baseline": True,
 }
 
 

@@ -168,9 +168,11 @@ class LossConfig:
     opsm_delta: float = _L.opsm_delta
     """offpolicy_seq_mask: drop negative-advantage sequences whose mean log(mu/pi) exceeds this."""
     shaping_baseline: bool = _L.shaping_baseline
-    """shaping / full constraint: centre the cost m_t on the batch's token mean before it shifts
-    the advantages (off = the paper's reading (b) as written). The uncentred cost pushes pi away
-    from the engine when samples come from the engine (docs/RESULTS.md, long_stress_q4_0)."""
+    """shaping / full constraint: centre the cost m_t on the token mean of the (mini)batch before it
+    shifts the advantages (off = the paper's reading (b) as written). With samples from the
+    engine, the uncentred cost's constant part pushes pi away from the engine in expectation
+    (src/dcmdp/algo/constraints.py, cost_shift). Not with optim.grad_accum > 1. Experimental: see
+    docs/RESULTS.md, long_stress_q4_0, for what it did and did not do."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True
@@ -379,6 +381,12 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{name}: must be >= 1")
     batch = cfg.run.prompts_per_step * cfg.run.group_size
+    if cfg.loss.shaping_baseline and cfg.optim.grad_accum > 1:
+        # the baseline is the token mean of the micro-batch the loss sees, not of the whole batch
+        raise ConfigError(
+            "loss.shaping_baseline: not supported with optim.grad_accum > 1 (the baseline would be "
+            "each micro-batch's own mean, so accumulating would not equal one pass)"
+        )
     if batch % (cfg.optim.minibatches * cfg.optim.grad_accum) != 0:
         raise ConfigError(
             f"optim.minibatches * optim.grad_accum = {cfg.optim.minibatches * cfg.optim.grad_accum} must "

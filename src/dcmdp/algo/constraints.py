@@ -178,13 +178,16 @@ def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
 
 def cost_shift(m_BT: Tensor, mask_BT: Tensor, lam: float, baseline: bool) -> Tensor:
     """The score-function part's advantage shift ``lam * m_t`` (detached), or with ``baseline``
-    ``lam * (m_t - token-mean(m))``.
+    ``lam * (m_t - token-mean(m))`` over the tokens this loss call sees (one micro-batch).
 
     Why a baseline: the samples come from the engine mu, not from pi, so the uncentred cost's
-    constant part ``lam * mean(m) * sum_t grad log pi(o_t)`` does not vanish in expectation; it is
-    the gradient of ``lam * mean(m)`` times the cross-entropy from mu to pi, a push of pi away from
-    mu that grows with the gap it creates. The centred cost keeps the part that ranks tokens by
-    their gap and drops that push."""
+    constant part does not vanish in expectation: in the loss it is ``-lam * mean(m)`` times the
+    cross-entropy from mu to pi, so descending it moves pi away from mu, the more the further
+    apart they are (while the engine does not follow pi's small weight changes, as a coarse
+    quantization does not). Centring drops that constant part; it is no unbiased estimate of the
+    score-function gradient under mu (importance weights, ``correction=tis``, are what remove the
+    bias), and it ignores the correction's and the aggregation's weights. A hypothesis for the
+    long-response runaway of docs/RESULTS.md, tested there, not a proven cure."""
     m_BT = m_BT.detach()
     if baseline:
         m_BT = m_BT - masked_mean(m_BT, mask_BT)
