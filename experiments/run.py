@@ -306,6 +306,18 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for form in ("dcmdp_full", "dcmdp_shaping")
     }
     | {
+        # The constraint only on samples with a reward signal (loss.constraint_samples=signal): at
+        # a low reward most groups are flat and the constraint alone set the update's direction.
+        f"{form}_c1e-4_init0.1_signal": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+            "loss.constraint_samples=signal",
+        ]
+        for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [

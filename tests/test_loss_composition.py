@@ -99,8 +99,12 @@ def loop_loss(correction: str, constraint: str, measure: str, x: LossInputs, s: 
     lp, old, eng = x.logp_BT.tolist(), x.old_logp_BT.tolist(), x.engine_logp_BT.tolist()
     adv, mask = x.advantages_BT.tolist(), x.mask_BT.tolist()
     n_tokens = sum(sum(1 for v in row if v) for row in mask)
-    cells = [(b, t) for b in range(B) for t in range(T) if mask[b][t]]
-    baseline = sum(token_measure(measure, lp[b][t], eng[b][t]) for b, t in cells) / n_tokens
+
+    def acts(b: int, t: int) -> bool:  # does the constraint act on this token
+        return s.constraint_samples == "all" or adv[b][t] != 0
+
+    cells = [(b, t) for b in range(B) for t in range(T) if mask[b][t] and acts(b, t)]
+    baseline = sum(token_measure(measure, lp[b][t], eng[b][t]) for b, t in cells) / max(len(cells), 1)
     policy = penalty = 0.0
     for b in range(B):
         ts = [t for t in range(T) if mask[b][t]]
@@ -121,14 +125,15 @@ def loop_loss(correction: str, constraint: str, measure: str, x: LossInputs, s: 
                 "geo_mask": 1.0 if s.geo_low <= geo <= s.geo_high else 0.0,
                 "opsm": 0.0 if (a < 0 and kl > s.opsm_delta) else 1.0,  # the unshifted advantage
             }[correction]
-            if constraint in ("shaping", "full"):
+            on = acts(b, t)
+            if constraint in ("shaping", "full") and on:
                 a -= s.lam * (m - baseline if s.shaping_baseline else m)
             r = math.exp(lp[b][t] - old[b][t])
             clipped = min(max(r, 1 - s.clip_low), 1 + s.clip_high)
             policy += -min(r * a, clipped * a) * weight / n_tokens
-            if constraint in ("penalty", "full"):
+            if constraint in ("penalty", "full") and on:
                 penalty += s.lam * m / n_tokens
-            elif constraint == "hinge":
+            elif constraint == "hinge" and on:
                 penalty += s.lam * max(0.0, m - s.tolerance) / n_tokens
     return policy + penalty
 
@@ -226,6 +231,58 @@ def test_the_centred_full_form_has_the_hand_written_gradient(measure: str) -> No
     hand = ((surrogate + s.lam * m) * x.mask_BT).sum() / n
     (want,) = torch.autograd.grad(hand, logp)
     torch.testing.assert_close(got, want)
+
+
+def without_signal(x: LossInputs, rows: list[int]) -> LossInputs:
+    """``x`` with the advantages of ``rows`` set to 0 (samples of groups whose rewards are equal)."""
+    adv = x.advantages_BT.clone()
+    adv[rows] = 0.0
+    return dataclasses.replace(x, advantages_BT=adv)
+
+
+SIGNAL = dataclasses.replace(SETTINGS, constraint_samples="signal")
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "seq_mis", "opsm"])
+@pytest.mark.parametrize("constraint", [c for c in CONSTRAINTS if c != "none"])
+@pytest.mark.parametrize("measure", list(MEASURES))
+@pytest.mark.parametrize("baseline", [False, True])
+def test_the_constraint_on_signal_samples_matches_the_loop_formula(
+    correction: str, constraint: str, measure: str, baseline: bool
+) -> None:
+    """loss.constraint_samples=signal: no penalty and no shift on zero-advantage samples, the
+    penalty still divided by every response token; the gap metrics stay those of every token."""
+    fn = compose_loss(correction, constraint, measure)
+    s = dataclasses.replace(SIGNAL, shaping_baseline=baseline)
+    changed = 0
+    for seed in range(4):
+        x = without_signal(random_inputs(seed), [0, 3])
+        got = fn(x, s)
+        assert got.loss.item() == pytest.approx(loop_loss(correction, constraint, measure, x, s), rel=1e-10)
+        everywhere = fn(x, dataclasses.replace(s, constraint_samples="all"))
+        changed += got.loss.item() != pytest.approx(everywhere.loss.item(), rel=1e-6)
+        for key in ("dcmdp/prob_gap", "dcmdp/measure"):
+            if key in everywhere.metrics:
+                assert got.metrics[key].item() == pytest.approx(everywhere.metrics[key].item(), rel=1e-12)
+        n_signal = int((x.mask_BT & (x.advantages_BT != 0)).sum())
+        assert got.metrics["dcmdp/signal_share"].item() == pytest.approx(n_signal / int(x.mask_BT.sum()))
+    assert changed  # it does change the loss (a correction can give the rows it acts on weight 0)
+
+
+@pytest.mark.parametrize("constraint", [c for c in CONSTRAINTS if c != "none"])
+def test_the_constraint_on_signal_samples_at_the_extremes(constraint: str) -> None:
+    """With every advantage nonzero it is the constraint as before, bit for bit; with none (every
+    group solved or failed) it adds nothing to the loss or the gradient."""
+    fn = compose_loss("none", constraint)
+    x = random_inputs(1)
+    assert torch.equal(fn(x, SIGNAL).loss, fn(x, SETTINGS).loss)
+    flat = without_signal(x, list(range(x.logp_BT.shape[0])))
+    got = fn(flat, SIGNAL)
+    plain = compose_loss("none", "none")(flat, SIGNAL)
+    assert torch.equal(got.loss, plain.loss)
+    (grad,) = torch.autograd.grad(got.loss, flat.logp_BT)
+    assert not grad.any()  # zero advantages, no constraint: no gradient at all
+    assert got.metrics["dcmdp/prob_gap"].item() > 0  # the gap is still reported
 
 
 def test_the_random_cases_hit_every_correction_branch() -> None:
@@ -461,6 +518,11 @@ def test_config_composes_and_checks() -> None:
     with pytest.raises(ConfigError, match=r"loss\.shaping_baseline: not supported with optim\.grad_accum"):
         load_config(overrides=["loss.type=dcmdp_full", "loss.shaping_baseline=true", "optim.grad_accum=2"])
     assert load_config(overrides=["loss.shaping_baseline=true"]).loss.settings().shaping_baseline
+    assert load_config(overrides=["loss.constraint_samples=signal"]).loss.settings().constraint_samples == "signal"
+    with pytest.raises(ConfigError, match=r"loss\.constraint_samples.*'some'"):
+        load_config(overrides=["loss.constraint_samples=some"])
+    with pytest.raises(ValueError, match="constraint_samples"):
+        LossSettings(constraint_samples="signals")
 
 
 def test_config_refuses_to_compose_a_user_registered_loss() -> None:

@@ -117,6 +117,7 @@ LOSS_KNOBS: dict[str, object] = {
     "geo_high": 1.02,
     "opsm_delta": 0.7,
     "shaping_baseline": True,
+    "constraint_samples": "signal",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from dcmdp.algo.aggregation import AGG_MODES
+from dcmdp.algo.loss_core import CONSTRAINT_SAMPLES
 from dcmdp.algo.losses import (
     CONSTRAINTS,
     CORRECTIONS,
@@ -173,6 +174,11 @@ class LossConfig:
     engine, the uncentred cost's constant part pushes pi away from the engine in expectation
     (src/dcmdp/algo/constraints.py, cost_shift). Not with optim.grad_accum > 1. Experimental: see
     docs/RESULTS.md, long_stress_q4_0, for what it did and did not do."""
+    constraint_samples: str = _L.constraint_samples
+    """Which samples the constraint acts on: all (the paper) or signal, only samples with a nonzero
+    advantage (groups whose rewards differ), its penalty still divided by every response token, so
+    the constraint weighs less when fewer groups carry a reward signal and nothing when none do.
+    Experimental: see docs/RESULTS.md, long_stress_q4_0, for what it did."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True
@@ -217,6 +223,7 @@ class LossConfig:
             geo_high=self.geo_high,
             opsm_delta=self.opsm_delta,
             shaping_baseline=self.shaping_baseline,
+            constraint_samples=self.constraint_samples,
             lam=lam,
             tolerance=tolerance,
         )
@@ -342,6 +349,7 @@ def validate(cfg: Config) -> None:
         )
     _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
     _choice("loss.constraint_gap", cfg.loss.constraint_gap, ("engine", "total"))
+    _choice("loss.constraint_samples", cfg.loss.constraint_samples, CONSTRAINT_SAMPLES)
     _choice("run.recompute", cfg.run.recompute, ("auto", "always"))
     if cfg.engine.sync_check_every < 0:
         raise ConfigError(

@@ -48,6 +48,10 @@ class LossInputs:
         return self.engine_logp_BT if target is None else target
 
 
+#: The values of ``LossSettings.constraint_samples``.
+CONSTRAINT_SAMPLES = ("all", "signal")
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """Plain numbers the losses read; validated when built (see :func:`check_loss_settings`)."""
@@ -81,6 +85,11 @@ class LossSettings:
     shaping_baseline: bool = False
     """shaping and full forms: subtract the batch's token-mean of m from the cost ``m_t`` before it
     shifts the advantages (a baseline for the score-function part; see constraints.py)."""
+    constraint_samples: str = "all"
+    """Which samples the constraint acts on: ``all`` (the paper) or ``signal``, only those with a
+    nonzero advantage (a group whose rewards differ), its penalty still divided by every response
+    token so its weight falls with the share of samples that carry a reward signal
+    (:func:`dcmdp.algo.constraints.on_signal_samples`)."""
 
     def __post_init__(self) -> None:
         check_loss_settings(self)
@@ -160,6 +169,11 @@ def check_loss_settings(settings: LossSettings, *, need_tolerance: bool = False)
                 f"LossSettings.{low} ({getattr(settings, low)!r}) must be <= "
                 f"LossSettings.{high} ({getattr(settings, high)!r})"
             )
+    if settings.constraint_samples not in CONSTRAINT_SAMPLES:
+        raise ValueError(
+            f"LossSettings.constraint_samples {settings.constraint_samples!r} is not one of: "
+            f"{', '.join(CONSTRAINT_SAMPLES)}"
+        )
     if settings.agg not in AGG_MODES:
         raise ValueError(f"LossSettings.agg {settings.agg!r} is not one of: {', '.join(AGG_MODES)}")
     if settings.agg == "constant" and (settings.agg_constant is None or not settings.agg_constant > 0):

@@ -37,6 +37,9 @@ The shorthands use the probability gap as the measure. Masks and weights multipl
 loss; they do not shrink the aggregation denominator (as in DeepSeek-V3.2's OPSM formula and
 verl's ``pg_losses *= weights``). The penalty is not importance-weighted: it is the constraint on
 the engine's own samples, as the paper writes it; a shift is (it passes through the surrogate).
+With ``LossSettings.constraint_samples="signal"`` the constraint acts only on samples with a
+nonzero advantage, its penalty still divided by every response token (so its weight falls with
+the share of samples that carry a reward signal; constraints.py, :func:`on_signal_samples`).
 
 Metrics (``LossOutput.metrics``; every value a detached 0-d tensor; token fractions and means are
 over response tokens, sequence fractions over sequences with at least one response token):
@@ -65,6 +68,7 @@ over response tokens, sequence fractions over sequences with at least one respon
 | ``dcmdp/penalty``        | any constraint                      | lam * token-mean(m) (hinge: of the excess)        |
 | ``dcmdp/lambda``         | any constraint                      | the multiplier value used                         |
 | ``dcmdp/over_tol_frac``  | hinge                               | tokens with m > tolerance                         |
+| ``dcmdp/signal_share``   | ``constraint_samples="signal"``     | share of response tokens the constraint acts on   |
 
 Inputs are validated at the entry of every loss (:func:`check_loss_inputs`, one device read-back).
 ``old_logp_BT`` and ``engine_logp_BT`` are treated as constants (detached) even when they require
@@ -79,10 +83,11 @@ from dataclasses import replace
 from dcmdp.algo.constraints import (
     CONSTRAINTS,
     MEASURES,
-    ConstraintTerms,
     Measure,
     get_constraint,
     get_measure,
+    on_signal_samples,
+    restrict_to_signal,
 )
 from dcmdp.algo.corrections import CORRECTIONS, SEQ_LOG_RHO_BOUND, get_correction
 from dcmdp.algo.discrepancy import prob_gap
@@ -132,7 +137,11 @@ def composed_loss(
     weigh, constrain, meas = get_correction(correction), get_constraint(constraint), get_measure(measure)
     x = prepare(inputs, settings, need_tolerance=constraint == "hinge")
     weight_BT, metrics = weigh(x, settings)
-    terms: ConstraintTerms = constrain(x, settings, meas)
+    if settings.constraint_samples == "signal" and constraint != "none":
+        signal, share = on_signal_samples(x)
+        terms = restrict_to_signal(constrain(signal, settings, meas), x, signal, share, meas)
+    else:
+        terms = constrain(x, settings, meas)
     shifted = x if terms.shift_BT is None else replace(x, advantages_BT=x.advantages_BT - terms.shift_BT)
     policy, surrogate_metrics = weighted_surrogate(shifted, settings, weight_BT)
     total = policy if terms.penalty is None else policy + terms.penalty
