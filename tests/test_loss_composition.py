@@ -518,7 +518,10 @@ def test_config_composes_and_checks() -> None:
     with pytest.raises(ConfigError, match=r"loss\.shaping_baseline: not supported with optim\.grad_accum"):
         load_config(overrides=["loss.type=dcmdp_full", "loss.shaping_baseline=true", "optim.grad_accum=2"])
     assert load_config(overrides=["loss.shaping_baseline=true"]).loss.settings().shaping_baseline
-    assert load_config(overrides=["loss.constraint_samples=signal"]).loss.settings().constraint_samples == "signal"
+    assert (
+        load_config(overrides=["loss.constraint_samples=signal"]).loss.settings().constraint_samples
+        == "signal"
+    )
     with pytest.raises(ConfigError, match=r"loss\.constraint_samples.*'some'"):
         load_config(overrides=["loss.constraint_samples=some"])
     with pytest.raises(ValueError, match="constraint_samples"):
