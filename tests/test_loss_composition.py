@@ -261,7 +261,7 @@ def test_the_constraint_on_signal_samples_matches_the_loop_formula(
         assert got.loss.item() == pytest.approx(loop_loss(correction, constraint, measure, x, s), rel=1e-10)
         everywhere = fn(x, dataclasses.replace(s, constraint_samples="all"))
         changed += got.loss.item() != pytest.approx(everywhere.loss.item(), rel=1e-6)
-        for key in ("dcmdp/prob_gap", "dcmdp/measure"):
+        for key in ("dcmdp/prob_gap", "dcmdp/measure", "dcmdp/over_tol_frac"):
             if key in everywhere.metrics:
                 assert got.metrics[key].item() == pytest.approx(everywhere.metrics[key].item(), rel=1e-12)
         n_signal = int((x.mask_BT & (x.advantages_BT != 0)).sum())

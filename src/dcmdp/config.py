@@ -176,9 +176,10 @@ class LossConfig:
     docs/RESULTS.md, long_stress_q4_0, for what it did and did not do."""
     constraint_samples: str = _L.constraint_samples
     """Which samples the constraint acts on: all (the paper) or signal, only samples with a nonzero
-    advantage (groups whose rewards differ), its penalty still divided by every response token, so
-    the constraint weighs less when fewer groups carry a reward signal and nothing when none do.
-    Experimental: see docs/RESULTS.md, long_stress_q4_0, for what it did."""
+    advantage (with binary rewards: the groups whose rewards differ), its penalty still divided by
+    every response token, so the constraint weighs less when fewer groups carry a reward signal and
+    nothing when none do. Not in the TRL and verl adapters. Experimental: docs/RESULTS.md,
+    long_stress_q4_0, says what it did."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True

@@ -234,30 +234,41 @@ def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constra
 
 
 def on_signal_samples(x: LossInputs) -> tuple[LossInputs, Tensor]:
-    """The inputs with the mask narrowed to samples that carry a reward signal (a nonzero
-    advantage: with group-relative advantages, the samples of groups whose rewards differ), and
+    """The inputs with the mask narrowed to samples that carry a reward signal, a nonzero
+    advantage (with binary rewards and group-relative advantages: the samples of groups whose
+    rewards differ; with graded rewards a sample scored at its group's mean is left out too), and
     that mask's share of the response tokens (``loss.constraint_samples=signal``)."""
     keep_BT = x.mask_BT & (x.advantages_BT != 0)
-    share = keep_BT.sum().to(x.logp_BT.dtype) / x.mask_BT.sum().clamp(min=1).to(x.logp_BT.dtype)
+    dtype = torch.promote_types(x.logp_BT.dtype, torch.float32)  # exact enough under bfloat16
+    share = keep_BT.sum().to(dtype) / x.mask_BT.sum().clamp(min=1).to(dtype)
     return replace(x, mask_BT=keep_BT), share
 
 
 def restrict_to_signal(
-    terms: ConstraintTerms, x: LossInputs, signal: LossInputs, share: Tensor, measure: Measure
+    terms: ConstraintTerms,
+    x: LossInputs,
+    signal: LossInputs,
+    share: Tensor,
+    s: LossSettings,
+    measure: Measure,
 ) -> ConstraintTerms:
     """A form's terms computed on ``signal`` (:func:`on_signal_samples`), as terms of the whole
     batch: the penalty, a token mean over the signal tokens, times their share (so it is
-    ``lam * sum over signal tokens of m / all response tokens``, the policy gradient's normaliser:
-    the constraint weighs as much against the reward as the samples it acts on carry), no shift
-    outside them, and the gap metrics over every response token as without the restriction
-    (``dcmdp/signal_share`` added)."""
+    ``lam * sum over signal tokens of m / all response tokens``: with ``agg=token-mean`` the
+    policy gradient's normaliser, so the constraint weighs against the reward as much as the
+    samples it acts on carry), no shift outside them, and the gap metrics (``dcmdp/prob_gap``,
+    ``dcmdp/measure``, ``dcmdp/over_tol_frac``) over every response token as without the
+    restriction (``dcmdp/signal_share`` added)."""
     penalty = None if terms.penalty is None else terms.penalty * share
     shift_BT = None if terms.shift_BT is None else torch.where(signal.mask_BT, terms.shift_BT, 0.0)
     metrics = dict(terms.metrics)
     target = x.constraint_target_BT
     metrics["dcmdp/prob_gap"] = masked_mean(prob_gap(x.logp_BT.detach(), target), x.mask_BT)
+    m_BT = measure.token_fn(x.logp_BT.detach(), target)
     if "dcmdp/measure" in metrics:
-        metrics["dcmdp/measure"] = masked_mean(measure.token_fn(x.logp_BT.detach(), target), x.mask_BT)
+        metrics["dcmdp/measure"] = masked_mean(m_BT, x.mask_BT)
+    if "dcmdp/over_tol_frac" in metrics:
+        metrics["dcmdp/over_tol_frac"] = masked_mean((m_BT > s.tolerance).to(m_BT.dtype), x.mask_BT)
     if penalty is not None:
         metrics["dcmdp/penalty"] = penalty.detach()
     elif "dcmdp/penalty" in metrics:

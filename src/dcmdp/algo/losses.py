@@ -65,7 +65,8 @@ over response tokens, sequence fractions over sequences with at least one respon
 | ``is/opsm_kl_mean``      | opsm                                | sequence mean of mean_t (engine_logp - logp)      |
 | ``dcmdp/prob_gap``       | any constraint                      | token mean of the probability gap delta           |
 | ``dcmdp/measure``        | a constraint on k3 / abs_log_ratio  | token mean of the constrained measure m           |
-| ``dcmdp/penalty``        | any constraint                      | lam * token-mean(m) (hinge: of the excess)        |
+| ``dcmdp/penalty``        | any constraint                      | lam * token-mean(m) (hinge: of the excess; with   |
+|                          |                                     | ``signal``: sum over signal tokens / all tokens)  |
 | ``dcmdp/lambda``         | any constraint                      | the multiplier value used                         |
 | ``dcmdp/over_tol_frac``  | hinge                               | tokens with m > tolerance                         |
 | ``dcmdp/signal_share``   | ``constraint_samples="signal"``     | share of response tokens the constraint acts on   |
@@ -139,7 +140,7 @@ def composed_loss(
     weight_BT, metrics = weigh(x, settings)
     if settings.constraint_samples == "signal" and constraint != "none":
         signal, share = on_signal_samples(x)
-        terms = restrict_to_signal(constrain(signal, settings, meas), x, signal, share, meas)
+        terms = restrict_to_signal(constrain(signal, settings, meas), x, signal, share, settings, meas)
     else:
         terms = constrain(x, settings, meas)
     shifted = x if terms.shift_BT is None else replace(x, advantages_BT=x.advantages_BT - terms.shift_BT)
