@@ -253,10 +253,17 @@ def test_trainer_killed_leaves_no_orphan_and_resume_finishes(tiny_model_dir: Pat
 def test_engine_gap_counts_what_the_sampling_version_cannot_sample(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """With top-k the bf16 engine samples tokens the fp32 trainer's top-k excludes. A stale run's
+    """With top-k the int3 engine samples tokens the fp32 trainer's top-k excludes. A stale run's
     discrepancy/* counts them exactly as a synchronous run does (step 1 is fresh in both and
-    samples the same batch), so the dual step reads the same D."""
-    extra = {"run.steps": 2, "run.eval_every": 0, "run.checkpoint_every": 0, "sampling.top_k": 3}
+    samples the same batch), so the dual step reads the same D. (int3, not bfloat16 alone: on a
+    CPU with native bfloat16 arithmetic, AMD Zen 4, bfloat16 kept the same top 3 on every token.)"""
+    extra = {
+        "run.steps": 2,
+        "run.eval_every": 0,
+        "run.checkpoint_every": 0,
+        "sampling.top_k": 3,
+        "engine.quantization": "int3",
+    }
     rows = {}
     for n in (0, 1):
         out = tmp_path / f"stale{n}"
