@@ -31,6 +31,9 @@ WORKER = Path(__file__).with_name("trl_vllm_worker.py")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
+PACKED_LINEARS = "'Parameter' object has no attribute 'weight_loader'"
+
+
 def run_worker(model_dir: Path, out: Path, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -41,6 +44,14 @@ def run_worker(model_dir: Path, out: Path, *extra: str) -> dict:
         env=env,
         cwd=out.parent,
     )
+    if done.returncode != 0 and PACKED_LINEARS in done.stderr:
+        # TRL pushes each parameter with the vLLM model's own load_weights; where vLLM's CPU backend
+        # packs the linear weights (seen on AMD Zen 4 with AVX-512, not on Zen 3 with AVX2) it has
+        # replaced them by plain Parameters without a loader, so TRL's colocate sync cannot run.
+        pytest.skip(
+            "CPU capability: vLLM's CPU backend packed the linear weights on this CPU, so TRL's "
+            f"colocate weight push fails upstream ({PACKED_LINEARS})"
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
