@@ -318,6 +318,20 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
     }
     | {
+        # Its control: the constraint on every sample at the weight it had there (about 13% of
+        # the tokens carried a signal): lambda_0, eta and lam_max times 0.13, so lambda follows
+        # 0.13 x the signal arm's lambda while D does.
+        "dcmdp_full_c1e-4_init0.1_weight0.13": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            "loss.type=dcmdp_full",
+            "multiplier.tolerance=0.0001",
+            "multiplier.init=0.013",
+            "multiplier.eta=0.13",
+            "multiplier.lam_max=0.13",
+        ]
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [
