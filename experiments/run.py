@@ -318,7 +318,19 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
     }
     | {
-        # Its control: the constraint on every sample at the weight it had there (about 13% of
+        # With c raised to the measured floor as well, so lambda stays near lambda_0 (at c 1e-4 it
+        # reached its bound by step 160 and seed 0 of the full form collapsed at step 152).
+        "dcmdp_full_c1e-4_init0.1_signal_floor1": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            "loss.type=dcmdp_full",
+            "multiplier.tolerance=0.0001",
+            "loss.constraint_samples=signal",
+            "multiplier.tolerance_floor=1.0",
+        ]
+    }
+    | {
+        # The signal arm's control: the constraint on every sample at the weight it had there (about 13% of
         # the tokens carried a signal): lambda_0, eta and lam_max times 0.13, so lambda follows
         # 0.13 x the signal arm's lambda while D does.
         "dcmdp_full_c1e-4_init0.1_weight0.13": [
