@@ -263,8 +263,9 @@ def restrict_to_signal(
     shift_BT = None if terms.shift_BT is None else torch.where(signal.mask_BT, terms.shift_BT, 0.0)
     metrics = dict(terms.metrics)
     target = x.constraint_target_BT
-    metrics["dcmdp/prob_gap"] = masked_mean(prob_gap(x.logp_BT.detach(), target), x.mask_BT)
     m_BT = measure.token_fn(x.logp_BT.detach(), target)
+    gap_BT = m_BT if measure.token_fn is prob_gap else prob_gap(x.logp_BT.detach(), target)
+    metrics["dcmdp/prob_gap"] = masked_mean(gap_BT, x.mask_BT)
     if "dcmdp/measure" in metrics:
         metrics["dcmdp/measure"] = masked_mean(m_BT, x.mask_BT)
     if "dcmdp/over_tol_frac" in metrics:
