@@ -344,6 +344,22 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         ]
     }
     | {
+        # The share bound on AdamW's step rather than on the gradient (loss.constraint_share_of=update):
+        # the constraint moves the weights at most kappa times as far as the policy gradient does in
+        # each step, so it cannot take the step over while few groups carry a reward signal.
+        f"{form}_c1e-4_init0.1_update0.5{tag}": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+            "loss.constraint_share=0.5",
+            "loss.constraint_share_of=update",
+            *guard,
+        ]
+        for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
+        for tag, guard in (("", []), ("_noguard", ["multiplier.reward_guard=0.0"]))
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [
@@ -370,6 +386,22 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         f"{k}_floor1{tag}": [*INT3, f"loss.type={k}", *HARM, "multiplier.tolerance_floor=1.0", *guard]
         for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
         for tag, guard in (("", []), ("_noguard", ["multiplier.reward_guard=0.0"]))
+    },
+    # Issue 13, safety by construction: the share bound on AdamW's step (loss.constraint_share_of=
+    # update) on every DCMDP form, alone (no reward guard), at the bound the issue's collapses had
+    # (lam_max 1) and at the old one (10).
+    "harm_update_share": {
+        f"{k}_update0.5_noguard{tag}": [
+            *INT3,
+            f"loss.type={k}",
+            *HARM,
+            "loss.constraint_share=0.5",
+            "loss.constraint_share_of=update",
+            "multiplier.reward_guard=0.0",
+            *lam,
+        ]
+        for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
+        for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
     },
     # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
     # rollout, 60 steps) synchronous against one policy version stale, without a correction, with

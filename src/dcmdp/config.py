@@ -141,6 +141,13 @@ class LossConfig:
     kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 every step still
     ascends the reward surrogate (docs/concepts.md, "Keeping the constraint safe"). Costs a second
     backward pass per micro-batch."""
+    constraint_share_of: str = "gradient"
+    """What the share bound bounds: gradient (the constraint's gradient against the rest of the
+    gradient; AdamW's per-coordinate scaling can still let a small, steady constraint gradient take
+    most of the step) or update (AdamW's step itself: the first moment is kept in a policy part and
+    a constraint part, and the constraint's part of the step is scaled to at most kappa times the
+    policy's; the optimizer is then dcmdp's ShareBoundedAdamW, which is AdamW while the bound does
+    not bind)."""
     constraint_gap: str = "engine"
     """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
     (the engine against the policy version that sampled the batch, as in a synchronous run) or
@@ -349,6 +356,7 @@ def validate(cfg: Config) -> None:
             f"loss.constraint and loss.measure compose only the built-in ones ({', '.join(SHORTHANDS)})"
         )
     _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
+    _choice("loss.constraint_share_of", cfg.loss.constraint_share_of, ("gradient", "update"))
     _choice("loss.constraint_gap", cfg.loss.constraint_gap, ("engine", "total"))
     _choice("loss.constraint_samples", cfg.loss.constraint_samples, CONSTRAINT_SAMPLES)
     _choice("run.recompute", cfg.run.recompute, ("auto", "always"))

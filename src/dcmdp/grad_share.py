@@ -1,15 +1,19 @@
-"""The share bound on the constraint's gradient, applied per optimizer step (``loss.constraint_share``).
+"""The share bound on the constraint, applied per optimizer step (``loss.constraint_share``).
 
 The trainer backpropagates each micro-batch's loss as usual and, when the bound is on, the
 constraint's part of it (``LossOutput.constraint_part``) a second time into a separate buffer.
 Before the optimizer step the gradient is split into the constraint's part ``g_c`` and the rest
 ``g_pg = g - g_c`` (the reward surrogate, and the KL term when it is on), and ``g_c`` is scaled by
-:func:`dcmdp.algo.constraints.share_scale` so that ``|g_c| <= kappa |g_pg|`` over all parameters.
+:func:`dcmdp.algo.constraints.share_scale` so that ``|g_c| <= kappa |g_pg|`` over all parameters
+(``loss.constraint_share_of=gradient``, :meth:`ConstraintGradients.apply`). With
+``loss.constraint_share_of=update`` the buffer goes to :class:`ShareBoundedAdamW` instead
+(:meth:`ConstraintGradients.hand_to`), which bounds the constraint's share of AdamW's step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,3 +59,95 @@ class ConstraintGradients:
         self.grads = [None] * len(self.params)
         share = norm_c / norm_pg if norm_pg > 0 else (0.0 if norm_c == 0 else float("inf"))
         return {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}
+
+    def hand_to(self, optimizer: ShareBoundedAdamW, clip_coef: float = 1.0) -> None:
+        """Give the buffer, times ``clip_coef`` (the factor gradient clipping applied to
+        ``param.grad``), to the optimizer's next step, and reset it."""
+        grads = [None if g is None else g * clip_coef for g in self.grads]
+        optimizer.set_constraint_grads(self.params, grads)
+        self.grads = [None] * len(self.params)
+
+
+class ShareBoundedAdamW(torch.optim.Optimizer):
+    """AdamW that bounds the constraint's share of the *update*, not of the gradient
+    (``loss.constraint_share_of=update``).
+
+    The gradient bound above does not bound the step: AdamW divides each coordinate by its running
+    RMS, so a small constraint gradient that points the same way step after step moves the weights
+    as fast as a large, noisy policy gradient (docs/RESULTS.md, ``harm_share``). This optimizer
+    keeps AdamW's first moment in two parts, ``m_pg`` for the rest of the gradient and ``m_c`` for
+    the constraint's (``m_pg + m_c`` is AdamW's ``m``, the second moment is AdamW's, of the whole
+    gradient), and takes the step
+
+        u_pg = m_pg_hat / (sqrt(v_hat) + eps),  u_c = m_c_hat / (sqrt(v_hat) + eps)
+        theta <- theta (1 - lr wd) - lr (u_pg + s u_c),  s = min(1, kappa |u_pg| / |u_c|)
+
+    with norms over every parameter. When the bound does not bind (``s = 1``) this is AdamW. When it
+    does, the constraint moves the weights at most ``kappa`` times as far as the policy gradient
+    does in that step; in particular, while no sample carries a reward signal the policy part
+    decays with its momentum and the constraint's part with it.
+
+    The trainer hands the constraint's gradient of each step to :meth:`set_constraint_grads`
+    before :meth:`step` (``p.grad`` holds the whole gradient, as for any optimizer).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        kappa: float = 0.5,
+    ) -> None:
+        if not kappa >= 0:
+            raise ValueError(f"kappa must be >= 0, got {kappa!r}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.kappa = kappa
+        self._constraint: dict[torch.nn.Parameter, Tensor] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    def set_constraint_grads(self, params: list[torch.nn.Parameter], grads: list[Tensor | None]) -> None:
+        """The constraint's part of each ``param.grad`` for the next :meth:`step` (None = no part)."""
+        self._constraint = {p: g for p, g in zip(params, grads) if g is not None}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("ShareBoundedAdamW does not take a closure")
+        parts: list[tuple[torch.nn.Parameter, dict[str, Any], Tensor, Tensor]] = []
+        sq_pg = sq_c = 0.0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_c"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                g_c = self._constraint.get(p)
+                g_pg = p.grad if g_c is None else p.grad - g_c
+                state["exp_avg"].mul_(beta1).add_(g_pg, alpha=1 - beta1)
+                state["exp_avg_c"].mul_(beta1)
+                if g_c is not None:
+                    state["exp_avg_c"].add_(g_c, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                u_pg = state["exp_avg"] / (1 - beta1**t) / denom
+                u_c = state["exp_avg_c"] / (1 - beta1**t) / denom
+                sq_pg += float(u_pg.double().pow(2).sum())
+                sq_c += float(u_c.double().pow(2).sum())
+                parts.append((p, group, u_pg, u_c))
+        norm_pg, norm_c = sq_pg**0.5, sq_c**0.5
+        scale = share_scale(norm_pg, norm_c, self.kappa)
+        for p, group, u_pg, u_c in parts:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u_pg.add_(u_c, alpha=scale), alpha=-group["lr"])
+        self._constraint = {}
+        share = norm_c / norm_pg if norm_pg > 0 else (0.0 if norm_c == 0 else float("inf"))
+        self.last_metrics = {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}

@@ -51,7 +51,7 @@ from dcmdp.checkpoint import (
 )
 from dcmdp.config import Config, ConfigError, build_task, dump_config
 from dcmdp.engines.base import SamplingSettings, make_engine
-from dcmdp.grad_share import ConstraintGradients
+from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
     Rollout,
@@ -183,6 +183,30 @@ def trainer_model(path: Any, dtype: str, device: str) -> torch.nn.Module:
     return model
 
 
+def bounds_update(cfg: Config) -> bool:
+    """Whether the run bounds the constraint's share of the optimizer's step (``ShareBoundedAdamW``)."""
+    return (
+        cfg.loss.constraint_share > 0
+        and cfg.loss.uses_multiplier()
+        and cfg.loss.constraint_share_of == "update"
+    )
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW, or with ``loss.constraint_share_of=update`` the AdamW that bounds the constraint's step."""
+    if bounds_update(cfg):
+        return ShareBoundedAdamW(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+            kappa=cfg.loss.constraint_share,
+        )
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+
+
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
@@ -222,9 +246,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
 
     sampling = sampling_settings(cfg, eos_token_ids(base_path, tokenizer))
     greedy = SamplingSettings(1.0, 1.0, 1, cfg.sampling.max_tokens, sampling.stop_token_ids)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = make_optimizer(cfg, model)
     total_updates = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_updates))
     multiplier = multiplier_from_config(cfg.multiplier)
@@ -660,18 +682,23 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-            if bound is not None:
+            if bound is not None and not isinstance(learner.optimizer, ShareBoundedAdamW):
                 for k, v in bound.apply().items():
                     sums[k] = sums.get(k, 0.0) + v * micro_done
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            )
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if not torch.isfinite(grad_norm):
                 learner.optimizer.zero_grad(set_to_none=True)
                 raise DivergenceError(f"the gradient norm became {float(grad_norm)}")
             sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * micro_done
             lr_used = float(learner.scheduler.get_last_lr()[0])  # the rate this optimizer step uses
+            if bound is not None and isinstance(learner.optimizer, ShareBoundedAdamW):
+                # clip_grad_norm_ scaled param.grad by this factor; the constraint's part goes with it
+                bound.hand_to(learner.optimizer, min(1.0, max_norm / (float(grad_norm) + 1e-6)))
             learner.optimizer.step()
+            if isinstance(learner.optimizer, ShareBoundedAdamW):
+                for k, v in learner.optimizer.last_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * micro_done
             learner.scheduler.step()
             learner.optimizer.zero_grad(set_to_none=True)
     out_metrics = {k: v / count for k, v in sums.items()}
