@@ -402,7 +402,14 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         ]
         for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
         for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
-    },
+    }
+    | {
+        # the controls on this machine: the same forms without the bound (the collapses the issue
+        # reports from another machine), and GRPO
+        f"{k}_noguard": [*INT3, f"loss.type={k}", *HARM, "multiplier.reward_guard=0.0"]
+        for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
+    }
+    | {"grpo": [*INT3, "loss.type=grpo", *HARM]},
     # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
     # rollout, 60 steps) synchronous against one policy version stale, without a correction, with
     # TIS and with DCMDP (its constraint on the engine gap, the default loss.constraint_gap).

@@ -200,3 +200,115 @@ def test_training_uses_the_bounded_optimizer_and_resumes(
     assert len(coefs) == 6 and all(0.0 < c < 1.0 for c in coefs)
     again = [r for r in read_metrics(resumed / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["loss/total"] for r in again] == pytest.approx([r["loss/total"] for r in rows], rel=1e-6)
+
+
+def _update_batch(advantages: torch.Tensor):  # type: ignore[no-untyped-def]
+    from dcmdp.engines.base import Completion
+    from dcmdp.logprobs import build_token_batch
+
+    g = torch.Generator().manual_seed(0)
+    comps = []
+    for i in range(len(advantages)):
+        n = 2 + i % 3
+        toks = torch.randint(3, 60, (n,), generator=g).tolist()
+        comps.append(Completion(i % 2, toks, (-torch.rand(n, generator=g) * 3).tolist(), "length"))
+    return build_token_batch([[5, 6, 7], [8, 9]], comps, pad_id=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_reward_signal_no_step_even_clipped_in_low_precision(
+    tiny_model_dir: Path, dtype: torch.dtype
+) -> None:
+    """Every advantage 0: only the constraint has a gradient, so the bounded step is exactly 0, also
+    when the gradient is clipped and held in bfloat16 (a clip factor rounded differently for the
+    whole gradient and for the constraint's part would leave a policy part pointing the
+    constraint's way). The unbounded AdamW moves."""
+    from dcmdp import trainer
+    from dcmdp.engines.base import SamplingSettings
+    from dcmdp.logprobs import sequence_logprobs
+    from dcmdp.models import load_model
+    from dcmdp.run_setup import loss_settings
+
+    moved = {}
+    for share in ("0.5", "0.0"):
+        cfg = load_config(
+            overrides=[
+                "loss.type=dcmdp_full",
+                f"loss.constraint_share={share}",
+                "loss.constraint_share_of=update",
+                "optim.grad_clip=0.01",
+                "optim.epochs=3",
+                "optim.weight_decay=0.0",
+                "optim.lr=1e-3",
+            ]
+        )
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir).to(dtype)
+        start = [p.detach().clone() for p in model.parameters()]
+        advantages = torch.zeros(8)
+        batch = _update_batch(advantages)
+        sampling = SamplingSettings(max_tokens=4)
+        with torch.no_grad():
+            old = sequence_logprobs(model, batch, sampling)
+        opt = trainer.make_optimizer(cfg, model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _i: 1.0)
+        learner = trainer.Learner(cfg, model, None, opt, sched, sampling, torch.Generator().manual_seed(1))
+        metrics = trainer.update_policy(
+            learner,
+            trainer.UpdateBatch(batch, old, None, advantages),
+            loss_settings(cfg, lam=2.0, tolerance=1e-3),
+        )
+        moved[share] = _norm([p.detach() - s for p, s in zip(model.parameters(), start)])
+        if share == "0.5":
+            assert metrics["dcmdp/constraint_scale"] == 0.0
+    assert moved["0.5"] == 0.0
+    assert moved["0.0"] > 0.1
+
+
+def test_update_mode_refuses_an_optimizer_that_cannot_bound_the_step(tiny_model_dir: Path) -> None:
+    from dcmdp import trainer
+    from dcmdp.engines.base import SamplingSettings
+    from dcmdp.models import load_model
+    from dcmdp.run_setup import loss_settings
+
+    cfg = load_config(
+        overrides=["loss.type=dcmdp", "loss.constraint_share=0.5", "loss.constraint_share_of=update"]
+    )
+    model = load_model(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _i: 1.0)
+    sampling = SamplingSettings(max_tokens=4)
+    learner = trainer.Learner(cfg, model, None, opt, sched, sampling, torch.Generator().manual_seed(1))
+    batch = _update_batch(torch.ones(8))
+    data = trainer.UpdateBatch(batch, batch.engine_logp_BT, None, torch.ones(8))
+    with pytest.raises(ValueError, match="constraint_share_of=update"):
+        trainer.update_policy(learner, data, loss_settings(cfg, lam=1.0, tolerance=1e-3))
+
+
+def test_states_cross_between_adamw_and_the_bounded_optimizer() -> None:
+    from dcmdp.grad_share import as_adamw_state
+
+    ours = _params()
+    opt = ShareBoundedAdamW(ours, lr=0.01, betas=BETAS, kappa=1e9)
+    for step in range(2):
+        for p, g in zip(ours, _grads(ours, step)):
+            p.grad = g
+        opt.set_constraint_grads(ours, _grads(ours, 10 + step, scale=0.5))
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    # into AdamW: m = m_pg + m_c
+    ref = _params()
+    adamw = torch.optim.AdamW(ref, lr=0.01, betas=BETAS)
+    adamw.load_state_dict(as_adamw_state(copy.deepcopy(saved)))
+    for i, p in enumerate(ours):
+        st = opt.state[p]
+        torch.testing.assert_close(adamw.state[ref[i]]["exp_avg"], st["exp_avg"] + st["exp_avg_c"])
+    # and an AdamW state into the bounded optimizer: its m becomes the policy part
+    back = ShareBoundedAdamW(_params(), lr=0.01, betas=BETAS, kappa=0.5)
+    back.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    for p, g in zip(back.param_groups[0]["params"], _grads(ours, 5)):
+        p.grad = g
+    back.step()
+    assert all(
+        torch.equal(back.state[p]["exp_avg_c"], torch.zeros_like(p)) for p in back.param_groups[0]["params"]
+    )

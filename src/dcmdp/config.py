@@ -146,8 +146,8 @@ class LossConfig:
     gradient; AdamW's per-coordinate scaling can still let a small, steady constraint gradient take
     most of the step) or update (AdamW's step itself: the first moment is kept in a policy part and
     a constraint part, and the constraint's part of the step is scaled to at most kappa times the
-    policy's; the optimizer is then dcmdp's ShareBoundedAdamW, which is AdamW while the bound does
-    not bind)."""
+    policy's; the optimizer is then dcmdp's ShareBoundedAdamW, which is AdamW, up to rounding, while
+    the bound does not bind, and holds a third more optimizer state)."""
     constraint_gap: str = "engine"
     """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
     (the engine against the policy version that sampled the batch, as in a synchronous run) or

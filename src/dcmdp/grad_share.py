@@ -76,19 +76,23 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
     RMS, so a small constraint gradient that points the same way step after step moves the weights
     as fast as a large, noisy policy gradient (docs/RESULTS.md, ``harm_share``). This optimizer
     keeps AdamW's first moment in two parts, ``m_pg`` for the rest of the gradient and ``m_c`` for
-    the constraint's (``m_pg + m_c`` is AdamW's ``m``, the second moment is AdamW's, of the whole
+    the constraint's (their sum is AdamW's ``m``; the second moment is AdamW's, of the whole
     gradient), and takes the step
 
         u_pg = m_pg_hat / (sqrt(v_hat) + eps),  u_c = m_c_hat / (sqrt(v_hat) + eps)
-        theta <- theta (1 - lr wd) - lr (u_pg + s u_c),  s = min(1, kappa |u_pg| / |u_c|)
+        theta <- theta (1 - lr wd) - lr (u_pg + s u_c),  s = min(1, kappa |lr u_pg| / |lr u_c|)
 
-    with norms over every parameter. When the bound does not bind (``s = 1``) this is AdamW. When it
-    does, the constraint moves the weights at most ``kappa`` times as far as the policy gradient
-    does in that step; in particular, while no sample carries a reward signal the policy part
-    decays with its momentum and the constraint's part with it.
+    with norms over every parameter (each scaled by its group's lr). When the bound does not bind
+    (``s = 1``) this is AdamW, up to rounding (two first moments summed instead of one; in bfloat16
+    that is about an ulp of the weights). When it does, the constraint's part of the step is at most
+    ``kappa`` times the policy's part in norm; in particular, while no sample carries a reward
+    signal the policy part decays with its momentum and the constraint's part with it (weight decay
+    still applies). Optimizer memory is a third larger than AdamW's (the second first moment).
 
     The trainer hands the constraint's gradient of each step to :meth:`set_constraint_grads`
-    before :meth:`step` (``p.grad`` holds the whole gradient, as for any optimizer).
+    before :meth:`step` (``p.grad`` holds the whole gradient, as for any optimizer). A state saved
+    by ``torch.optim.AdamW`` loads with ``m_c = 0`` (its ``m`` becomes the policy part);
+    :func:`as_adamw_state` folds a saved state back into AdamW's.
     """
 
     def __init__(
@@ -111,12 +115,20 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         """The constraint's part of each ``param.grad`` for the next :meth:`step` (None = no part)."""
         self._constraint = {p: g for p, g in zip(params, grads) if g is not None}
 
+    @staticmethod
+    def _directions(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        beta1, beta2 = group["betas"]
+        t = float(state["step"])
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"]).mul_(1 - beta1**t)
+        return state["exp_avg"] / denom, state["exp_avg_c"] / denom
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("ShareBoundedAdamW does not take a closure")
-        parts: list[tuple[torch.nn.Parameter, dict[str, Any], Tensor, Tensor]] = []
-        sq_pg = sq_c = 0.0
+        stepped: list[tuple[torch.nn.Parameter, dict[str, Any]]] = []
+        sq_pg = torch.zeros((), dtype=torch.float64)
+        sq_c = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -126,10 +138,10 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_c"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                if "exp_avg_c" not in state:  # fresh, or a state torch.optim.AdamW saved
+                    state["exp_avg_c"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = float(state["step"])
                 g_c = self._constraint.get(p)
                 g_pg = p.grad if g_c is None else p.grad - g_c
                 state["exp_avg"].mul_(beta1).add_(g_pg, alpha=1 - beta1)
@@ -137,17 +149,29 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
                 if g_c is not None:
                     state["exp_avg_c"].add_(g_c, alpha=1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                u_pg = state["exp_avg"] / (1 - beta1**t) / denom
-                u_c = state["exp_avg_c"] / (1 - beta1**t) / denom
-                sq_pg += float(u_pg.double().pow(2).sum())
-                sq_c += float(u_c.double().pow(2).sum())
-                parts.append((p, group, u_pg, u_c))
-        norm_pg, norm_c = sq_pg**0.5, sq_c**0.5
+                u_pg, u_c = self._directions(state, group)
+                lr2 = group["lr"] ** 2
+                sq_pg += lr2 * u_pg.double().pow(2).sum().cpu()
+                sq_c += lr2 * u_c.double().pow(2).sum().cpu()
+                stepped.append((p, group))
+        norm_pg, norm_c = float(sq_pg) ** 0.5, float(sq_c) ** 0.5
         scale = share_scale(norm_pg, norm_c, self.kappa)
-        for p, group, u_pg, u_c in parts:
+        for p, group in stepped:  # the directions again, rather than two model-sized copies held
+            u_pg, u_c = self._directions(self.state[p], group)
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(u_pg.add_(u_c, alpha=scale), alpha=-group["lr"])
         self._constraint = {}
         share = norm_c / norm_pg if norm_pg > 0 else (0.0 if norm_c == 0 else float("inf"))
         self.last_metrics = {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}
+
+
+def as_adamw_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`ShareBoundedAdamW` state as ``torch.optim.AdamW`` reads it: ``m = m_pg + m_c``
+    (a state without a constraint part is returned as it is)."""
+    states = {}
+    for key, st in state_dict["state"].items():
+        st = dict(st)
+        if "exp_avg_c" in st:
+            st["exp_avg"] = st["exp_avg"] + st.pop("exp_avg_c")
+        states[key] = st
+    return {**state_dict, "state": states}

@@ -51,7 +51,7 @@ from dcmdp.checkpoint import (
 )
 from dcmdp.config import Config, ConfigError, build_task, dump_config
 from dcmdp.engines.base import SamplingSettings, make_engine
-from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW
+from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
     Rollout,
@@ -256,7 +256,11 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     torch.manual_seed(cfg.run.seed)
     if ckpt is not None:
         state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        # the two optimizers' states cross (the bound turned on or off between runs of one job)
+        optimizer.load_state_dict(
+            saved if isinstance(optimizer, ShareBoundedAdamW) else as_adamw_state(saved)
+        )
         scheduler.load_state_dict(state["scheduler"])
         multiplier.load_state_dict(state["multiplier"])
         generator.set_state(state["generator"])
@@ -619,6 +623,13 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
     bound = None
     if cfg.loss.constraint_share > 0 and cfg.loss.uses_multiplier():
         bound = ConstraintGradients(model.parameters(), cfg.loss.constraint_share)
+    update_bound = bounds_update(cfg)
+    bounded = learner.optimizer if isinstance(learner.optimizer, ShareBoundedAdamW) else None
+    if update_bound and bounded is None:
+        raise ValueError(
+            "loss.constraint_share_of=update needs the optimizer that bounds the constraint's step "
+            f"(dcmdp.trainer.make_optimizer builds it), got {type(learner.optimizer).__name__}"
+        )
     N = batch.input_ids_BL.shape[0]
     sums: dict[str, float] = {}
     count = 0
@@ -682,22 +693,33 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-            if bound is not None and not isinstance(learner.optimizer, ShareBoundedAdamW):
+            if bound is not None and not update_bound:
                 for k, v in bound.apply().items():
                     sums[k] = sums.get(k, 0.0) + v * micro_done
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if update_bound:
+                # Clipped by hand with one Python float, applied to param.grad and to the
+                # constraint's part alike, so that their difference (the policy part) stays exact
+                # in low precision (clip_grad_norm_'s factor is rounded to the gradients' dtype).
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                clip_coef = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+                if clip_coef < 1.0:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(clip_coef)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if not torch.isfinite(grad_norm):
                 learner.optimizer.zero_grad(set_to_none=True)
                 raise DivergenceError(f"the gradient norm became {float(grad_norm)}")
             sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * micro_done
             lr_used = float(learner.scheduler.get_last_lr()[0])  # the rate this optimizer step uses
-            if bound is not None and isinstance(learner.optimizer, ShareBoundedAdamW):
-                # clip_grad_norm_ scaled param.grad by this factor; the constraint's part goes with it
-                bound.hand_to(learner.optimizer, min(1.0, max_norm / (float(grad_norm) + 1e-6)))
+            if update_bound:
+                assert bound is not None and bounded is not None
+                bound.hand_to(bounded, clip_coef)
             learner.optimizer.step()
-            if isinstance(learner.optimizer, ShareBoundedAdamW):
-                for k, v in learner.optimizer.last_metrics.items():
+            if update_bound and bounded is not None:
+                for k, v in bounded.last_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * micro_done
             learner.scheduler.step()
             learner.optimizer.zero_grad(set_to_none=True)
