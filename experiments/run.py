@@ -360,6 +360,20 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for tag, guard in (("", []), ("_noguard", ["multiplier.reward_guard=0.0"]))
     }
     | {
+        # Both: the constraint only where there is a reward signal, and its share of the step bounded.
+        f"{form}_c1e-4_init0.1_signal_update0.5_noguard": [
+            *LONG,
+            *LONG_ENGINES["llamacpp_q4_0"],
+            f"loss.type={form}",
+            "multiplier.tolerance=0.0001",
+            "loss.constraint_samples=signal",
+            "loss.constraint_share=0.5",
+            "loss.constraint_share_of=update",
+            "multiplier.reward_guard=0.0",
+        ]
+        for form in ("dcmdp", "dcmdp_full")
+    }
+    | {
         # The guard's margin of 0.05 cannot trip where the reward starts at 0.04: bounded by 0.3 x
         # the best reward average as well (multiplier.reward_guard_relative).
         "dcmdp_c1e-4_relguard0.3": [
