@@ -31,20 +31,62 @@ def _norm(ts: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
 
 
-def test_it_is_adamw_while_the_bound_does_not_bind() -> None:
+def test_the_policy_part_is_adamw_on_the_policy_gradient_alone() -> None:
+    """kappa 0: whatever the constraint's gradient, the weights follow AdamW fed g - g_c."""
     ours, ref = _params(), _params()
-    opt = ShareBoundedAdamW(ours, lr=0.01, betas=BETAS, weight_decay=0.1, kappa=1e9)
+    opt = ShareBoundedAdamW(ours, lr=0.01, betas=BETAS, weight_decay=0.1, kappa=0.0)
     adamw = torch.optim.AdamW(ref, lr=0.01, betas=BETAS, weight_decay=0.1)
     for step in range(6):
-        g_pg, g_c = _grads(ours, step), _grads(ours, 100 + step, scale=0.5)
+        g_pg, g_c = _grads(ours, step), _grads(ours, 100 + step, scale=3.0)
         for p, q, a, b in zip(ours, ref, g_pg, g_c):
-            p.grad, q.grad = a + b, a + b
+            p.grad, q.grad = a + b, a.clone()
         opt.set_constraint_grads(ours, g_c)
         opt.step()
         adamw.step()
-        assert opt.last_metrics["dcmdp/constraint_scale"] == 1.0
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_unbound_it_is_two_adamw_steps_added() -> None:
+    """kappa large: the displacement is AdamW's on g - g_c plus AdamW's on g_c (no weight decay,
+    so the moments do not depend on the weights and the two runs add)."""
+    ours, on_pg, on_c = _params(), _params(), _params()
+    start = [p.detach().clone() for p in ours]
+    opt = ShareBoundedAdamW(ours, lr=0.01, betas=BETAS, weight_decay=0.0, kappa=1e9)
+    a_pg = torch.optim.AdamW(on_pg, lr=0.01, betas=BETAS, weight_decay=0.0)
+    a_c = torch.optim.AdamW(on_c, lr=0.01, betas=BETAS, weight_decay=0.0)
+    for step in range(6):
+        g_pg, g_c = _grads(ours, step), _grads(ours, 100 + step, scale=0.5)
+        for p, q, r, a, b in zip(ours, on_pg, on_c, g_pg, g_c):
+            p.grad, q.grad, r.grad = a + b, a.clone(), b.clone()
+        opt.set_constraint_grads(ours, g_c)
+        opt.step()
+        a_pg.step()
+        a_c.step()
+        assert opt.last_metrics["dcmdp/constraint_scale"] == 1.0
+    for p, q, r, s0 in zip(ours, on_pg, on_c, start):
+        torch.testing.assert_close(
+            p.detach() - s0, (q.detach() - s0) + (r.detach() - s0), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_constraint_pulling_against_the_reward_cannot_inflate_the_step() -> None:
+    """Where the constraint's gradient cancels the policy's, the whole gradient is about 0; a second
+    moment of the whole gradient would divide each part's momentum by about 0. Each coordinate's
+    step stays within lr (1 + kappa), as two AdamW steps do."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    lr, kappa, steps = 1e-3, 0.5, 20
+    opt = ShareBoundedAdamW([p], lr=lr, weight_decay=0.0, kappa=kappa)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        g_pg = torch.ones(4)
+        g_c = -g_pg + 1e-3 * torch.randn(4, generator=g)
+        p.grad = g_pg + g_c
+        opt.set_constraint_grads([p], [g_c])
+        opt.step()
+    assert float(p.detach().abs().max()) <= steps * lr * (1 + kappa) * (1 + 1e-6)
+    # the policy part wins: each step -lr (u_pg + s u_c) with u_pg = 1, u_c about -1, s = 0.5
+    torch.testing.assert_close(p.detach(), torch.full((4,), -steps * lr * (1 - kappa)), rtol=1e-3, atol=0)
 
 
 def test_a_constraint_alone_does_not_move_the_weights() -> None:
@@ -69,20 +111,21 @@ def test_a_constraint_alone_does_not_move_the_weights() -> None:
 
 
 def test_the_constraint_moves_the_weights_at_most_kappa_times_the_policy() -> None:
-    """The hand-written step from fresh moments: u = g / (|g| + eps) per part; the constraint's part
-    of the displacement is kappa |u_pg| when it would be larger."""
+    """The hand-written step from fresh moments: u = g / (|g| + eps) for each part; the
+    constraint's part of the displacement is kappa |u_pg| when it would be larger."""
     params = _params()
     start = [p.detach().clone() for p in params]
     lr, kappa, eps = 0.01, 0.3, 1e-8
     opt = ShareBoundedAdamW(params, lr=lr, betas=BETAS, eps=eps, weight_decay=0.0, kappa=kappa)
     g_pg, g_c = _grads(params, 0, scale=0.1), _grads(params, 1, scale=10.0)
+    # some coordinates where the constraint cancels the policy gradient exactly
+    g_c[0][0] = -g_pg[0][0]
     for p, a, b in zip(params, g_pg, g_c):
         p.grad = a + b
     opt.set_constraint_grads(params, g_c)
     opt.step()
-    denom = [(a + b).abs() + eps for a, b in zip(g_pg, g_c)]
-    u_pg = [a / d for a, d in zip(g_pg, denom)]
-    u_c = [b / d for b, d in zip(g_c, denom)]
+    u_pg = [a / (a.abs() + eps) for a in g_pg]
+    u_c = [b / (b.abs() + eps) for b in g_c]
     s = kappa * _norm(u_pg) / _norm(u_c)
     assert s < 1 and opt.last_metrics["dcmdp/constraint_scale"] == pytest.approx(s, rel=1e-6)
     for p, p0, a, b in zip(params, start, u_pg, u_c):
@@ -295,20 +338,20 @@ def test_states_cross_between_adamw_and_the_bounded_optimizer() -> None:
             p.grad = g
         opt.set_constraint_grads(ours, _grads(ours, 10 + step, scale=0.5))
         opt.step()
-    saved = copy.deepcopy(opt.state_dict())
-    # into AdamW: m = m_pg + m_c
+    # into AdamW: the policy part's moments
     ref = _params()
     adamw = torch.optim.AdamW(ref, lr=0.01, betas=BETAS)
-    adamw.load_state_dict(as_adamw_state(copy.deepcopy(saved)))
+    adamw.load_state_dict(as_adamw_state(copy.deepcopy(opt.state_dict())))
     for i, p in enumerate(ours):
-        st = opt.state[p]
-        torch.testing.assert_close(adamw.state[ref[i]]["exp_avg"], st["exp_avg"] + st["exp_avg_c"])
-    # and an AdamW state into the bounded optimizer: its m becomes the policy part
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(adamw.state[ref[i]][key], opt.state[p][key])
+        assert "exp_avg_c" not in adamw.state[ref[i]]
+    # and an AdamW state into the bounded optimizer: it becomes the policy part
     back = ShareBoundedAdamW(_params(), lr=0.01, betas=BETAS, kappa=0.5)
     back.load_state_dict(copy.deepcopy(adamw.state_dict()))
     for p, g in zip(back.param_groups[0]["params"], _grads(ours, 5)):
         p.grad = g
     back.step()
-    assert all(
-        torch.equal(back.state[p]["exp_avg_c"], torch.zeros_like(p)) for p in back.param_groups[0]["params"]
-    )
+    for p in back.param_groups[0]["params"]:
+        assert torch.equal(back.state[p]["exp_avg_c"], torch.zeros_like(p))
+        assert torch.equal(back.state[p]["exp_avg_sq_c"], torch.zeros_like(p))

@@ -144,10 +144,10 @@ class LossConfig:
     constraint_share_of: str = "gradient"
     """What the share bound bounds: gradient (the constraint's gradient against the rest of the
     gradient; AdamW's per-coordinate scaling can still let a small, steady constraint gradient take
-    most of the step) or update (AdamW's step itself: the first moment is kept in a policy part and
-    a constraint part, and the constraint's part of the step is scaled to at most kappa times the
-    policy's; the optimizer is then dcmdp's ShareBoundedAdamW, which is AdamW, up to rounding, while
-    the bound does not bind, and holds a third more optimizer state)."""
+    most of the step) or update (AdamW's step itself: AdamW's moments are kept for the policy part
+    and for the constraint's part of the gradient, and the constraint's part of the step is scaled
+    to at most kappa times the policy's; the policy part is the step AdamW would take on the policy
+    gradient alone. The optimizer is then dcmdp's ShareBoundedAdamW, with twice AdamW's state)."""
     constraint_gap: str = "engine"
     """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
     (the engine against the policy version that sampled the batch, as in a synchronous run) or

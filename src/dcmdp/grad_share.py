@@ -75,24 +75,29 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
     The gradient bound above does not bound the step: AdamW divides each coordinate by its running
     RMS, so a small constraint gradient that points the same way step after step moves the weights
     as fast as a large, noisy policy gradient (docs/RESULTS.md, ``harm_share``). This optimizer
-    keeps AdamW's first moment in two parts, ``m_pg`` for the rest of the gradient and ``m_c`` for
-    the constraint's (their sum is AdamW's ``m``; the second moment is AdamW's, of the whole
-    gradient), and takes the step
+    runs AdamW's moments twice, on the policy part of the gradient ``g_pg = g - g_c`` (the reward
+    surrogate, and the KL term when it is on) and on the constraint's part ``g_c``, and takes
 
-        u_pg = m_pg_hat / (sqrt(v_hat) + eps),  u_c = m_c_hat / (sqrt(v_hat) + eps)
+        u_pg = m_pg_hat / (sqrt(v_pg_hat) + eps),  u_c = m_c_hat / (sqrt(v_c_hat) + eps)
         theta <- theta (1 - lr wd) - lr (u_pg + s u_c),  s = min(1, kappa |lr u_pg| / |lr u_c|)
 
-    with norms over every parameter (each scaled by its group's lr). When the bound does not bind
-    (``s = 1``) this is AdamW, up to rounding (two first moments summed instead of one; in bfloat16
-    that is about an ulp of the weights). When it does, the constraint's part of the step is at most
-    ``kappa`` times the policy's part in norm; in particular, while no sample carries a reward
-    signal the policy part decays with its momentum and the constraint's part with it (weight decay
-    still applies). Optimizer memory is a third larger than AdamW's (the second first moment).
+    with norms over every parameter (each scaled by its group's lr). So the policy part of the step
+    is exactly the step AdamW would take on the policy gradient alone (without a constraint this is
+    AdamW, up to rounding), and the constraint adds at most ``kappa`` times its norm. In particular,
+    while no sample carries a reward signal the policy part decays with its momentum and the
+    constraint's part with it (weight decay still applies).
 
-    The trainer hands the constraint's gradient of each step to :meth:`set_constraint_grads`
-    before :meth:`step` (``p.grad`` holds the whole gradient, as for any optimizer). A state saved
-    by ``torch.optim.AdamW`` loads with ``m_c = 0`` (its ``m`` becomes the policy part);
-    :func:`as_adamw_state` folds a saved state back into AdamW's.
+    Each part has its own second moment on purpose. With one second moment of the whole gradient,
+    coordinates where the two parts cancel (the constraint pulling against the reward) have a tiny
+    RMS while each part's momentum is large, and ``m_pg / sqrt(v)`` takes steps far larger than
+    AdamW's; the first version of this class did, and in the ``harm`` setting it moved the weights
+    until the int3 engine's weight-sync probe read 9-18x its floor.
+
+    Optimizer memory is twice AdamW's (two first and two second moments). The trainer hands the
+    constraint's gradient of each step to :meth:`set_constraint_grads` before :meth:`step`
+    (``p.grad`` holds the whole gradient, as for any optimizer). A state saved by
+    ``torch.optim.AdamW`` loads as the policy part (the constraint's moments start at 0);
+    :func:`as_adamw_state` turns a saved state into AdamW's (the policy part's moments).
     """
 
     def __init__(
@@ -119,8 +124,11 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
     def _directions(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor]:
         beta1, beta2 = group["betas"]
         t = float(state["step"])
-        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"]).mul_(1 - beta1**t)
-        return state["exp_avg"] / denom, state["exp_avg_c"] / denom
+        out = []
+        for m, v in (("exp_avg", "exp_avg_sq"), ("exp_avg_c", "exp_avg_sq_c")):
+            denom = (state[v] / (1 - beta2**t)).sqrt_().add_(group["eps"]).mul_(1 - beta1**t)
+            out.append(state[m] / denom)
+        return out[0], out[1]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -139,16 +147,19 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                if "exp_avg_c" not in state:  # fresh, or a state torch.optim.AdamW saved
-                    state["exp_avg_c"] = torch.zeros_like(p)
+                for key in ("exp_avg_c", "exp_avg_sq_c"):  # fresh, or a state torch.optim.AdamW saved
+                    if key not in state:
+                        state[key] = torch.zeros_like(p)
                 state["step"] += 1
                 g_c = self._constraint.get(p)
                 g_pg = p.grad if g_c is None else p.grad - g_c
                 state["exp_avg"].mul_(beta1).add_(g_pg, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(g_pg, g_pg, value=1 - beta2)
                 state["exp_avg_c"].mul_(beta1)
+                state["exp_avg_sq_c"].mul_(beta2)
                 if g_c is not None:
                     state["exp_avg_c"].add_(g_c, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    state["exp_avg_sq_c"].addcmul_(g_c, g_c, value=1 - beta2)
                 u_pg, u_c = self._directions(state, group)
                 lr2 = group["lr"] ** 2
                 sq_pg += lr2 * u_pg.double().pow(2).sum().cpu()
@@ -166,12 +177,9 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
 
 
 def as_adamw_state(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`ShareBoundedAdamW` state as ``torch.optim.AdamW`` reads it: ``m = m_pg + m_c``
-    (a state without a constraint part is returned as it is)."""
+    """A :class:`ShareBoundedAdamW` state as ``torch.optim.AdamW`` reads it: the policy part's
+    moments (the constraint's are dropped; a state without them is returned as it is)."""
     states = {}
     for key, st in state_dict["state"].items():
-        st = dict(st)
-        if "exp_avg_c" in st:
-            st["exp_avg"] = st["exp_avg"] + st.pop("exp_avg_c")
-        states[key] = st
+        states[key] = {k: v for k, v in st.items() if k not in ("exp_avg_c", "exp_avg_sq_c")}
     return {**state_dict, "state": states}
