@@ -143,11 +143,13 @@ class LossConfig:
     backward pass per micro-batch."""
     constraint_share_of: str = "gradient"
     """What the share bound bounds: gradient (the constraint's gradient against the rest of the
-    gradient; AdamW's per-coordinate scaling can still let a small, steady constraint gradient take
-    most of the step) or update (AdamW's step itself: AdamW's moments are kept for the policy part
-    and for the constraint's part of the gradient, and the constraint's part of the step is scaled
-    to at most kappa times the policy's; the policy part is the step AdamW would take on the policy
-    gradient alone. The optimizer is then dcmdp's ShareBoundedAdamW, with twice AdamW's state)."""
+    gradient, per optimizer step; AdamW's per-coordinate scaling still lets a small, steady
+    constraint gradient take most of the step) or update (how far the weights move: per parameter
+    tensor, a moving average over about 100 steps of the constraint's displacement is held to at
+    most kappa times that of the policy gradient's, so a steady constraint cannot outrun a noisy
+    policy gradient over time. The two parts are backpropagated separately, float32 advised; the
+    optimizer is dcmdp's ShareBoundedAdamW, AdamW when there is no constraint, with three times its
+    state)."""
     constraint_gap: str = "engine"
     """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
     (the engine against the policy version that sampled the batch, as in a synchronous run) or

@@ -60,6 +60,16 @@ class ConstraintGradients:
         share = norm_c / norm_pg if norm_pg > 0 else (0.0 if norm_c == 0 else float("inf"))
         return {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}
 
+    def total_norm(self) -> Tensor:
+        """The norm of ``param.grad + buffer`` over all parameters (the update bound keeps the two
+        parts apart: ``param.grad`` holds the rest of the gradient)."""
+        sq = torch.zeros((), dtype=torch.float64)
+        for p, g_c in zip(self.params, self.grads):
+            total = p.grad if g_c is None else (g_c if p.grad is None else p.grad + g_c)
+            if total is not None:
+                sq = sq + total.double().pow(2).sum().cpu()
+        return sq.sqrt()
+
     def hand_to(self, optimizer: ShareBoundedAdamW, clip_coef: float = 1.0) -> None:
         """Give the buffer, times ``clip_coef`` (the factor gradient clipping applied to
         ``param.grad``), to the optimizer's next step, and reset it."""
@@ -68,36 +78,46 @@ class ConstraintGradients:
         self.grads = [None] * len(self.params)
 
 
+#: Decay of the moving averages of each part's displacement that the update bound compares (a
+#: window of about 100 steps: the time a constraint took to drive a run away in ``long_stress_q4_0``).
+DRIFT_BETA = 0.99
+
+
 class ShareBoundedAdamW(torch.optim.Optimizer):
-    """AdamW that bounds the constraint's share of the *update*, not of the gradient
+    """AdamW that bounds the constraint's share of how far the weights *move*
     (``loss.constraint_share_of=update``).
 
-    The gradient bound above does not bound the step: AdamW divides each coordinate by its running
+    A bound on the gradient does not bound the step: AdamW divides each coordinate by its running
     RMS, so a small constraint gradient that points the same way step after step moves the weights
-    as fast as a large, noisy policy gradient (docs/RESULTS.md, ``harm_share``). This optimizer
-    runs AdamW's moments twice, on the policy part of the gradient ``g_pg = g - g_c`` (the reward
-    surrogate, and the KL term when it is on) and on the constraint's part ``g_c``, and takes
+    as fast as a large, noisy policy gradient (docs/RESULTS.md, ``harm_share``). A bound on each
+    step is not enough either: the policy gradient's steps point many ways and partly cancel over
+    time (its net displacement grows like the square root of the number of steps when it is mostly
+    noise), the constraint's point one way and add up, so a constraint held to half of every step
+    still carried the weights in the long regime (docs/RESULTS.md). So this optimizer bounds the
+    net displacement, per parameter tensor:
 
-        u_pg = m_pg_hat / (sqrt(v_pg_hat) + eps),  u_c = m_c_hat / (sqrt(v_c_hat) + eps)
-        theta <- theta (1 - lr wd) - lr (u_pg + s u_c),  s = min(1, kappa |lr u_pg| / |lr u_c|)
+    * AdamW's moments are kept for the policy part of the gradient ``g_pg`` (the reward
+      surrogate, and the KL term when it is on) and for the constraint's part ``g_c``, and both
+      parts are divided by ``sqrt(v_pg + v_c)``: about AdamW's RMS when the parts are not
+      correlated, never near 0 where they cancel (one second moment of the whole gradient divided
+      each part's momentum by about 0 there), and the policy part alone is AdamW's step when there
+      is no constraint. ``u_pg = m_pg_hat / (sqrt(v_pg_hat + v_c_hat) + eps)``, ``u_c`` likewise.
+    * Moving averages (decay :data:`DRIFT_BETA`) of each part's displacement, ``e_pg`` and
+      ``e_c``, are kept per tensor, and the constraint's step is scaled by the largest
+      ``s in [0, 1]`` with ``|e_c| <= kappa |e_pg|`` after the step. The weights then move
+      ``-lr (u_pg + s u_c)`` (and decoupled weight decay).
 
-    with norms over every parameter (each scaled by its group's lr). So the policy part of the step
-    is exactly the step AdamW would take on the policy gradient alone (without a constraint this is
-    AdamW, up to rounding), and the constraint adds at most ``kappa`` times its norm. In particular,
-    while no sample carries a reward signal the policy part decays with its momentum and the
-    constraint's part with it (weight decay still applies).
+    So, per tensor and over the averaging window, the constraint moves the weights at most kappa
+    times as far as the reward's gradient does: while the policy gradient is mostly noise its
+    average displacement is small and so is the constraint's budget; while no sample carries a
+    reward signal both decay; and lambda still sets how hard the constraint pulls within that
+    budget. Optimizer memory is three times AdamW's (two first moments, two second moments, two
+    displacement averages).
 
-    Each part has its own second moment on purpose. With one second moment of the whole gradient,
-    coordinates where the two parts cancel (the constraint pulling against the reward) have a tiny
-    RMS while each part's momentum is large, and ``m_pg / sqrt(v)`` takes steps far larger than
-    AdamW's; the first version of this class did, and in the ``harm`` setting it moved the weights
-    until the int3 engine's weight-sync probe read 9-18x its floor.
-
-    Optimizer memory is twice AdamW's (two first and two second moments). The trainer hands the
-    constraint's gradient of each step to :meth:`set_constraint_grads` before :meth:`step`
-    (``p.grad`` holds the whole gradient, as for any optimizer). A state saved by
-    ``torch.optim.AdamW`` loads as the policy part (the constraint's moments start at 0);
-    :func:`as_adamw_state` turns a saved state into AdamW's (the policy part's moments).
+    The trainer backpropagates the two parts separately: ``p.grad`` holds the policy part and
+    :meth:`set_constraint_grads` the constraint's, before each :meth:`step`. A state saved by
+    ``torch.optim.AdamW`` loads as the policy part; :func:`as_adamw_state` turns a saved state into
+    AdamW's (the policy part's moments).
     """
 
     def __init__(
@@ -108,51 +128,44 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         kappa: float = 0.5,
+        drift_beta: float = DRIFT_BETA,
     ) -> None:
         if not kappa >= 0:
             raise ValueError(f"kappa must be >= 0, got {kappa!r}")
+        if not 0 <= drift_beta < 1:
+            raise ValueError(f"drift_beta must be in [0, 1), got {drift_beta!r}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.kappa = kappa
+        self.drift_beta = drift_beta
         self._constraint: dict[torch.nn.Parameter, Tensor] = {}
         self.last_metrics: dict[str, float] = {}
 
     def set_constraint_grads(self, params: list[torch.nn.Parameter], grads: list[Tensor | None]) -> None:
-        """The constraint's part of each ``param.grad`` for the next :meth:`step` (None = no part)."""
+        """The constraint's gradient for the next :meth:`step` (None = none); ``p.grad`` is the rest."""
         self._constraint = {p: g for p, g in zip(params, grads) if g is not None}
-
-    @staticmethod
-    def _directions(state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        beta1, beta2 = group["betas"]
-        t = float(state["step"])
-        out = []
-        for m, v in (("exp_avg", "exp_avg_sq"), ("exp_avg_c", "exp_avg_sq_c")):
-            denom = (state[v] / (1 - beta2**t)).sqrt_().add_(group["eps"]).mul_(1 - beta1**t)
-            out.append(state[m] / denom)
-        return out[0], out[1]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("ShareBoundedAdamW does not take a closure")
-        stepped: list[tuple[torch.nn.Parameter, dict[str, Any]]] = []
-        sq_pg = torch.zeros((), dtype=torch.float64)
-        sq_c = torch.zeros((), dtype=torch.float64)
+        b = self.drift_beta
+        moved_c = wanted_c = sq_e_pg = sq_e_c = 0.0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr = group["lr"]
             for p in group["params"]:
-                if p.grad is None:
+                g_c = self._constraint.get(p)
+                if p.grad is None and g_c is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                for key in ("exp_avg_c", "exp_avg_sq_c"):  # fresh, or a state torch.optim.AdamW saved
-                    if key not in state:
+                for key in ("exp_avg", "exp_avg_sq", "exp_avg_c", "exp_avg_sq_c", "drift", "drift_c"):
+                    if key not in state:  # fresh, or a state torch.optim.AdamW saved
                         state[key] = torch.zeros_like(p)
                 state["step"] += 1
-                g_c = self._constraint.get(p)
-                g_pg = p.grad if g_c is None else p.grad - g_c
+                t = float(state["step"])
+                g_pg = p.grad if p.grad is not None else torch.zeros_like(p)
                 state["exp_avg"].mul_(beta1).add_(g_pg, alpha=1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(g_pg, g_pg, value=1 - beta2)
                 state["exp_avg_c"].mul_(beta1)
@@ -160,26 +173,51 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
                 if g_c is not None:
                     state["exp_avg_c"].add_(g_c, alpha=1 - beta1)
                     state["exp_avg_sq_c"].addcmul_(g_c, g_c, value=1 - beta2)
-                u_pg, u_c = self._directions(state, group)
-                lr2 = group["lr"] ** 2
-                sq_pg += lr2 * u_pg.double().pow(2).sum().cpu()
-                sq_c += lr2 * u_c.double().pow(2).sum().cpu()
-                stepped.append((p, group))
-        norm_pg, norm_c = float(sq_pg) ** 0.5, float(sq_c) ** 0.5
-        scale = share_scale(norm_pg, norm_c, self.kappa)
-        for p, group in stepped:  # the directions again, rather than two model-sized copies held
-            u_pg, u_c = self._directions(self.state[p], group)
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u_pg.add_(u_c, alpha=scale), alpha=-group["lr"])
+                denom = (
+                    ((state["exp_avg_sq"] + state["exp_avg_sq_c"]) / (1 - beta2**t))
+                    .sqrt_()
+                    .add_(group["eps"])
+                    .mul_((1 - beta1**t) / lr)
+                )
+                d_pg = state["exp_avg"] / denom  # lr u_pg
+                d_c = state["exp_avg_c"] / denom  # lr u_c
+                e_pg, e_c = state["drift"], state["drift_c"]
+                e_pg.mul_(b).add_(d_pg, alpha=1 - b)
+                e_c.mul_(b)
+                s = drift_scale(e_c, d_c.mul_(1 - b), self.kappa * float(e_pg.double().norm()))
+                e_c.add_(d_c, alpha=s)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.sub_(d_pg).sub_(d_c, alpha=s / (1 - b))
+                wanted = float(d_c.double().norm()) / (1 - b)
+                wanted_c += wanted
+                moved_c += s * wanted
+                sq_e_pg += float(e_pg.double().pow(2).sum())
+                sq_e_c += float(e_c.double().pow(2).sum())
         self._constraint = {}
+        scale = moved_c / wanted_c if wanted_c > 0 else 1.0
+        norm_pg, norm_c = sq_e_pg**0.5, sq_e_c**0.5
         share = norm_c / norm_pg if norm_pg > 0 else (0.0 if norm_c == 0 else float("inf"))
         self.last_metrics = {"dcmdp/constraint_scale": scale, "dcmdp/constraint_share": share}
 
 
+def drift_scale(e: Tensor, step: Tensor, budget: float) -> float:
+    """The largest ``s in [0, 1]`` with ``|e + s step| <= budget`` (0 when ``|e|`` is already over
+    it; the average then decays until it is not)."""
+    ee = float(e.double().pow(2).sum())
+    if ee > budget**2:
+        return 0.0
+    ss = float(step.double().pow(2).sum())
+    if ss == 0.0:
+        return 1.0
+    es = float((e.double() * step.double()).sum())
+    # s^2 ss + 2 s es + ee - budget^2 <= 0: the larger root (the smaller is <= 0 as ee <= budget^2)
+    root = (-es + max(es * es - ss * (ee - budget**2), 0.0) ** 0.5) / ss
+    return min(1.0, max(0.0, root))
+
+
 def as_adamw_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A :class:`ShareBoundedAdamW` state as ``torch.optim.AdamW`` reads it: the policy part's
-    moments (the constraint's are dropped; a state without them is returned as it is)."""
-    states = {}
-    for key, st in state_dict["state"].items():
-        states[key] = {k: v for k, v in st.items() if k not in ("exp_avg_c", "exp_avg_sq_c")}
+    moments (the rest is dropped; a state without it is returned as it is)."""
+    extra = ("exp_avg_c", "exp_avg_sq_c", "drift", "drift_c")
+    states = {key: {k: v for k, v in st.items() if k not in extra} for key, st in state_dict["state"].items()}
     return {**state_dict, "state": states}

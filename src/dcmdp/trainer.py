@@ -678,8 +678,10 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 # Token-mean terms (the gap penalty, the KL to the reference) carry this
                 # micro-batch's token share; the aggregated surrogate the share of its agg mode.
                 token_terms = out.token_mean_part
+                kl_term: torch.Tensor | float = 0.0
                 if learner.ref_model is not None and data.ref_logp_BT is not None:
                     kl = kl_to_reference_k3(logp, data.ref_logp_BT[micro], mask)
+                    kl_term = cfg.loss.kl_coef * kl
                     loss = loss + cfg.loss.kl_coef * kl
                     token_terms = cfg.loss.kl_coef * kl + (0.0 if token_terms is None else token_terms)
                     metrics["loss/kl_ref"] = kl.detach()
@@ -689,7 +691,15 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 token_weight = mbatch.num_response_tokens / total_tokens
                 if bound is not None and out.constraint_part is not None:
                     bound.add(weighted(out.constraint_part, out.token_mean_part, weight, token_weight))
-                weighted(loss, token_terms, weight, token_weight).backward()
+                if update_bound:  # param.grad gets the policy part alone, from its own graph
+                    policy_part = out.policy_part
+                    if policy_part is None:
+                        policy_part = (
+                            out.loss if out.constraint_part is None else out.loss - out.constraint_part
+                        )
+                    (policy_part * weight + kl_term * token_weight).backward()
+                else:
+                    weighted(loss, token_terms, weight, token_weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
@@ -698,10 +708,10 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                     sums[k] = sums.get(k, 0.0) + v * micro_done
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             if update_bound:
-                # Clipped by hand with one Python float, applied to param.grad and to the
-                # constraint's part alike, so that their difference (the policy part) stays exact
-                # in low precision (clip_grad_norm_'s factor is rounded to the gradients' dtype).
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                # param.grad holds the policy part, the bound's buffer the constraint's: the
+                # gradient's norm is that of their sum, and both are scaled by one factor.
+                assert bound is not None
+                grad_norm = bound.total_norm()
                 clip_coef = min(1.0, max_norm / (float(grad_norm) + 1e-6))
                 if clip_coef < 1.0:
                     for p in model.parameters():

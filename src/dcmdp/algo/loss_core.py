@@ -111,6 +111,11 @@ class LossOutput:
     """The part of ``loss`` the discrepancy constraint adds (its penalty, plus for an advantage
     shift the shifted surrogate minus the plain one), or None without a constraint. The trainer's
     share bound backpropagates it on its own (:func:`dcmdp.algo.constraints.share_scale`)."""
+    policy_part: Tensor | None = None
+    """``loss`` without the constraint's part (the plain surrogate), as its own graph, or None
+    (then ``loss - constraint_part``). The update bound (``loss.constraint_share_of=update``)
+    backpropagates it and ``constraint_part`` separately, so neither gradient is a difference of
+    two rounded ones."""
 
 
 PolicyLossFn = Callable[[LossInputs, LossSettings], LossOutput]
@@ -358,6 +363,7 @@ def loss_output(
     metrics: dict[str, Tensor],
     penalty: Tensor | None = None,
     constraint_part: Tensor | None = None,
+    policy_part: Tensor | None = None,
 ) -> LossOutput:
     metrics = {"loss/total": total.detach(), "loss/policy": policy.detach(), **metrics}
     return LossOutput(
@@ -365,4 +371,5 @@ def loss_output(
         metrics={k: v.detach() for k, v in metrics.items()},
         token_mean_part=penalty,
         constraint_part=constraint_part,
+        policy_part=policy_part,
     )

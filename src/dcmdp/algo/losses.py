@@ -147,10 +147,12 @@ def composed_loss(
     policy, surrogate_metrics = weighted_surrogate(shifted, settings, weight_BT)
     total = policy if terms.penalty is None else policy + terms.penalty
     added = terms.penalty
+    plain = policy
     if terms.shift_BT is not None:
         plain, _ = weighted_surrogate(x, settings, weight_BT)
         added = policy - plain if added is None else policy - plain + added
-    return loss_output(total, policy, surrogate_metrics | metrics | terms.metrics, terms.penalty, added)
+    metrics = surrogate_metrics | metrics | terms.metrics
+    return loss_output(total, policy, metrics, terms.penalty, added, None if added is None else plain)
 
 
 def compose_loss(
