@@ -374,3 +374,12 @@ def test_states_cross_between_adamw_and_the_bounded_optimizer() -> None:
     for p in back.param_groups[0]["params"]:
         for key in ("exp_avg_c", "exp_avg_sq_c", "drift_c"):
             assert torch.equal(back.state[p][key], torch.zeros_like(p))
+
+
+def test_a_group_at_lr_0_does_not_move() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ShareBoundedAdamW([p], lr=0.0, weight_decay=0.1)
+    p.grad = torch.ones(3)
+    opt.set_constraint_grads([p], [torch.ones(3)])
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))

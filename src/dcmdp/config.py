@@ -138,18 +138,19 @@ class LossConfig:
     of KL(mu||pi)) or abs_log_ratio (|log pi - log mu|). Set ``multiplier.tolerance`` in its units."""
     constraint_share: float = 0.0
     """Share bound kappa: per optimizer step the constraint's gradient is scaled down to at most
-    kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 every step still
-    ascends the reward surrogate (docs/concepts.md, "Keeping the constraint safe"). Costs a second
+    kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 and
+    ``constraint_share_of=gradient`` every step still ascends the reward surrogate (to first order;
+    not with ``update``, which bounds displacements over a window instead) (docs/concepts.md, "Keeping the constraint safe"). Costs a second
     backward pass per micro-batch."""
     constraint_share_of: str = "gradient"
     """What the share bound bounds: gradient (the constraint's gradient against the rest of the
     gradient, per optimizer step; AdamW's per-coordinate scaling still lets a small, steady
     constraint gradient take most of the step) or update (how far the weights move: per parameter
-    tensor, a moving average over about 100 steps of the constraint's displacement is held to at
-    most kappa times that of the policy gradient's, so a steady constraint cannot outrun a noisy
-    policy gradient over time. The two parts are backpropagated separately, float32 advised; the
-    optimizer is dcmdp's ShareBoundedAdamW, AdamW when there is no constraint, with three times its
-    state)."""
+    tensor, an exponentially weighted average over about 100 steps of the constraint's
+    displacement is held to at most kappa times that of the policy gradient's; not a bound on the
+    net displacement when the policy's direction reverses, or over runs much longer than the
+    window. The two parts are backpropagated separately, float32 advised; the optimizer is dcmdp's
+    ShareBoundedAdamW, AdamW when there is no constraint, with three times its state)."""
     constraint_gap: str = "engine"
     """With ``run.max_staleness >= 1``, which gap the constraint and the dual step act on: engine
     (the engine against the policy version that sampled the batch, as in a synchronous run) or
