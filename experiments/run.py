@@ -423,7 +423,22 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         f"{k}_noguard": [*INT3, f"loss.type={k}", *HARM, "multiplier.reward_guard=0.0"]
         for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
     }
-    | {"grpo": [*INT3, "loss.type=grpo", *HARM]},
+    | {"grpo": [*INT3, "loss.type=grpo", *HARM]}
+    | {
+        # the damping alone: the constraint's gradient in the shared denominator, its step held
+        # to (almost) 0 (kappa 1e-9; 0 turns the bound off), to tell the constraint's direction
+        # from the smaller policy step a large lambda gives
+        f"dcmdp_full_update0_noguard{tag}": [
+            *INT3,
+            "loss.type=dcmdp_full",
+            *HARM,
+            "loss.constraint_share=1e-9",
+            "loss.constraint_share_of=update",
+            "multiplier.reward_guard=0.0",
+            *lam,
+        ]
+        for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
+    },
     # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
     # rollout, 60 steps) synchronous against one policy version stale, without a correction, with
     # TIS and with DCMDP (its constraint on the engine gap, the default loss.constraint_gap).
