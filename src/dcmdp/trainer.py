@@ -682,8 +682,8 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                 if learner.ref_model is not None and data.ref_logp_BT is not None:
                     kl = kl_to_reference_k3(logp, data.ref_logp_BT[micro], mask)
                     kl_term = cfg.loss.kl_coef * kl
-                    loss = loss + cfg.loss.kl_coef * kl
-                    token_terms = cfg.loss.kl_coef * kl + (0.0 if token_terms is None else token_terms)
+                    loss = loss + kl_term
+                    token_terms = kl_term + (0.0 if token_terms is None else token_terms)
                     metrics["loss/kl_ref"] = kl.detach()
                 if not torch.isfinite(loss):
                     raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
