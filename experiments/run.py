@@ -356,7 +356,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "loss.constraint_share_of=update",
             *guard,
         ]
-        for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping")
+        for form in ("dcmdp", "dcmdp_full", "dcmdp_shaping", "dcmdp_hinge")
         for tag, guard in (("", []), ("_noguard", ["multiplier.reward_guard=0.0"]))
     }
     | {
@@ -416,6 +416,18 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         ]
         for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
         for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
+    }
+    | {
+        # the bound together with the reward guard (margin 0.05) and lam_max 1: the candidate default
+        f"{k}_update0.5": [
+            *INT3,
+            f"loss.type={k}",
+            *HARM,
+            "loss.constraint_share=0.5",
+            "loss.constraint_share_of=update",
+            "multiplier.reward_guard=0.05",
+        ]
+        for k in ("dcmdp", "dcmdp_shaping", "dcmdp_hinge", "dcmdp_full")
     }
     | {
         # the controls on this machine: the same forms without the bound (the collapses the issue
