@@ -7,7 +7,9 @@ them; GRPO normalises rewards per group; the trainer recomputes its own log-prob
 the policy takes a gradient step on the DCMDP loss with lambda as a plain number; the dual step
 moves lambda on the measured discrepancy D; the new weights go to the engine in memory.
 `tests/test_trainer.py::test_minimal_example_matches_trainer` checks this file against
-`dcmdp.trainer` step for step.
+`dcmdp.trainer` step for step, with the trainer's update bound off (`loss.constraint_share=0`;
+the bound, on by default, keeps the constraint's share of the weights' movement small:
+`dcmdp.grad_share.ShareBoundedAdamW`).
 """
 
 from __future__ import annotations

@@ -138,6 +138,15 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     "self_correction": {
         "penalty_on": [*INT4, "loss.type=dcmdp", "multiplier.tolerance=0.0001", "multiplier.init=1.0"],
         "penalty_off": [*INT4, "loss.type=grpo"],
+        # issue 13: does the update bound keep the constraint's pull on D (and spare the accuracy)?
+        "penalty_on_update0.5": [
+            *INT4,
+            "loss.type=dcmdp",
+            "multiplier.tolerance=0.0001",
+            "multiplier.init=1.0",
+            "loss.constraint_share=0.5",
+            "loss.constraint_share_of=update",
+        ],
     },
     # 3. Tolerance region on int4: c = 0 (approximated by 1e-6) and multiples of the start D.
     "tolerance": {
@@ -474,6 +483,10 @@ BEFORE_GUARD = (
     "mismatch", "int4", "harm", "int8", "fp8", "self_correction", "tolerance", "multiplier", "moe",
     "smollm2", "harm_capped", "harm_capped_more", "harm_share", "harm_search",
 )  # fmt: skip
+BEFORE_BOUND = (
+    *BEFORE_GUARD, "harm_guard", "remedies", "long_search", "long_methods_q4_0",
+    "long_stress_q4_0", "harm_guard_lammax1", "harm_floor", "harm_update_share", "async_staleness",
+)  # fmt: skip
 RAN_WITH = {
     "multiplier.reward_guard=0.0": BEFORE_GUARD,
     # lam_max became 1 (from 10) in 9a17284; these had run (or, long_methods_q4_0, were running).
@@ -487,6 +500,11 @@ RAN_WITH = {
         "harm_guard_lammax1",
         "async_staleness",
     ),
+    # The update bound (loss.constraint_share=0.5, loss.constraint_share_of=update) became the
+    # default in issue 13; these ran without it, or, with constraint_share set, with the gradient
+    # bound. Arms that set either keep their own.
+    "loss.constraint_share=0.0": BEFORE_BOUND,
+    "loss.constraint_share_of=gradient": BEFORE_BOUND,
 }
 
 

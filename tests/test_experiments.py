@@ -62,6 +62,20 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     pinned = {name for names in run.RAN_WITH.values() for name in names}
     assert pinned <= set(run.EXPERIMENTS) and "long_methods" not in pinned
 
+    def bound(experiment: str, arm: str) -> tuple[float, str]:
+        cfg = load_config(
+            overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"]
+        )
+        return cfg.loss.constraint_share, cfg.loss.constraint_share_of
+
+    # The update bound became the default after these ran: off, or the gradient bound where set.
+    assert bound("harm", "dcmdp") == (0.0, "gradient")
+    assert bound("long_stress_q4_0", "dcmdp_full_c1e-4_init0.1") == (0.0, "gradient")
+    assert bound("harm_share", "dcmdp_share0.5") == (0.5, "gradient")
+    assert bound("harm_update_share", "dcmdp_update0.5_noguard") == (0.5, "update")
+    assert bound("self_correction", "penalty_on_update0.5") == (0.5, "update")
+    assert bound("long_methods", "dcmdp_guard0.05") == (0.5, "update")  # not run yet: today's default
+
 
 def test_steps_of_takes_the_last_override() -> None:
     assert run.steps_of(["run.steps=60", "loss.type=grpo", "run.steps=150"]) == 150

@@ -187,7 +187,8 @@ def test_the_constraint_buffer_follows_gradient_clipping() -> None:
 
 
 def test_config_checks_the_space() -> None:
-    assert load_config().loss.constraint_share_of == "gradient"
+    # the default since issue 13: the update bound at kappa 0.5
+    assert (load_config().loss.constraint_share, load_config().loss.constraint_share_of) == (0.5, "update")
     with pytest.raises(ConfigError, match=r"loss\.constraint_share_of"):
         load_config(overrides=["loss.constraint_share_of=step"])
 
@@ -383,3 +384,55 @@ def test_a_group_at_lr_0_does_not_move() -> None:
     opt.set_constraint_grads([p], [torch.ones(3)])
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_lambda_zero_skips_the_constraint_backward_and_steps_like_adamw(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At lambda 0 the constraint's gradient is exactly 0: the default bound takes no second
+    backward pass (it costs nothing while the constraint is met) and steps as AdamW does; at
+    lambda > 0 it takes one per micro-batch."""
+    from dcmdp import trainer
+    from dcmdp.engines.base import SamplingSettings
+    from dcmdp.logprobs import sequence_logprobs
+    from dcmdp.models import load_model
+    from dcmdp.run_setup import loss_settings
+
+    calls: list[int] = []
+    real_add = ConstraintGradients.add
+
+    def spy(self: ConstraintGradients, constraint_loss: torch.Tensor) -> None:
+        calls.append(1)
+        real_add(self, constraint_loss)
+
+    monkeypatch.setattr(ConstraintGradients, "add", spy)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 0.0])
+    batch = _update_batch(advantages)
+    sampling = SamplingSettings(max_tokens=4)
+    moved = {}
+    for share, lam in (("0.5", 0.0), ("0.0", 0.0), ("0.5", 0.3)):
+        calls.clear()
+        cfg = load_config(
+            overrides=["loss.type=dcmdp_full", f"loss.constraint_share={share}", "optim.grad_accum=2"]
+        )
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir)
+        start = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            old = sequence_logprobs(model, batch, sampling)
+        opt = trainer.make_optimizer(cfg, model)
+        assert isinstance(opt, ShareBoundedAdamW) == (share == "0.5")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _i: 1.0)
+        learner = trainer.Learner(cfg, model, None, opt, sched, sampling, torch.Generator().manual_seed(1))
+        trainer.update_policy(
+            learner,
+            trainer.UpdateBatch(batch, old, None, advantages),
+            loss_settings(cfg, lam=lam, tolerance=1e-3),
+        )
+        moved[(share, lam)] = torch.cat(
+            [(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)]
+        )
+        assert len(calls) == (2 if (share, lam) == ("0.5", 0.3) else 0)
+    assert float(moved[("0.5", 0.0)].abs().max()) > 1e-5
+    torch.testing.assert_close(moved[("0.5", 0.0)], moved[("0.0", 0.0)], rtol=1e-4, atol=1e-7)
+    assert float((moved[("0.5", 0.3)] - moved[("0.5", 0.0)]).abs().max()) > 1e-6

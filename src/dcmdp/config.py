@@ -136,13 +136,15 @@ class LossConfig:
     measure: str = "prob_gap"
     """What the constraint bounds, per token: prob_gap (the paper's |pi - mu|), k3 (k3 estimate
     of KL(mu||pi)) or abs_log_ratio (|log pi - log mu|). Set ``multiplier.tolerance`` in its units."""
-    constraint_share: float = 0.0
-    """Share bound kappa: per optimizer step the constraint's gradient is scaled down to at most
-    kappa times the norm of the rest of the gradient; 0 = off. With kappa < 1 and
-    ``constraint_share_of=gradient`` every step still ascends the reward surrogate (to first order;
-    not with ``update``, which bounds displacements over a window instead) (docs/concepts.md, "Keeping the constraint safe"). Costs a second
-    backward pass per micro-batch."""
-    constraint_share_of: str = "gradient"
+    constraint_share: float = 0.5
+    """Share bound kappa on the constraint, 0 = off. By default (``constraint_share_of=update``)
+    the constraint may move each weight tensor at most kappa times as far as the reward's gradient
+    moves it (averaged over about 100 steps): what kept every DCMDP form from collapsing where c
+    lies below the engine's floor (docs/RESULTS.md). With ``gradient``, per optimizer step the
+    constraint's gradient is scaled down to at most kappa times the norm of the rest of the
+    gradient (docs/concepts.md, "Keeping the constraint safe"). Costs a second backward pass per
+    micro-batch while lambda > 0; ignored by losses without a constraint."""
+    constraint_share_of: str = "update"
     """What the share bound bounds: gradient (the constraint's gradient against the rest of the
     gradient, per optimizer step; AdamW's per-coordinate scaling still lets a small, steady
     constraint gradient take most of the step) or update (how far the weights move: per parameter
@@ -576,7 +578,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # would make the resumed run a different experiment than the one its first steps belong to.
 #: Fields whose default changed after runs were saved without them: a saved config.yaml that lacks
 #: one resumes with the value that run trained with (the guard was off before it existed).
-DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {"multiplier": {"reward_guard": 0.0, "tolerance_floor": 0.0}}
+DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
+    "multiplier": {"reward_guard": 0.0, "tolerance_floor": 0.0},
+    # the update bound became the default in issue 13
+    "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
+}
 
 RESUME_CHANGEABLE = (
     "run.steps",

@@ -627,8 +627,10 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
     bounded = learner.optimizer if isinstance(learner.optimizer, ShareBoundedAdamW) else None
     if update_bound and bounded is None:
         raise ValueError(
-            "loss.constraint_share_of=update needs the optimizer that bounds the constraint's step "
-            f"(dcmdp.trainer.make_optimizer builds it), got {type(learner.optimizer).__name__}"
+            "loss.constraint_share_of=update (the default with a constraint) needs the optimizer that "
+            "bounds the constraint's step (dcmdp.trainer.make_optimizer builds it), got "
+            f"{type(learner.optimizer).__name__}; to use another optimizer, turn the bound off "
+            "(loss.constraint_share=0) or bound the gradient instead (loss.constraint_share_of=gradient)"
         )
     N = batch.input_ids_BL.shape[0]
     sums: dict[str, float] = {}
@@ -689,7 +691,9 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                     raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
                 weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
                 token_weight = mbatch.num_response_tokens / total_tokens
-                if bound is not None and out.constraint_part is not None:
+                # At lambda 0 the constraint's gradient is exactly 0: its backward pass is skipped
+                # (an empty buffer is a zero gradient to both modes of the bound).
+                if bound is not None and out.constraint_part is not None and settings.lam != 0:
                     bound.add(weighted(out.constraint_part, out.token_mean_part, weight, token_weight))
                 if update_bound:  # param.grad gets the policy part alone, from its own graph
                     policy_part = out.policy_part
