@@ -4,7 +4,10 @@
 
 Builds one fixed rollout batch (prompts x group completions of random tokens with engine
 log-probs), then times `dcmdp.trainer.update_policy` for each loss in alternation (so machine
-noise hits both alike) and prints the medians and the ratio. The target is under 3% extra.
+noise hits both alike) and prints the medians and the ratio. The target is under 3% extra for
+the DCMDP term itself (`dcmdp+nobound`: the loss with plain AdamW). The DCMDP rows without the
+suffix run as by default, with the update bound (`loss.constraint_share_of=update`) at lambda
+0.1: a second backward pass and `ShareBoundedAdamW`'s step.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from dcmdp.config import load_config
 from dcmdp.engines.base import Completion, SamplingSettings
 from dcmdp.logprobs import build_token_batch, sequence_logprobs
 from dcmdp.models import TinyModelSpec, build_tiny_model, load_model
-from dcmdp.trainer import loss_settings, update_policy
+from dcmdp.trainer import loss_settings, make_optimizer, update_policy
 
-LOSSES = ("grpo", "dcmdp", "dcmdp_shaping", "dcmdp_hinge", "tis")
+#: Loss names; "+nobound" turns the update bound off (loss.constraint_share=0).
+LOSSES = ("grpo", "dcmdp", "dcmdp+nobound", "dcmdp_shaping", "dcmdp_hinge", "tis")
 
 
 def make_batch(prompts: int, group: int, length: int, vocab: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -58,10 +62,17 @@ def time_losses(
     times: dict[str, list[float]] = {name: [] for name in losses}
     for r in range(repeats + 2):
         for name in losses:
+            loss, _, variant = name.partition("+")
             cfg = load_config(
-                overrides=[f"loss.type={name}", f"run.prompts_per_step={prompts}", f"run.group_size={group}"]
+                overrides=[
+                    f"loss.type={loss}",
+                    f"run.prompts_per_step={prompts}",
+                    f"run.group_size={group}",
+                    "optim.lr=1e-6",
+                    *(["loss.constraint_share=0"] if variant == "nobound" else []),
+                ]
             )
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            opt = make_optimizer(cfg, model)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -21,7 +21,7 @@ from dcmdp.algo.losses import composed_loss
 from dcmdp.checkpoint import read_metrics
 from dcmdp.config import ConfigError, load_config
 from dcmdp.rollout.pipeline import PolicyVersions, rollout_cores
-from dcmdp.trainer import engine_at_current, gap_key
+from dcmdp.trainer import engine_at_current, gap_key, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import REPO, run_cli, small_overrides, train_rows
@@ -105,7 +105,16 @@ def test_async_batches_come_from_the_right_version(tiny_model_dir: Path, tmp_pat
     with that version: with a matched fp32 engine the engine gap stays at the float floor while
     the staleness gap is the policy's own move. max_staleness 2: versions 0, 0, 0, 1, 2."""
     out = tmp_path / "s1"
-    extra = {**FP32, "run.steps": 4, "run.eval_every": 2, "run.checkpoint_every": 0, "run.max_staleness": 1}
+    # The update bound off: the policy must move on every step, also where only the constraint
+    # has a gradient (the bound then holds it still).
+    extra = {
+        **FP32,
+        "run.steps": 4,
+        "run.eval_every": 2,
+        "run.checkpoint_every": 0,
+        "run.max_staleness": 1,
+        "loss.constraint_share": 0,
+    }
     assert run_cli(small_overrides(tiny_model_dir, out, **extra)) == 0
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -345,7 +354,8 @@ def test_every_loss_trains_on_stale_batches(tiny_model_dir: Path) -> None:
         torch.manual_seed(0)
         model = load_model(tiny_model_dir)
         sampling = sampling_settings(cfg, (tokenizer.eos_token_id,))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3))
+        opt = make_optimizer(cfg, model)  # the update bound's optimizer where the default asks for it
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         learner = Learner(cfg, model, None, opt, sched, sampling, torch.Generator().manual_seed(0))
         engine = make_engine(EngineSpec(type="transformers", model=str(tiny_model_dir), dtype="float32"))

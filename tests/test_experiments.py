@@ -62,6 +62,8 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     pinned = {name for names in run.RAN_WITH.values() for name in names}
     assert pinned <= set(run.EXPERIMENTS) and "long_methods" not in pinned
 
+    pins = {"loss.constraint_share=0.0", "loss.constraint_share_of=gradient"}
+
     def bound(experiment: str, arm: str) -> tuple[float, str]:
         cfg = load_config(
             overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"]
@@ -75,6 +77,18 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert bound("harm_update_share", "dcmdp_update0.5_noguard") == (0.5, "update")
     assert bound("self_correction", "penalty_on_update0.5") == (0.5, "update")
     assert bound("long_methods", "dcmdp_guard0.05") == (0.5, "update")  # not run yet: today's default
+    # Every experiment that had run when the bound became the default, written out here: each arm
+    # runs without it unless it sets the bound itself.
+    ran_before = {
+        "mismatch", "int4", "harm", "int8", "fp8", "self_correction", "tolerance", "multiplier",
+        "moe", "smollm2", "harm_capped", "harm_capped_more", "harm_share", "harm_search", "harm_guard",
+        "remedies", "long_search", "long_methods_q4_0", "long_stress_q4_0", "harm_guard_lammax1",
+        "harm_floor", "harm_update_share", "async_staleness",
+    }  # fmt: skip
+    for name in ran_before:
+        for arm, overrides in run.EXPERIMENTS[name].items():
+            if not any(o.startswith("loss.constraint_share") for o in overrides if o not in pins):
+                assert bound(name, arm) == (0.0, "gradient"), (name, arm)
 
 
 def test_steps_of_takes_the_last_override() -> None:

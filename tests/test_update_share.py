@@ -436,3 +436,70 @@ def test_lambda_zero_skips_the_constraint_backward_and_steps_like_adamw(
     assert float(moved[("0.5", 0.0)].abs().max()) > 1e-5
     torch.testing.assert_close(moved[("0.5", 0.0)], moved[("0.0", 0.0)], rtol=1e-4, atol=1e-7)
     assert float((moved[("0.5", 0.3)] - moved[("0.5", 0.0)]).abs().max()) > 1e-6
+
+
+def test_a_registered_loss_keeps_its_constraint_pass_at_lambda_zero(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lambda-0 skip is for constraints that scale with lambda (every built-in one). A loss
+    registered without saying so (here a constraint part with a term that does not vanish at
+    lambda 0) still gets its backward pass, so its gradient is not dropped."""
+    from dcmdp.algo import loss_core
+    from dcmdp.algo.losses import composed_loss
+
+    def augmented(inputs: loss_core.LossInputs, settings: loss_core.LossSettings) -> loss_core.LossOutput:
+        base = composed_loss(inputs, settings, "none", "penalty")
+        assert base.constraint_scales_with_lam  # the built-in penalty says so
+        extra = 5.0 * (inputs.logp_BT.exp() - inputs.engine_logp_BT.exp()).abs()[inputs.mask_BT].mean() ** 2
+        assert base.constraint_part is not None
+        return loss_core.LossOutput(
+            loss=base.loss + extra,
+            metrics=base.metrics,
+            token_mean_part=base.token_mean_part,
+            constraint_part=base.constraint_part + extra,
+            policy_part=base.policy_part,
+        )
+
+    monkeypatch.setitem(loss_core.POLICY_LOSSES, "test_augmented", augmented)
+    loss_core.MULTIPLIER_LOSSES.add("test_augmented")  # the set the config reads, cleaned up below
+    try:
+        _run_augmented(tiny_model_dir, monkeypatch)
+    finally:
+        loss_core.MULTIPLIER_LOSSES.discard("test_augmented")
+
+
+def _run_augmented(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcmdp import trainer
+    from dcmdp.engines.base import SamplingSettings
+    from dcmdp.logprobs import sequence_logprobs
+    from dcmdp.models import load_model
+    from dcmdp.run_setup import loss_settings
+
+    calls: list[int] = []
+    real_add = ConstraintGradients.add
+
+    def spy(self: ConstraintGradients, constraint_loss: torch.Tensor) -> None:
+        calls.append(1)
+        real_add(self, constraint_loss)
+
+    monkeypatch.setattr(ConstraintGradients, "add", spy)
+    cfg = load_config(overrides=["loss.type=test_augmented"])
+    assert trainer.bounds_update(cfg)
+    advantages = torch.zeros(8)  # no reward signal: only the extra term has a gradient at lambda 0
+    batch = _update_batch(advantages)
+    sampling = SamplingSettings(max_tokens=4)
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        old = sequence_logprobs(model, batch, sampling)
+    opt = trainer.make_optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _i: 1.0)
+    learner = trainer.Learner(cfg, model, None, opt, sched, sampling, torch.Generator().manual_seed(1))
+    trainer.update_policy(
+        learner,
+        trainer.UpdateBatch(batch, old, None, advantages),
+        loss_settings(cfg, lam=0.0, tolerance=1e-3),
+    )
+    assert len(calls) == 1
+    assert isinstance(opt, ShareBoundedAdamW)
+    assert any(float(v["exp_avg_sq_c"].abs().max()) > 0 for v in opt.state.values())

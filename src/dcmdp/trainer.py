@@ -691,9 +691,10 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
                     raise DivergenceError(f"the loss became {loss.item()} (loss {cfg.loss.type})")
                 weight = micro_weight(cfg.loss.agg, mbatch, total_tokens, total_seqs)
                 token_weight = mbatch.num_response_tokens / total_tokens
-                # At lambda 0 the constraint's gradient is exactly 0: its backward pass is skipped
-                # (an empty buffer is a zero gradient to both modes of the bound).
-                if bound is not None and out.constraint_part is not None and settings.lam != 0:
+                # At lambda 0 a constraint that scales with lambda has a gradient of exactly 0: its
+                # backward pass is skipped (an empty buffer is a zero gradient to both modes).
+                skip = settings.lam == 0 and out.constraint_scales_with_lam
+                if bound is not None and out.constraint_part is not None and not skip:
                     bound.add(weighted(out.constraint_part, out.token_mean_part, weight, token_weight))
                 if update_bound:  # param.grad gets the policy part alone, from its own graph
                     policy_part = out.policy_part

@@ -121,15 +121,21 @@ class ConstraintTerms:
 
 ConstraintFn = Callable[[LossInputs, LossSettings, Measure], ConstraintTerms]
 CONSTRAINTS: dict[str, ConstraintFn] = {}
+SCALES_WITH_LAM: set[str] = set()
+"""The constraint forms whose terms are lambda times something (every built-in one)."""
 
 
-def register_constraint(name: str) -> Callable[[ConstraintFn], ConstraintFn]:
-    """Decorator adding a constraint form to :data:`CONSTRAINTS`; a taken name raises ``ValueError``."""
+def register_constraint(name: str, scales_with_lam: bool = False) -> Callable[[ConstraintFn], ConstraintFn]:
+    """Decorator adding a constraint form to :data:`CONSTRAINTS`; a taken name raises ``ValueError``.
+    ``scales_with_lam``: its penalty and shift are lambda times something, so they vanish at lambda
+    0 and the trainer may skip their backward pass there (:data:`SCALES_WITH_LAM`)."""
 
     def register(fn: ConstraintFn) -> ConstraintFn:
         if name in CONSTRAINTS:
             raise ValueError(f"discrepancy constraint {name!r} is already registered")
         CONSTRAINTS[name] = fn
+        if scales_with_lam:
+            SCALES_WITH_LAM.add(name)
         return fn
 
     return register
@@ -166,7 +172,7 @@ def no_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constrain
     return ConstraintTerms()
 
 
-@register_constraint("penalty")
+@register_constraint("penalty", scales_with_lam=True)
 def penalty_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """Paper reading (a), the differentiable penalty ``lam * token-mean(m_t)``: the policy's own
     probabilities move towards the engine's ("self-correction"). A token mean whatever ``s.agg``,
@@ -194,7 +200,7 @@ def cost_shift(m_BT: Tensor, mask_BT: Tensor, lam: float, baseline: bool) -> Ten
     return lam * m_BT
 
 
-@register_constraint("shaping")
+@register_constraint("shaping", scales_with_lam=True)
 def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """Paper reading (b), advantage shaping ``A_t - lam * m_t`` with m detached (m as a cost;
     centred with ``s.shaping_baseline``); ``dcmdp/penalty`` reports ``lam * token-mean(m)``."""
@@ -204,7 +210,7 @@ def shaping_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Cons
     return ConstraintTerms(shift_BT=shift_BT, metrics=_metrics(x, measure, value, s.lam * value, s.lam))
 
 
-@register_constraint("hinge")
+@register_constraint("hinge", scales_with_lam=True)
 def hinge_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """``lam * token-mean(max(0, m_t - c))``: only tokens above the tolerance are pulled back
     (this project's variant; needs c > 0)."""
@@ -216,7 +222,7 @@ def hinge_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> Constr
     return ConstraintTerms(penalty=penalty, metrics=metrics)
 
 
-@register_constraint("full")
+@register_constraint("full", scales_with_lam=True)
 def full_constraint(x: LossInputs, s: LossSettings, measure: Measure) -> ConstraintTerms:
     """Both parts of grad D: the penalty ``lam * token-mean(m_t)`` and the shift ``lam * m_t``
     (detached). Their sum's gradient is ``lam`` times an estimate of the whole gradient of

@@ -116,6 +116,10 @@ class LossOutput:
     (then ``loss - constraint_part``). The update bound (``loss.constraint_share_of=update``)
     backpropagates it and ``constraint_part`` separately, so neither gradient is a difference of
     two rounded ones."""
+    constraint_scales_with_lam: bool = False
+    """True when ``constraint_part`` is lambda times something (its gradient exactly 0 at lambda
+    0), as for every built-in constraint: the trainer then skips its backward pass at lambda 0. A
+    loss that leaves it False always gets the pass."""
 
 
 PolicyLossFn = Callable[[LossInputs, LossSettings], LossOutput]
@@ -364,6 +368,7 @@ def loss_output(
     penalty: Tensor | None = None,
     constraint_part: Tensor | None = None,
     policy_part: Tensor | None = None,
+    constraint_scales_with_lam: bool = False,
 ) -> LossOutput:
     metrics = {"loss/total": total.detach(), "loss/policy": policy.detach(), **metrics}
     return LossOutput(
@@ -372,4 +377,5 @@ def loss_output(
         token_mean_part=penalty,
         constraint_part=constraint_part,
         policy_part=policy_part,
+        constraint_scales_with_lam=constraint_scales_with_lam,
     )

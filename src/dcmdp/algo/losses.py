@@ -84,6 +84,7 @@ from dataclasses import replace
 from dcmdp.algo.constraints import (
     CONSTRAINTS,
     MEASURES,
+    SCALES_WITH_LAM,
     Measure,
     get_constraint,
     get_measure,
@@ -152,7 +153,15 @@ def composed_loss(
         plain, _ = weighted_surrogate(x, settings, weight_BT)
         added = policy - plain if added is None else policy - plain + added
     metrics = surrogate_metrics | metrics | terms.metrics
-    return loss_output(total, policy, metrics, terms.penalty, added, None if added is None else plain)
+    return loss_output(
+        total,
+        policy,
+        metrics,
+        terms.penalty,
+        added,
+        None if added is None else plain,
+        constraint_scales_with_lam=constraint in SCALES_WITH_LAM,
+    )
 
 
 def compose_loss(
