@@ -505,6 +505,9 @@ RAN_WITH = {
     # bound. Arms that set either keep their own.
     "loss.constraint_share=0.0": BEFORE_BOUND,
     "loss.constraint_share_of=gradient": BEFORE_BOUND,
+    # With it, the reward guard became conditional (null: on only where the update bound is off);
+    # these ran with the guard's margin of 0.05 by default.
+    "multiplier.reward_guard=0.05": tuple(n for n in BEFORE_BOUND if n not in BEFORE_GUARD),
 }
 
 

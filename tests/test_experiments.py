@@ -58,7 +58,12 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert multiplier("long_methods_q4_0", "dcmdp_guard0.05") == (0.05, 10.0)
     # An experiment no pin names (long_methods has not run) gets today's defaults.
     today = MultiplierSettings()
-    assert multiplier("long_methods", "dcmdp_guard0.05") == (today.reward_guard, today.lam_max) == (0.05, 1.0)
+    assert multiplier("long_methods", "dcmdp_guard0.05") == (0.05, today.lam_max) == (0.05, 1.0)
+    # the guard became conditional with the update bound (null); those that ran before keep 0.05
+    assert today.reward_guard is None
+    assert multiplier("long_stress_q4_0", "dcmdp_full_c1e-4_init0.1_update0.5") == (0.05, 1.0)
+    assert multiplier("harm_guard_lammax1", "dcmdp_full_guard0.05_lammax1") == (0.05, 1.0)
+    assert multiplier("self_correction", "penalty_on_update0.5") == (0.0, 10.0)
     pinned = {name for names in run.RAN_WITH.values() for name in names}
     assert pinned <= set(run.EXPERIMENTS) and "long_methods" not in pinned
 

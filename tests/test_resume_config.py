@@ -197,10 +197,16 @@ def test_a_run_saved_before_the_reward_guard_resumes_without_it(tmp_path: Path) 
     old_state = multiplier_from_config(cfg.multiplier).state_dict()
     assert old_state["kind"] == "dual_ascent"  # what its checkpoint holds, so it loads
     # a run saved with the field keeps its value
-    _save_run(tmp_path / "new", "loss.type=dcmdp")
+    _save_run(tmp_path / "new", "loss.type=dcmdp", "multiplier.reward_guard=0.05")
     cfg, _ = load_resume_config(None, [f"run.out_dir={tmp_path / 'new'}"])
     assert cfg.multiplier.reward_guard == 0.05
-    assert isinstance(multiplier_from_config(cfg.multiplier), GuardedMultiplier)
+    assert isinstance(multiplier_from_config(cfg.multiplier, update_bound=True), GuardedMultiplier)
+    # today's default, null: the guard only where the update bound is off
+    _save_run(tmp_path / "today", "loss.type=dcmdp")
+    cfg, _ = load_resume_config(None, [f"run.out_dir={tmp_path / 'today'}"])
+    assert cfg.multiplier.reward_guard is None
+    assert isinstance(multiplier_from_config(cfg.multiplier, update_bound=False), GuardedMultiplier)
+    assert multiplier_from_config(cfg.multiplier, update_bound=True).state_dict()["kind"] == "dual_ascent"
 
 
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,7 +168,8 @@ def _kill_when(cmd: list[str], metrics: Path, step: int, env: dict[str, str]) ->
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
-    extra = {"run.steps": 5, "run.eval_every": 0, "run.checkpoint_every": 2}
+    # the reward guard on as well (by default it is off beside the update bound): both states resume
+    extra = {"run.steps": 5, "run.eval_every": 0, "run.checkpoint_every": 2, "multiplier.reward_guard": 0.05}
     full = tmp_path / "full"
     assert run_cli(small_overrides(tiny_model_dir, full, **extra)) == 0
 
@@ -208,7 +209,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_model_dir: Path, tmp_pa
     state_b = torch.load(latest_checkpoint(killed) / "trainer_state.pt", weights_only=True)  # type: ignore[operator]
     assert state_a["step"] == state_b["step"] == 5
     ma, mb = state_a["multiplier"], state_b["multiplier"]
-    assert ma["kind"] == mb["kind"] == "reward_guard"  # the default wraps dual ascent in the guard
+    assert ma["kind"] == mb["kind"] == "reward_guard"  # the guard wraps dual ascent
     assert ma["inner"]["value"] == pytest.approx(mb["inner"]["value"], abs=1e-9)
     for key in ("cap", "ceiling", "reward_ema", "best_ema"):
         assert ma[key] == pytest.approx(mb[key], abs=1e-9), key

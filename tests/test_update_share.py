@@ -258,6 +258,11 @@ def test_training_uses_the_bounded_optimizer_and_resumes(
     _run(tiny_model_dir, resumed, "run.steps=3")
     rows = [r for r in read_metrics(straight / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 3 and all("dcmdp/constraint_scale" in r for r in rows)
+    # the reward guard, left at null, is off beside the update bound and on without it
+    assert not any("multiplier/guard_cap" in r for r in rows)
+    _run(tiny_model_dir, tmp_path / "unbounded", "run.steps=1", "loss.constraint_share=0")
+    unbounded = [r for r in read_metrics(tmp_path / "unbounded" / "metrics.jsonl") if r["kind"] == "train"]
+    assert "multiplier/guard_cap" in unbounded[0]
     assert all(0.0 <= r["dcmdp/constraint_scale"] <= 1.0 for r in rows)
     # optim.grad_clip=0.01 clips every step; the constraint's part was scaled with the gradient
     assert len(coefs) == 6 and all(0.0 < c < 1.0 for c in coefs)

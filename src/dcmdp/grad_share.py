@@ -1,7 +1,8 @@
 """The share bound on the constraint, applied per optimizer step (``loss.constraint_share``).
 
-The trainer backpropagates each micro-batch's loss as usual and, when the bound is on, the
-constraint's part of it (``LossOutput.constraint_part``) a second time into a separate buffer.
+The trainer backpropagates each micro-batch's loss as usual and, when the bound is on and lambda
+is not 0 (or the constraint does not scale with lambda), the constraint's part of it
+(``LossOutput.constraint_part``) a second time into a separate buffer.
 Before the optimizer step the gradient is split into the constraint's part ``g_c`` and the rest
 ``g_pg = g - g_c`` (the reward surrogate, and the KL term when it is on), and ``g_c`` is scaled by
 :func:`dcmdp.algo.constraints.share_scale` so that ``|g_c| <= kappa |g_pg|`` over all parameters

@@ -7,6 +7,7 @@ schedule, the base model's path, and the rollout source (in-process or a worker 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -16,7 +17,13 @@ from typing import Any
 import torch
 
 from dcmdp.algo.losses import LossSettings
-from dcmdp.algo.multiplier import WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings, build_multiplier
+from dcmdp.algo.multiplier import (
+    GUARD_MARGIN,
+    WARMUP_LOSS_TOLERANCE,
+    Multiplier,
+    MultiplierSettings,
+    build_multiplier,
+)
 from dcmdp.config import Config, ConfigError
 from dcmdp.engines.base import EngineSpec, SamplingSettings, make_engine
 from dcmdp.models import resolve_model
@@ -50,8 +57,12 @@ def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
     )
 
 
-def multiplier_from_config(m: MultiplierSettings) -> Multiplier:
-    """The Lagrange multiplier for a config (dual ascent or PID, fixed or automatic c)."""
+def multiplier_from_config(m: MultiplierSettings, update_bound: bool = False) -> Multiplier:
+    """The Lagrange multiplier for a config (dual ascent or PID, fixed or automatic c). A reward
+    guard left at null is off where the update bound is on (``update_bound``), else at
+    :data:`~dcmdp.algo.multiplier.GUARD_MARGIN`."""
+    if m.reward_guard is None:
+        m = dataclasses.replace(m, reward_guard=0.0 if update_bound else GUARD_MARGIN)
     return build_multiplier(m)
 
 

@@ -249,7 +249,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     optimizer = make_optimizer(cfg, model)
     total_updates = cfg.run.steps * cfg.optim.epochs * cfg.optim.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_updates))
-    multiplier = multiplier_from_config(cfg.multiplier)
+    multiplier = multiplier_from_config(cfg.multiplier, update_bound=bounds_update(cfg))
     generator = torch.Generator().manual_seed(cfg.run.seed)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start_step = 0
@@ -606,7 +606,10 @@ def update_policy(*args: Any) -> dict[str, float]:
 
     The twelve-argument form of earlier versions, ``update_policy(cfg, model, ref_model, optimizer,
     scheduler, batch, old_logp_BT, ref_logp_BT, advantages_N, sampling, settings, generator)``,
-    still works (tests and scripts call it); it builds the same two records.
+    still works (tests and scripts call it); it builds the same two records. With the update bound
+    (the default for a loss with a constraint) the optimizer must be the one
+    :func:`make_optimizer` builds; another raises ``ValueError`` naming the settings that turn the
+    bound off.
     """
     if len(args) == 12 and isinstance(args[0], Config):
         cfg, model, ref_model, opt, sched, batch, old, ref, adv, sampling, settings, gen = args

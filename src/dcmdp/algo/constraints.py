@@ -34,8 +34,10 @@ The probability gap is smallest where the policy is near-deterministic or spread
 small probabilities or agreeing ones); the log-ratio measures do not reward either, which is why
 they are offered (docs/concepts.md).
 
-**The share bound** (``loss.constraint_share`` = kappa > 0, applied by the trainer with
-:func:`share_scale`): per optimizer step, the gradient of the constraint's part of the loss
+**The share bound** (``loss.constraint_share`` = kappa > 0). By default
+(``loss.constraint_share_of=update``, kappa 0.5) it bounds how far the constraint moves the
+weights, in the optimizer (:class:`dcmdp.grad_share.ShareBoundedAdamW`). With
+``constraint_share_of=gradient`` the trainer applies :func:`share_scale`: per optimizer step, the gradient of the constraint's part of the loss
 (``LossOutput.constraint_part``, backpropagated on its own) is scaled down, when needed, to at most
 kappa times the norm of the rest of the gradient (the surrogate's, and the KL term's when it is
 on), over all parameters. Where there is no reward signal (every group solved or every group
@@ -43,9 +45,8 @@ failed, so all advantages are 0) and no KL term, it does nothing. It is not enou
 policy from collapsing: a bound on the gradients with respect to the token log-probs still
 collapsed the ``harm`` runs (the policy gradient's token terms cancel in parameter space while the
 constraint's add up), and so did this parameter-level bound at kappa 0.5 (AdamW's per-coordinate
-scaling lets a steady small gradient win over a noisy large one). The reward guard
-(:mod:`dcmdp.algo.guard`) is what we found to work; see docs/concepts.md, "Keeping the constraint
-safe". With ``model.dtype=bfloat16`` the split ``g - g_c`` is taken in bfloat16 and is coarse
+scaling lets a steady small gradient win over a noisy large one). The update bound is what held
+in every setting we measured; see docs/concepts.md, "Keeping the constraint safe". With ``model.dtype=bfloat16`` the split ``g - g_c`` is taken in bfloat16 and is coarse
 when the constraint dominates.
 """
 
@@ -294,7 +295,7 @@ def share_scale(norm_policy: float, norm_constraint: float, kappa: float) -> flo
 
     With kappa < 1 the combined gradient ``g_policy + scale * g_constraint`` keeps a positive inner
     product with ``g_policy`` (at least ``(1 - kappa) |g_policy|^2``): a plain gradient step is, to
-    first order, still a step that improves the reward surrogate. The trainer's AdamW rescales each
+    first order, still a step that improves the reward surrogate. AdamW rescales each
     coordinate, so its step carries no such guarantee, and a constraint whose gradient points the
     same way step after step gains on a noisy policy gradient through the moment estimates; in the
     ``harm`` setting a bound of 0.5 did not prevent the collapse (docs/RESULTS.md).

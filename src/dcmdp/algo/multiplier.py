@@ -75,6 +75,11 @@ class Multiplier(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+#: The reward guard's margin where ``reward_guard`` is null and nothing turns it off (the trainer
+#: turns it off where the update bound is on: :func:`dcmdp.run_setup.multiplier_from_config`).
+GUARD_MARGIN = 0.05
+
+
 @dataclass
 class MultiplierSettings:
     """The multiplier of a run: every option and its one default (the config's ``multiplier`` section).
@@ -119,11 +124,14 @@ class MultiplierSettings:
     reads your c, while they are measured); 0 = off. With 1, the starting policy meets the constraint, so lambda grows only
     while training pushes the gap above where it started. Ignored with tolerance=null, whose c
     is measured anyway."""
-    reward_guard: float = 0.05
+    reward_guard: float | None = None
     """Reward guard margin, in reward units; 0 = off. While the training reward's moving average is
     more than this below its best, lambda is capped and the cap backs off
-    (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward. On by default:
-    without it every DCMDP form collapsed in the ``harm`` experiment (docs/RESULTS.md)."""
+    (:mod:`dcmdp.algo.guard`); keeps the constraint from costing the run its reward. null (the
+    default): on, at :data:`GUARD_MARGIN` (0.05), where the update bound is off
+    (``loss.constraint_share=0`` or ``constraint_share_of=gradient``; without either, every DCMDP
+    form collapsed in the ``harm`` experiment), and off where it is on (with the bound the guard
+    added no safety and cost accuracy in ``harm``; docs/RESULTS.md)."""
     reward_guard_relative: float = 0.0
     """Reward guard: also bound the margin by this fraction of the best reward average (the guard
     trips below ``best - min(reward_guard, max(this x best, 0.2 x reward_guard))``); 0 = off, < 1.
@@ -554,11 +562,9 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
         built = make_multiplier(s.type, tolerance=s.tolerance, **kwargs)
     from dcmdp.algo.guard import GuardedMultiplier, check_relative
 
-    margin = check_non_negative("reward_guard", s.reward_guard)
+    margin = check_non_negative("reward_guard", GUARD_MARGIN if s.reward_guard is None else s.reward_guard)
     if check_relative(s.reward_guard_relative) > 0 and margin == 0:
         raise ValueError("reward_guard_relative bounds the reward guard's margin: it needs reward_guard > 0")
     if margin > 0:
-        built = GuardedMultiplier(
-            built, margin=s.reward_guard, lam_max=s.lam_max, relative=s.reward_guard_relative
-        )
+        built = GuardedMultiplier(built, margin=margin, lam_max=s.lam_max, relative=s.reward_guard_relative)
     return built
