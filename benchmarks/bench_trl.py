@@ -21,7 +21,8 @@ Matched on every side: the default warm-started tiny Qwen3 (``dcmdp pretrain``),
 tokenized without special tokens, no chat template), the same reward checker, P prompts x G
 completions = one rollout batch = one AdamW step (lr 1e-4, betas 0.9/0.95, no weight decay, grad
 clip 1.0, constant schedule), up to 8 new tokens at temperature 1, PPO clip 0.2 / 0.28, token-mean
-loss, group-std advantages, no KL / reference model. dcmdp runs ``loss.type=grpo`` by default
+loss, group-std advantages, no KL / reference model (with ``--dcmdp-loss`` a DCMDP form, dcmdp's
+step is its default update bound, ``ShareBoundedAdamW``). dcmdp runs ``loss.type=grpo`` by default
 (``--dcmdp-loss dcmdp`` for the DCMDP loss; its extra cost is measured by bench_loss_overhead.py).
 Per design, dcmdp also recomputes the trainer's log-probs of each batch (a no-grad forward) to
 measure the engine/trainer gap; TRL without vLLM and with ``num_iterations=1`` skips that forward.

@@ -21,7 +21,7 @@ from dcmdp.algo.losses import composed_loss
 from dcmdp.checkpoint import read_metrics
 from dcmdp.config import ConfigError, load_config
 from dcmdp.rollout.pipeline import PolicyVersions, rollout_cores
-from dcmdp.trainer import engine_at_current, gap_key, make_optimizer
+from dcmdp.trainer import bounds_update, engine_at_current, gap_key, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import REPO, run_cli, small_overrides, train_rows
@@ -362,7 +362,13 @@ def test_every_loss_trains_on_stale_batches(tiny_model_dir: Path) -> None:
         task = make_task("has_one")
         source = LaggingSource(engine, task, tokenizer, sampling, 4, 4, 0)
         versions = PolicyVersions(2)
-        run = TrainState(learner, source, tokenizer, multiplier_from_config(cfg.multiplier), versions)
+        run = TrainState(
+            learner,
+            source,
+            tokenizer,
+            multiplier_from_config(cfg.multiplier, update_bound=bounds_update(cfg)),
+            versions,
+        )
         source.publish_weights(model.named_parameters())
         versions.save(0, model)
         for step in (1, 2, 3):

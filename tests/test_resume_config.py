@@ -5,6 +5,7 @@ Overrides apply on top and are printed; changes that would alter what the run tr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def test_a_run_saved_before_the_reward_guard_resumes_without_it(tmp_path: Path) 
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
     assert cfg.multiplier.reward_guard == 0.0 and changes == []
-    old_state = multiplier_from_config(cfg.multiplier).state_dict()
+    old_state = multiplier_from_config(cfg.multiplier, update_bound=False).state_dict()  # bound off too
     assert old_state["kind"] == "dual_ascent"  # what its checkpoint holds, so it loads
     # a run saved with the field keeps its value
     _save_run(tmp_path / "new", "loss.type=dcmdp", "multiplier.reward_guard=0.05")
@@ -207,6 +208,9 @@ def test_a_run_saved_before_the_reward_guard_resumes_without_it(tmp_path: Path) 
     assert cfg.multiplier.reward_guard is None
     assert isinstance(multiplier_from_config(cfg.multiplier, update_bound=False), GuardedMultiplier)
     assert multiplier_from_config(cfg.multiplier, update_bound=True).state_dict()["kind"] == "dual_ascent"
+    # the relative knob asks for the guard, so a null margin is then 0.05 beside the bound too
+    relative = dataclasses.replace(cfg.multiplier, reward_guard_relative=0.3)
+    assert isinstance(multiplier_from_config(relative, update_bound=True), GuardedMultiplier)
 
 
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -562,7 +562,7 @@ def test_step_line_names_automatic_tolerance_while_it_measures() -> None:
     from dcmdp.trainer import engine_label, multiplier_from_config, step_line
 
     cfg = load_config(overrides=["multiplier.tolerance=null", "multiplier.auto_warmup_steps=3"])
-    lam = multiplier_from_config(cfg.multiplier)
+    lam = multiplier_from_config(cfg.multiplier, update_bound=True)
     row = {
         "reward/mean": 0.5,
         "discrepancy/prob_gap_mean": 0.002,
@@ -617,7 +617,7 @@ def test_step_line_says_when_the_floor_raised_c() -> None:
     from dcmdp.trainer import multiplier_from_config, step_line
 
     cfg = load_config(overrides=["multiplier.tolerance=0.0001", "multiplier.tolerance_floor=1.0"])
-    lam = multiplier_from_config(cfg.multiplier)  # guarded (the default reward guard)
+    lam = multiplier_from_config(cfg.multiplier, update_bound=False)  # guarded, as where the bound is off
     row = {
         "reward/mean": 0.5,
         "discrepancy/prob_gap_mean": 0.004,
@@ -634,7 +634,7 @@ def test_step_line_says_when_the_floor_raised_c() -> None:
     line = step_line(cfg, 5, {**row, "multiplier/tolerance": lam.tolerance}, lam)
     assert "c 0.00400 (raised from 0.00010)" in line
     kept = load_config(overrides=["multiplier.tolerance=0.01", "multiplier.tolerance_floor=1.0"])
-    lam = multiplier_from_config(kept.multiplier)
+    lam = multiplier_from_config(kept.multiplier, update_bound=True)
     for _ in range(5):
         lam.update(0.004)
     line = step_line(kept, 5, {**row, "multiplier/tolerance": lam.tolerance}, lam)

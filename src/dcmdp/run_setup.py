@@ -57,12 +57,14 @@ def engine_spec(cfg: Config, model_path: Path) -> EngineSpec:
     )
 
 
-def multiplier_from_config(m: MultiplierSettings, update_bound: bool = False) -> Multiplier:
+def multiplier_from_config(m: MultiplierSettings, *, update_bound: bool) -> Multiplier:
     """The Lagrange multiplier for a config (dual ascent or PID, fixed or automatic c). A reward
-    guard left at null is off where the update bound is on (``update_bound``), else at
-    :data:`~dcmdp.algo.multiplier.GUARD_MARGIN`."""
+    guard left at null is off where the update bound is on (``update_bound``:
+    :func:`dcmdp.trainer.bounds_update`), unless ``reward_guard_relative`` asks for the guard, and
+    else at :data:`~dcmdp.algo.multiplier.GUARD_MARGIN`."""
     if m.reward_guard is None:
-        m = dataclasses.replace(m, reward_guard=0.0 if update_bound else GUARD_MARGIN)
+        off = update_bound and m.reward_guard_relative == 0
+        m = dataclasses.replace(m, reward_guard=0.0 if off else GUARD_MARGIN)
     return build_multiplier(m)
 
 

@@ -131,7 +131,8 @@ class MultiplierSettings:
     default): on, at :data:`GUARD_MARGIN` (0.05), where the update bound is off
     (``loss.constraint_share=0`` or ``constraint_share_of=gradient``; without either, every DCMDP
     form collapsed in the ``harm`` experiment), and off where it is on (with the bound the guard
-    added no safety and cost accuracy in ``harm``; docs/RESULTS.md)."""
+    added no safety and cost accuracy in ``harm``; docs/RESULTS.md), unless
+    ``reward_guard_relative`` > 0 asks for the guard."""
     reward_guard_relative: float = 0.0
     """Reward guard: also bound the margin by this fraction of the best reward average (the guard
     trips below ``best - min(reward_guard, max(this x best, 0.2 x reward_guard))``); 0 = off, < 1.

@@ -137,7 +137,7 @@ class DCMDPOptions:
             auto_multiple=self.auto_multiple,
             tolerance_floor=self.tolerance_floor,
             # The reward guard needs the step's training reward, which these integrations do not
-            # pass to the multiplier: off here (dcmdp train has it on by default).
+            # pass to the multiplier: off here (dcmdp train has it where its update bound is off).
             reward_guard=0.0,
             reward_guard_relative=0.0,
         )
