@@ -468,6 +468,21 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for name in ("grpo", "tis", "dcmdp")
         for n in (0, 1)
     },
+    # Issue 13, section 3.2 under today's defaults (update bound on, reward guard off beside it,
+    # lam_max 1): the methods side by side on llama.cpp Q4_0 in the long regime, GRPO and the fp32
+    # ceiling included, so that every arm starts from the warm start this machine's pretrain gives.
+    "long_defaults_q4_0": {
+        name: [*LONG, *LONG_ENGINES["llamacpp_q4_0"], *opts]
+        for name, opts in {
+            "grpo": ["loss.type=grpo"],
+            "tis": ["loss.type=tis"],
+            "seq_mis": ["loss.type=seq_mis"],
+            "icepop": ["loss.type=icepop"],
+            "dcmdp": ["loss.type=dcmdp"],
+            "dcmdp_tis": ["loss.type=dcmdp", "loss.correction=tis"],
+        }.items()
+    }
+    | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
     # Search for a setting where mismatch hurts vanilla GRPO: higher learning rates and longer
     # runs, int4 rollout against the matched fp32 rollout (see docs/RESULTS.md for the choice).
     "harm_search": {
@@ -532,6 +547,7 @@ PREPARE = {
     "long_methods": [["pretrain", "--task", "long_addition"]],
     "long_methods_q4_0": [["pretrain", "--task", "long_addition"]],
     "long_stress_q4_0": [["pretrain", "--task", "long_addition"]],
+    "long_defaults_q4_0": [["pretrain", "--task", "long_addition"]],
 }
 
 
