@@ -172,6 +172,9 @@ def test_documented_grid_is_recognised() -> None:
     assert not run.is_documented_grid("harm", arms, [0], [])
     assert not run.is_documented_grid("harm", arms, [0, 1, 2], ["run.steps=10"])
     assert run.runs_key("harm", ["run.threads=1"]) == "harm"
+    # keeping checkpoints changes what a run leaves behind, not what it computes
+    assert run.runs_key("harm", ["run.threads=1", "run.checkpoint_every=200"]) == "harm"
+    assert run.runs_key("harm", ["run.checkpoint_every=200", "run.steps=10"]) != "harm"
     assert run.results_dir("harm", True) == ROOT / "docs" / "results" / "harm"
 
 
