@@ -766,7 +766,7 @@ def tradeoff_plot(experiment: str, record: dict[str, dict[str, list[float]]], ou
     ax.set_xlabel("D at the end (mean prob gap, last 10 steps)")
     ax.set_ylabel("greedy accuracy, deployment engine\n(mean of the last 3 evals)")
     seeds = max(len(r["acc_last3"]) for r in points.values())
-    ax.set_title(f"{experiment}: accuracy against discrepancy ({seeds} seeds, mean ± std)")
+    ax.set_title(f"{experiment}\naccuracy against discrepancy ({seeds} seeds, mean ± std)", fontsize=10)
     ax.grid(alpha=0.3)
     out = out_dir / "tradeoff.png"
     fig.tight_layout()
