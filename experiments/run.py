@@ -480,6 +480,23 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "icepop": ["loss.type=icepop"],
             "dcmdp": ["loss.type=dcmdp"],
             "dcmdp_tis": ["loss.type=dcmdp", "loss.correction=tis"],
+            # The sequence-level corrections the grid above lacks. The bands are set for these
+            # responses (about 115 tokens), not taken from the short-answer defaults: at the start
+            # of GRPO's runs (seeds 0-2) the geometric mean of rho averaged 0.972-0.988 per
+            # sequence, so the default band [0.999, 1.001] would drop nearly every response, and the
+            # per-sequence mean of log(mu / pi) averaged 0.013-0.029, so OPSM's default 0.5 would
+            # never trip: a band of exp(+-0.05) and a threshold of 0.05, about twice the typical size.
+            "seq_tis": ["loss.type=seq_tis"],
+            "geo_mask": ["loss.type=geo_mask", "loss.geo_low=0.95", "loss.geo_high=1.05"],
+            "opsm": ["loss.type=offpolicy_seq_mask", "loss.opsm_delta=0.05"],
+            # DCMDP on |log pi - log mu|, which has no degenerate minimiser at a near-deterministic
+            # policy: c about half its value at the start (0.025-0.045), as the paper's c is about
+            # half the probability gap's here (0.0075-0.0089).
+            "dcmdp_abs_log_ratio": [
+                "loss.type=dcmdp",
+                "loss.measure=abs_log_ratio",
+                "multiplier.tolerance=0.015",
+            ],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
