@@ -480,18 +480,22 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "icepop": ["loss.type=icepop"],
             "dcmdp": ["loss.type=dcmdp"],
             "dcmdp_tis": ["loss.type=dcmdp", "loss.correction=tis"],
-            # The sequence-level corrections the grid above lacks. The bands are set for these
-            # responses (about 115 tokens), not taken from the short-answer defaults: at the start
-            # of GRPO's runs (seeds 0-2) the geometric mean of rho averaged 0.972-0.988 per
-            # sequence, so the default band [0.999, 1.001] would drop nearly every response, and the
-            # per-sequence mean of log(mu / pi) averaged 0.013-0.029, so OPSM's default 0.5 would
-            # never trip: a band of exp(+-0.05) and a threshold of 0.05, about twice the typical size.
+            # The sequence-level corrections the grid above lacks. geo_mask's band and OPSM's
+            # threshold are set for these responses (about 115 tokens), not taken from the
+            # short-answer defaults: at the start of GRPO's runs (seeds 0-2, first 5 steps) the
+            # geometric mean of rho averaged 0.972-0.988 per sequence, so the default band
+            # [0.999, 1.001] would drop nearly every response, and the token mean of log(mu / pi)
+            # was 0.013-0.029, so OPSM's default 0.5 would never trip: a band of about exp(+-0.05)
+            # and a threshold of 0.05, about twice the typical size. seq_tis keeps the cap of 2
+            # that the seq_mis arm ran with, so the two differ only in truncating or rejecting.
             "seq_tis": ["loss.type=seq_tis"],
             "geo_mask": ["loss.type=geo_mask", "loss.geo_low=0.95", "loss.geo_high=1.05"],
             "opsm": ["loss.type=offpolicy_seq_mask", "loss.opsm_delta=0.05"],
-            # DCMDP on |log pi - log mu|, which has no degenerate minimiser at a near-deterministic
-            # policy: c about half its value at the start (0.025-0.045), as the paper's c is about
-            # half the probability gap's here (0.0075-0.0089).
+            # DCMDP on |log pi - log mu| (issue 13 asks for a log-ratio measure). It has no
+            # minimiser at a near-uniform policy, but near a deterministic one it agrees with the
+            # probability gap to first order, so it does not remove that minimiser. c is about half
+            # its value at the start (0.025-0.045), as the paper's c is about half the probability
+            # gap's here (0.0066-0.0094 over the same steps).
             "dcmdp_abs_log_ratio": [
                 "loss.type=dcmdp",
                 "loss.measure=abs_log_ratio",
