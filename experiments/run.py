@@ -482,7 +482,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "dcmdp_tis": ["loss.type=dcmdp", "loss.correction=tis"],
             # The sequence-level corrections the grid above lacks. geo_mask's band and OPSM's
             # threshold are set for these responses (about 115 tokens), not taken from the
-            # short-answer defaults: at the start of GRPO's runs (seeds 0-2, first 5 steps) the
+            # short-answer defaults: at the start of GRPO's runs (AMD Zen 5, seeds 0-2, first 5 steps) the
             # geometric mean of rho averaged 0.972-0.988 per sequence, so the default band
             # [0.999, 1.001] would drop nearly every response, and the token mean of log(mu / pi)
             # was 0.013-0.029, so OPSM's default 0.5 would never trip: a band of about exp(+-0.05)
