@@ -501,6 +501,18 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "loss.measure=abs_log_ratio",
                 "multiplier.tolerance=0.015",
             ],
+            # The other DCMDP forms at the paper's c (issue 13, section 3.2): the shaping form
+            # (score-function part only), the hinge, and the full gradient (both parts).
+            "dcmdp_shaping": ["loss.type=dcmdp_shaping"],
+            "dcmdp_hinge": ["loss.type=dcmdp_hinge"],
+            "dcmdp_full": ["loss.type=dcmdp_full"],
+            # c raised to the engine's measured floor (multiplier.tolerance_floor): Q4_0's floor
+            # gap is above the paper's c, so this is the looser tolerance the floor suggests.
+            "dcmdp_floor": ["loss.type=dcmdp", "multiplier.tolerance_floor=1.0"],
+            # 4 optimizer steps per rollout batch (16 prompts in mini-batches of 4), so the
+            # penalty acts on a policy that has moved within the step; GRPO beside it as control.
+            "dcmdp_mb4": ["loss.type=dcmdp", "optim.minibatches=4"],
+            "grpo_mb4": ["loss.type=grpo", "optim.minibatches=4"],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
