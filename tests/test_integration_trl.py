@@ -115,7 +115,10 @@ def loss_and_grads(trainer: Any, fn: Any) -> tuple[torch.Tensor, list[torch.Tens
 
 @pytest.mark.parametrize("form", list(LOSS_FORMS))
 def test_loss_matches_core_on_the_same_tensors(tiny_model_dir: Path, tmp_path: Path, form: str) -> None:
-    trainer = make_trainer(tiny_model_dir, make_args(tmp_path, dcmdp_loss_form=form))
+    # The update bound off: the whole gradient lands in param.grad (its split, p.grad + the
+    # constraint's buffer, is checked against this in test_integration_trl_bound.py).
+    args = make_args(tmp_path, dcmdp_loss_form=form, dcmdp_constraint_share=0.0)
+    trainer = make_trainer(tiny_model_dir, args)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop in a real run
     inputs = micro_batch(trainer)

@@ -1,6 +1,8 @@
 """DCMDPGRPOTrainer on two processes (torch.distributed, gloo on CPU), as a user launches it with
 accelerate or torchrun: one multiplier per rank, all identical; D is the token mean over both
 ranks' tokens (not the mean of per-rank means); a resumed run restores the same lambda everywhere.
+The update bound is on (the default): the ranks' weights stay identical, so the constraint's
+gradient is averaged over them as DDP averages ``param.grad``.
 
 The ranks run tests/trl_two_process_worker.py, which records every micro-batch's tensors, so D is
 recomputed here from the raw log-probs, independently of the trainer's own bookkeeping.
@@ -66,6 +68,27 @@ def test_two_ranks_share_one_multiplier_and_the_global_token_mean(
     assert ranks[0]["steps"] == ranks[1]["steps"]  # identical D and lambda on every rank
     assert ranks[0]["final_lambda"] == ranks[1]["final_lambda"]
     assert all(len(m) == 6 for m in micro)  # 3 steps x 2 accumulated micro-batches per rank
+    assert [r["optimizer"] for r in ranks] == ["ShareBoundedAdamW"] * 2
+    assert len(ranks[0]["constraint_scale"]) == 3  # the bound's metric, once per optimizer step
+    assert ranks[0]["constraint_scale"] == ranks[1]["constraint_scale"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # bit for bit: one averaged update on both ranks
+    # what the optimizer was handed is the clip factor times the MEAN of the ranks' own buffers
+    # (identical weights alone would not catch a sum: both ranks would get the same doubled buffer)
+    hand = [torch.load(tmp_path / f"first_handovers_rank{r}.pt") for r in (0, 1)]
+    assert len(hand[0]) == len(hand[1]) == 3
+    compared = 0
+    for h0, h1 in zip(*hand, strict=True):
+        assert h0["coef"] == pytest.approx(h1["coef"])
+        for l0, l1, got0, got1 in zip(h0["local"], h1["local"], h0["handed"], h1["handed"], strict=True):
+            if got0 is None:
+                assert l0 is None and l1 is None and got1 is None
+                continue
+            zero = torch.zeros_like(got0)
+            mean = ((zero if l0 is None else l0) + (zero if l1 is None else l1)) / 2
+            torch.testing.assert_close(got0, h0["coef"] * mean, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(got1, got0)
+            compared += int(mean.abs().sum() > 0)
+    assert compared > 0, "no constraint gradient was handed over in any step"
 
     discriminating, details = 0, []
     for step, logged in enumerate(ranks[0]["steps"]):
@@ -96,3 +119,4 @@ def test_two_ranks_share_one_multiplier_and_the_global_token_mean(
     assert len(resumed[0]["steps"]) == 1 and resumed[0]["steps"] == resumed[1]["steps"]
     assert resumed[0]["steps"][0]["lam"] == pytest.approx(after_two)
     assert resumed[0]["final_lambda"] == resumed[1]["final_lambda"]
+    assert resumed[0]["weights"] == resumed[1]["weights"]

@@ -6,7 +6,10 @@ writes, per rank, everything the test checks independently:
 
 - every micro-batch's tensors behind D (policy log-probs, rollout log-probs, mask) and its step;
 - every dual step's D, lambda used and lambda after;
-- on resume, lambda right after the checkpoint is loaded.
+- on resume, lambda right after the checkpoint is loaded;
+- the update bound (on by default): the optimizer's class, the logged ``dcmdp/constraint_*``
+  metrics, and the final weights (DDP keeps them identical on every rank only if the constraint's
+  gradient is averaged over the ranks like ``param.grad``).
 
     worker.py MODEL_DIR OUT_DIR MAX_STEPS [RESUME_CHECKPOINT]
 """
@@ -34,6 +37,7 @@ class RecordingTrainer(StepRecorder):
         super().__init__(*args, **kwargs)
         self.micro: list[dict[str, Any]] = []
         self.loaded_lambda: float | None = None
+        self.handovers: list[dict[str, Any]] = []
 
     def _dcmdp_term(self, capture: Any) -> Any:
         if self.model.training:
@@ -46,6 +50,23 @@ class RecordingTrainer(StepRecorder):
                 }
             )
         return super()._dcmdp_term(capture)
+
+    def _clip_and_hand_over(self, max_norm: float) -> Any:
+        """Records, per optimizer step, this rank's own constraint buffer before the all-reduce, the
+        clip factor, and what the optimizer was handed (the averaged, clipped buffer)."""
+        local = [None if g is None else g.detach().clone() for g in self._constraint_buffer().grads]
+        norm = super()._clip_and_hand_over(max_norm)
+        opt = self._bounded_optimizer
+        assert opt is not None
+        handed = [opt._constraint.get(p) for p in self._constraint_buffer().params]
+        self.handovers.append(
+            {
+                "local": [None if g is None else g.cpu() for g in local],
+                "handed": [None if g is None else g.detach().clone().cpu() for g in handed],
+                "coef": min(1.0, max_norm / (float(norm) + 1e-6)),
+            }
+        )
+        return norm
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -89,6 +110,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=resume)
     tag = "resume" if resume else "first"
     torch.save(trainer.micro, out_dir / f"{tag}_micro_rank{rank}.pt")
+    torch.save(trainer.handovers, out_dir / f"{tag}_handovers_rank{rank}.pt")
     (out_dir / f"{tag}_rank{rank}.json").write_text(
         json.dumps(
             {
@@ -97,6 +119,13 @@ def main() -> None:
                 "steps": trainer.steps,
                 "final_lambda": trainer.multiplier.value,
                 "loaded_lambda": trainer.loaded_lambda,
+                "optimizer": type(trainer._bounded_optimizer).__name__,
+                "constraint_scale": [
+                    h["dcmdp/constraint_scale"]
+                    for h in trainer.state.log_history
+                    if "dcmdp/constraint_scale" in h
+                ],
+                "weights": [p.detach().double().sum().item() for p in trainer.model.parameters()],
             }
         )
     )

@@ -11,9 +11,10 @@ The frameworks own the rollout, the distributed update and the logging; dcmdp ad
 This package imports neither framework: each submodule imports its own, and ``trl`` needs TRL
 installed, while ``verl`` imports without verl (the plain loss function still works).
 
-What is shared here: the names of the three DCMDP loss forms, the options of the multiplier
-(:class:`DCMDPOptions`) and the function that builds one from them, and :func:`dcmdp_term`, the
-DCMDP part of the loss alone (used by TRL, whose own surrogate stays in place).
+What is shared here: the names of the three DCMDP loss forms, the options of the multiplier and
+of the update bound (:class:`DCMDPOptions`; TRL alone applies the bound so far) and the function
+that builds a multiplier from them, and :func:`dcmdp_term`, the DCMDP part of the loss alone (used
+by TRL, whose own surrogate stays in place).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dcmdp.algo.discrepancy import fill_masked, prob_gap
 from dcmdp.algo.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings
 from dcmdp.algo.multiplier import build_multiplier as build_core_multiplier
+from dcmdp.config import LossConfig
 
 #: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
 LOSS_FORMS: dict[str, str] = {
@@ -47,6 +49,10 @@ def core_loss_name(form: str) -> str:
         raise ValueError(f"unknown DCMDP loss form {form!r}; valid forms: {', '.join(LOSS_FORMS)}")
     return LOSS_FORMS[form]
 
+
+#: kappa of the update bound when ``DCMDPOptions.constraint_share`` is None (penalty and hinge):
+#: ``dcmdp train``'s default, one definition.
+DEFAULT_CONSTRAINT_SHARE: float = LossConfig.constraint_share
 
 # Defaults of the multiplier options: the fields of dcmdp's own multiplier settings, so the
 # integrations and `dcmdp train` share one definition of each.
@@ -101,9 +107,25 @@ class DCMDPOptions:
     """... times this multiple."""
     tolerance_floor: float = _M.tolerance_floor
     """A fixed c is raised to at least this multiple of the warm-up D's quantile; 0 = off."""
+    constraint_share: float | None = None
+    """kappa of the update bound (``dcmdp train``'s ``loss.constraint_share`` with
+    ``constraint_share_of=update``: :class:`~dcmdp.grad_share.ShareBoundedAdamW`); 0 = off, None =
+    :meth:`update_bound`'s default per loss form. Read by TRL only: verl does not bound the update yet."""
 
     def __post_init__(self) -> None:
         core_loss_name(self.loss_form)
+        share = self.constraint_share
+        if share is not None:
+            if not (math.isfinite(share) and share >= 0):
+                raise ValueError(
+                    f"dcmdp_constraint_share must be a finite number >= 0 (0 = off), got {share!r}"
+                )
+            if self.loss_form == "shaping" and share > 0:
+                raise ValueError(
+                    f"dcmdp_constraint_share={share} needs loss form 'penalty' or 'hinge': the 'shaping' form "
+                    "reaches the weights through the advantages inside the framework's surrogate, so its "
+                    "gradient cannot be split from the reward's; leave it unset (None) or 0 with 'shaping'"
+                )
         if self.multiplier not in MULTIPLIER_KINDS:
             raise ValueError(
                 f"unknown multiplier {self.multiplier!r}; valid kinds: {', '.join(MULTIPLIER_KINDS)}"
@@ -141,6 +163,14 @@ class DCMDPOptions:
             reward_guard=0.0,
             reward_guard_relative=0.0,
         )
+
+    def update_bound(self) -> float:
+        """kappa of the update bound, 0 when off: ``constraint_share``, or when it is None
+        ``dcmdp train``'s default (``loss.constraint_share``, 0.5) for the penalty and hinge forms and
+        0 for shaping (see ``constraint_share``)."""
+        if self.constraint_share is not None:
+            return float(self.constraint_share)
+        return 0.0 if self.loss_form == "shaping" else DEFAULT_CONSTRAINT_SHARE
 
 
 def build_multiplier(options: DCMDPOptions) -> Multiplier:
@@ -259,6 +289,7 @@ def finite_float(name: str, value: object) -> float:
 
 
 __all__ = [
+    "DEFAULT_CONSTRAINT_SHARE",
     "LOSS_FORMS",
     "MULTIPLIER_KINDS",
     "MULTIPLIER_STATE_FILE",

@@ -50,26 +50,61 @@ Normalisation: the penalty of a micro-batch is scaled by its share of the accumu
 averaged gradient is that of lam times the token mean of delta over the whole step, whatever
 ``loss_type`` normalises the surrogate with. In evaluation the penalty is the micro-batch token mean.
 
+Update bound (``dcmdp_constraint_share``, kappa; None = 0.5 for penalty and hinge, off for shaping,
+whose constraint lives inside TRL's surrogate through the advantages): ``dcmdp train``'s
+``loss.constraint_share_of=update``. The optimizer is :class:`~dcmdp.grad_share.ShareBoundedAdamW`
+(built by :meth:`DCMDPGRPOTrainer.create_optimizer` from Trainer's AdamW settings and parameter
+groups), which needs the constraint's gradient ``g_c`` apart from the rest ``g_pg``:
+
+- ``_compute_loss``: the term's gradient goes into a :class:`ConstraintBuffer` with
+  ``torch.autograd.grad(..., retain_graph=True)``, and the term enters the returned loss through
+  :class:`_RouteToBuffer`, the identity whose backward sends nothing into the model and scales that
+  gradient by the factor the trainer applied to the loss before its backward. ``param.grad`` is then
+  TRL's surrogate alone; the logged loss includes the term.
+- Trainer's clip (``_clip_grad_norm``; ``_get_grad_norm`` when ``max_grad_norm`` is 0): the buffer is
+  averaged over the processes like DDP's ``param.grad``, both parts are scaled by one factor
+  ``min(1, max_norm / (|g_pg + g_c| + 1e-6))`` (:func:`clip_coefficient` of
+  :func:`combined_grad_norm`), and the buffer goes to ``ShareBoundedAdamW.set_constraint_grads``
+  before ``optimizer.step()`` (a step pre-hook refuses a step with the buffer still full).
+
+It refuses, naming ``dcmdp_constraint_share=0``: another ``optim`` than torch's AdamW or another
+optimizer passed in, fp16 with a GradScaler, DeepSpeed / FSDP / tensor or context parallelism,
+weights that transformers loaded sharded (``distributed_config``, ``tp_plan``: DTensors), and
+reentrant gradient checkpointing set through ``gradient_checkpointing_kwargs``. Its state saves and
+loads through Trainer's own checkpoint; a checkpoint saved with the bound on resumes with it off as
+torch's AdamW state (the policy part's moments). Costs while lambda > 0: a second backward pass per
+micro-batch (with gradient checkpointing it recomputes the forward too), a gradient-sized buffer
+plus a transient copy per micro-batch, and with several processes one extra all-reduce per
+parameter tensor per optimizer step (not bucketed).
+
 Logged through ``self._metrics`` (TRL averages them per logging step): ``dcmdp/lambda`` (used in the
 step), ``dcmdp/lambda_next``, ``dcmdp/prob_gap`` (the step's D), ``dcmdp/tolerance``,
 ``dcmdp/penalty``, and every ``discrepancy/*`` metric of ``dcmdp.algo.discrepancy.discrepancy_metrics``
-(micro-batch values averaged over processes). The multiplier's state is saved in each checkpoint
-as ``dcmdp_multiplier.json``, written before TRL's own save (which ends with the checkpoint
-rotation and the hub push), and restored on resume; a checkpoint without it is an error.
+(micro-batch values averaged over processes); with the update bound ``dcmdp/constraint_scale`` and
+``dcmdp/constraint_share`` (``ShareBoundedAdamW.last_metrics``, once per optimizer step). The
+multiplier's state is saved in each checkpoint as ``dcmdp_multiplier.json``, written before TRL's own
+save (which ends with the checkpoint rotation and the hub push), and restored on resume; a checkpoint
+without it is an error.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from dcmdp.algo.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
+from dcmdp.grad_share import ShareBoundedAdamW, as_adamw_state
 from dcmdp.integrations import (
     MULTIPLIER_STATE_FILE,
     DCMDPOptions,
@@ -169,6 +204,19 @@ class DCMDPGRPOConfig(GRPOConfig):
             "(the engine's measured floor); 0 = off."
         },
     )
+    dcmdp_constraint_share: float | None = field(
+        default=_O.constraint_share,
+        metadata={
+            "help": "Update bound kappa, as `dcmdp train`'s loss.constraint_share with constraint_share_of=update: "
+            "the optimizer is dcmdp's ShareBoundedAdamW, which holds the constraint's displacement of each weight "
+            "tensor (averaged over about 100 steps) to at most kappa times the reward gradient's. None = 0.5 for "
+            "'penalty' and 'hinge', off for 'shaping' (its constraint acts through the advantages and cannot be "
+            "split off; a value > 0 with it is an error); 0 = off. On, it needs optim='adamw_torch' or "
+            "'adamw_torch_fused' (or your own ShareBoundedAdamW), no fp16 GradScaler, no FSDP / DeepSpeed / "
+            "tensor parallelism (plain data parallel works), and costs a second backward pass per micro-batch "
+            "while lambda > 0 and three times AdamW's optimizer state."
+        },
+    )
     # TRL turns its own vLLM importance-sampling correction on by default (sequence_mask, cap 3).
     # DCMDP is the other answer to the same mismatch, and dcmdp's core loss and the verl loss run
     # without a correction, so here it is off unless asked for (module docstring, "Corrections").
@@ -201,7 +249,82 @@ class DCMDPGRPOConfig(GRPOConfig):
             auto_quantile=self.dcmdp_auto_quantile,
             auto_multiple=self.dcmdp_auto_multiple,
             tolerance_floor=self.dcmdp_tolerance_floor,
+            constraint_share=self.dcmdp_constraint_share,
         )
+
+
+#: ``args.optim`` values whose optimizer is torch's AdamW, the one ShareBoundedAdamW extends.
+TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")
+_BOUND_OFF = "or turn the update bound off with dcmdp_constraint_share=0"
+
+
+def combined_grad_norm(policy: Sequence[Tensor | None], constraint: Sequence[Tensor | None]) -> Tensor:
+    """``|g_pg + g_c|``: the 2-norm, over all parameters, of the gradient the update bound keeps in two
+    parts (``param.grad`` and the constraint's buffer; None = no gradient), float32, 0 when both are empty."""
+    norms = []
+    for g_pg, g_c in zip(policy, constraint, strict=True):
+        total = g_c if g_pg is None else (g_pg if g_c is None else g_pg + g_c)
+        if total is not None:
+            norms.append(torch.linalg.vector_norm(total, dtype=torch.float32))
+    if not norms:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))``, the factor ``torch.nn.utils.clip_grad_norm_`` scales
+    every gradient by (1 when ``max_norm`` is inf)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+@dataclass
+class ConstraintBuffer:
+    """The constraint's gradient over one optimizer step's micro-batches, one entry per parameter
+    (None = nothing yet): the update bound keeps it out of ``param.grad``, which holds the rest."""
+
+    params: list[torch.nn.Parameter]
+    grads: list[Tensor | None]
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> ConstraintBuffer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(params, [None] * len(params))
+
+    @property
+    def pending(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    def add(self, grads: Sequence[Tensor | None], scale: Tensor) -> None:
+        """Add ``scale * grads``: a micro-batch's constraint gradient times the factor the backward pass
+        applied to the loss (see :class:`_RouteToBuffer`)."""
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            scaled = g * scale.to(g.device)
+            held = self.grads[i]
+            self.grads[i] = scaled if held is None else held.add_(scaled)
+
+    def take(self) -> list[Tensor | None]:
+        """The accumulated gradients; the buffer starts the next optimizer step empty."""
+        grads, self.grads = self.grads, [None] * len(self.params)
+        return grads
+
+
+class _RouteToBuffer(torch.autograd.Function):
+    """The identity on the DCMDP term's value, whose backward sends no gradient into the model and
+    gives the gradient it receives to ``on_backward``. That gradient is the factor the trainer scaled
+    the loss by before its backward (Trainer's 1 / gradient-accumulation steps when it divides, or any
+    other), so the buffer receives exactly what ``param.grad`` would have received."""
+
+    @staticmethod
+    def forward(ctx: Any, term: Tensor, on_backward: Callable[[Tensor], None]) -> Tensor:  # type: ignore[override]
+        ctx.on_backward = on_backward
+        return term.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[None, None]:  # type: ignore[override]
+        ctx.on_backward(grad_output)
+        return None, None
 
 
 @dataclass
@@ -238,6 +361,15 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         # Gap sum and token count of the current accumulation window, this process only.
         self._dcmdp_window = torch.zeros(2, dtype=torch.float64)
         self._dcmdp_capture: _Capture | None = None
+        #: kappa of the update bound (0 = off; see the module docstring, "Update bound").
+        self.update_bound = self.dcmdp.update_bound()
+        self._constraint: ConstraintBuffer | None = None
+        self._constraint_this_step = False  # some micro-batch of this optimizer step had lambda > 0
+        self._bounded_optimizer: ShareBoundedAdamW | None = None
+        if self.update_bound > 0:
+            self._check_update_bound_setup()
+            if isinstance(self.optimizer, ShareBoundedAdamW):  # the caller's own (optimizers=(opt, sched))
+                self._hook_bounded_optimizer(self.optimizer)
 
     def _rollout_logps_key(self) -> str:
         """Which of TRL's inputs holds the rollout log-probs (see the module docstring)."""
@@ -362,6 +494,8 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         self._log_micro_batch(mode, capture, penalty)
         if mode == "train":
             term = term * (n_tokens / self._window_tokens(inputs))
+            if self.update_bound > 0:
+                term = self._split_off(term, capture.lam)
             self._dcmdp_window += torch.tensor([gap_sum, n_tokens], dtype=torch.float64)
             if self.accelerator.sync_gradients:
                 self._dual_step(capture.lam)
@@ -437,6 +571,184 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         if mode == "eval":
             self._metrics[mode]["dcmdp/lambda"].append(capture.lam)
 
+    # ----------------------------------------------------------------------------- update bound
+
+    def _check_update_bound_setup(self) -> None:
+        """Refuse what the update bound cannot run with, naming the way out."""
+        a, kappa = self.dcmdp_args, self.update_bound
+        what = f"the update bound (dcmdp_constraint_share={kappa})"
+        if self.optimizer is not None:
+            if not isinstance(self.optimizer, ShareBoundedAdamW):
+                raise ValueError(
+                    f"{what} needs dcmdp's ShareBoundedAdamW, which takes the constraint's gradient apart "
+                    f"from the rest, got optimizers=({type(self.optimizer).__name__}, ...): pass "
+                    f"dcmdp.grad_share.ShareBoundedAdamW(..., kappa={kappa}) or no optimizer, {_BOUND_OFF}"
+                )
+            if self.optimizer.kappa != kappa:
+                raise ValueError(
+                    f"{what} and the ShareBoundedAdamW passed in (kappa={self.optimizer.kappa}) disagree: set "
+                    f"dcmdp_constraint_share={self.optimizer.kappa}"
+                )
+        elif self.optimizer_cls_and_kwargs is not None:
+            raise ValueError(
+                f"{what} builds its own optimizer (ShareBoundedAdamW, AdamW that bounds the constraint's step); "
+                f"drop optimizer_cls_and_kwargs, {_BOUND_OFF}"
+            )
+        elif a.optim not in TORCH_ADAMW:
+            raise ValueError(
+                f"{what} replaces torch's AdamW by dcmdp's ShareBoundedAdamW, an AdamW that bounds the "
+                f"constraint's step; optim={str(getattr(a.optim, 'value', a.optim))!r} is another optimizer: "
+                f"use optim='adamw_torch' or 'adamw_torch_fused', {_BOUND_OFF}"
+            )
+        if a.fp16 or self.accelerator.scaler is not None:
+            raise ValueError(
+                f"{what} does not run with fp16 mixed precision: its GradScaler scales the loss before the "
+                f"backward pass and unscales only param.grad, not the constraint's part; use bf16 or float32, "
+                f"{_BOUND_OFF}"
+            )
+        sharded = (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or self.is_fsdp_xla_enabled
+            # transformers' own distributed loading (from_pretrained(distributed_config=...), tp_plan):
+            # accelerate then reports plain data parallelism, but the weights are DTensors
+            or getattr(self, "is_distributed_loading_by_transformers", False)
+            or any(isinstance(p, DTensor) for p in self.model.parameters())
+        )
+        if sharded or self.accelerator.distributed_type in (
+            DistributedType.DEEPSPEED,
+            DistributedType.FSDP,
+            DistributedType.MEGATRON_LM,
+            DistributedType.XLA,
+        ):
+            raise ValueError(
+                f"{what} runs with plain data parallelism (DDP) only: with DeepSpeed, FSDP, Megatron, XLA or "
+                f"weights loaded sharded by transformers (distributed_config, tp_plan) the "
+                f"gradients are sharded or reduced where this trainer cannot add the constraint's part; "
+                f"{_BOUND_OFF}"
+            )
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and any(
+            getattr(pc, name, False)
+            for name in ("tp_enabled", "cp_enabled", "sp_enabled", "dp_shard_enabled")
+        ):
+            raise ValueError(
+                f"{what} runs with plain data parallelism (DDP) only, not with parallelism_config's tensor, "
+                f"context, sequence or sharded data parallelism; {_BOUND_OFF}"
+            )
+        checkpointing = a.gradient_checkpointing_kwargs
+        if (
+            a.gradient_checkpointing
+            and isinstance(checkpointing, dict)
+            and checkpointing.get("use_reentrant")
+        ):
+            raise ValueError(
+                f"{what} backpropagates the constraint with torch.autograd.grad, which reentrant gradient "
+                "checkpointing does not support: set gradient_checkpointing_kwargs={'use_reentrant': False} "
+                f"(transformers' default), {_BOUND_OFF}"
+            )
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, or with the update bound on ShareBoundedAdamW with the settings and the
+        decay / no-decay parameter groups Trainer would give torch's AdamW."""
+        if self.update_bound == 0 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        assert opt_model is not None
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        a = self.args
+        groups: list[dict[str, Any]] = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": a.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer = ShareBoundedAdamW(
+            cast(Any, groups),  # parameter groups, as every torch optimizer takes them
+            lr=a.learning_rate,
+            betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_epsilon,
+            weight_decay=a.weight_decay,
+            kappa=self.update_bound,
+        )
+        self._hook_bounded_optimizer(optimizer)
+        self.optimizer = optimizer
+        return optimizer
+
+    def _hook_bounded_optimizer(self, optimizer: ShareBoundedAdamW) -> None:
+        self._bounded_optimizer = optimizer
+        optimizer.register_step_pre_hook(self._before_bounded_step)
+        optimizer.register_step_post_hook(self._after_bounded_step)
+
+    def _constraint_buffer(self) -> ConstraintBuffer:
+        if self._constraint is None:
+            assert self.model is not None
+            self._constraint = ConstraintBuffer.for_model(self.model)
+        return self._constraint
+
+    def _split_off(self, term: Tensor, lam: float) -> Tensor:
+        """The update bound: the term's gradient goes to the constraint's buffer and ``param.grad`` gets
+        the policy part alone; the returned tensor has the term's value (the logged loss includes it)."""
+        if lam == 0:
+            return term.detach()  # lam * (...) has a zero gradient at lam 0: no second backward pass
+        # lambda is the same on every process (an empty micro-batch is not), so this flag is too
+        self._constraint_this_step = True
+        if not term.requires_grad:  # no completion token in this micro-batch
+            return term.detach()
+        buffer = self._constraint_buffer()
+        grads = torch.autograd.grad(term, buffer.params, retain_graph=True, allow_unused=True)
+        routed: Tensor = _RouteToBuffer.apply(term, functools.partial(buffer.add, grads))
+        return routed
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        if self.update_bound == 0:
+            return super()._clip_grad_norm(model)
+        return self._clip_and_hand_over(float(self.args.max_grad_norm))
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        if self.update_bound > 0 and grad_norm is None:  # max_grad_norm <= 0: Trainer only measures
+            grad_norm = self._clip_and_hand_over(math.inf)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _clip_and_hand_over(self, max_norm: float) -> Tensor:
+        """Clip the policy part (``param.grad``) and the constraint's (the buffer) by one factor from the
+        norm of their sum, as ``dcmdp train`` does, and give the constraint's part to ShareBoundedAdamW
+        for the step that follows. Returns the norm before clipping (Trainer logs it as grad_norm)."""
+        if self._bounded_optimizer is None:
+            raise RuntimeError(
+                "the update bound is on but ShareBoundedAdamW was not created (create_optimizer)"
+            )
+        buffer = self._constraint_buffer()
+        constraint = buffer.take()
+        if self.accelerator.num_processes > 1 and self._constraint_this_step:
+            # DDP averaged param.grad over the processes; the buffer is averaged the same way. Every
+            # process sends every tensor (zeros where it has none) so the collectives line up; at
+            # lambda 0 no process has any, and none sends.
+            filled = [torch.zeros_like(p) if g is None else g for p, g in zip(buffer.params, constraint)]
+            constraint = list(self.accelerator.reduce(filled, reduction="mean"))
+        policy = [p.grad for p in buffer.params]
+        norm = combined_grad_norm(policy, constraint)
+        if not math.isinf(max_norm):
+            coef = clip_coefficient(norm, max_norm)
+            for g in (*policy, *constraint):
+                if g is not None:
+                    g.mul_(coef.to(g.device))
+        self._bounded_optimizer.set_constraint_grads(buffer.params, constraint)
+        self._constraint_this_step = False
+        return norm
+
+    def _before_bounded_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._constraint is not None and self._constraint.pending:
+            raise RuntimeError(
+                "the optimizer is stepping with the constraint's gradient still in the update bound's buffer: "
+                "the training loop did not call Trainer._clip_grad_norm or _get_grad_norm before "
+                "optimizer.step() (transformers 5.19's Trainer does), so the constraint would be lost; "
+                f"run with a Trainer loop that does, {_BOUND_OFF}"
+            )
+
+    def _after_bounded_step(self, optimizer: ShareBoundedAdamW, args: Any, kwargs: Any) -> None:
+        for name, value in optimizer.last_metrics.items():  # dcmdp/constraint_scale, dcmdp/constraint_share
+            self._metrics["train"][name].append(value)
+
     # ----------------------------------------------------------------------------- checkpoints
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -449,8 +761,23 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             save_multiplier_state(folder, self.multiplier.state_dict())
         super()._save_checkpoint(model, trial)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        # A window that an earlier train() call left unfinished (an exception between two
+        # micro-batches) must not reach this call's first optimizer step: Trainer zeroes param.grad
+        # when it starts, and this clears what the DCMDP term keeps beside it.
+        self._dcmdp_window.zero_()
+        self._constraint = None
+        self._constraint_this_step = False
+        return super().train(*args, **kwargs)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.update_bound == 0 and self.optimizer is not None:
+            # A checkpoint saved with the update bound on holds ShareBoundedAdamW's extra state;
+            # torch's AdamW would keep (and save again) it for good: keep the policy part's moments.
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not isinstance(inner, ShareBoundedAdamW):
+                inner.load_state_dict(as_adamw_state(inner.state_dict()))
         if checkpoint is not None:
             self.multiplier.load_state_dict(load_multiplier_state(checkpoint))
 
