@@ -613,7 +613,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             # transformers' own distributed loading (from_pretrained(distributed_config=...), tp_plan):
             # accelerate then reports plain data parallelism, but the weights are DTensors
             or getattr(self, "is_distributed_loading_by_transformers", False)
-            or any(isinstance(p, DTensor) for p in self.model.parameters())
+            or (self.model is not None and any(isinstance(p, DTensor) for p in self.model.parameters()))
         )
         if sharded or self.accelerator.distributed_type in (
             DistributedType.DEEPSPEED,
