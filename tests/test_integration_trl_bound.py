@@ -351,7 +351,7 @@ def test_a_new_train_call_starts_with_an_empty_constraint_buffer(
     not reach the next train() call's first optimizer step; Trainer zeroes param.grad likewise."""
     trainer = recording_trainer(tiny_model_dir, make_args(tmp_path, max_steps=1))
     buffer = trainer._constraint_buffer()
-    buffer.add([torch.full_like(p, 1e6) for p in buffer.params], torch.ones(()))
+    buffer.add_grads([torch.full_like(p, 1e6) for p in buffer.params], torch.ones(()))
     trainer._constraint_this_step = True
     trainer._dcmdp_window += torch.tensor([1e6, 1.0], dtype=torch.float64)
     trainer.train()

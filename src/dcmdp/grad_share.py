@@ -13,7 +13,7 @@ Before the optimizer step the gradient is split into the constraint's part ``g_c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,9 +34,23 @@ class ConstraintGradients:
         """Backpropagate ``constraint_loss`` (already weighted like the micro-batch's loss) into the
         buffer; the graph is kept for the micro-batch's own backward pass."""
         grads = torch.autograd.grad(constraint_loss, self.params, retain_graph=True, allow_unused=True)
+        self.add_grads(grads)
+
+    def add_grads(self, grads: Sequence[Tensor | None], scale: Tensor | float = 1.0) -> None:
+        """Add ``scale * grads`` (one entry per parameter, None = none): gradients taken elsewhere,
+        e.g. by the TRL integration, which learns the backward's scale only later."""
         for i, g in enumerate(grads):
-            if g is not None:
-                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g  # type: ignore[operator]
+            if g is None:
+                continue
+            if not (isinstance(scale, float) and scale == 1.0):
+                g = g * (scale.to(g.device) if isinstance(scale, Tensor) else scale)
+            held = self.grads[i]
+            self.grads[i] = g if held is None else held + g
+
+    @property
+    def pending(self) -> bool:
+        """Whether the buffer holds a gradient not yet applied or handed over."""
+        return any(g is not None for g in self.grads)
 
     def apply(self) -> dict[str, float]:
         """Scale the constraint's share of every ``param.grad`` in place and reset the buffer;
@@ -64,14 +78,16 @@ class ConstraintGradients:
     def total_norm(self) -> Tensor:
         """The norm of ``param.grad + buffer`` over all parameters (the update bound keeps the two
         parts apart: ``param.grad`` holds the rest of the gradient)."""
-        sq = torch.zeros((), dtype=torch.float64)
+        norms = []
         for p, g_c in zip(self.params, self.grads):
             total = p.grad if g_c is None else (g_c if p.grad is None else p.grad + g_c)
-            if total is not None:
-                sq = sq + total.double().pow(2).sum().cpu()
-        return sq.sqrt()
+            if total is not None:  # on the gradient's device: no read-back per tensor
+                norms.append(torch.linalg.vector_norm(total.double()))
+        if not norms:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
-    def hand_to(self, optimizer: ShareBoundedAdamW, clip_coef: float = 1.0) -> None:
+    def hand_to(self, optimizer: ShareBoundedAdamW, clip_coef: float | Tensor = 1.0) -> None:
         """Give the buffer, times ``clip_coef`` (the factor gradient clipping applied to
         ``param.grad``), to the optimizer's next step, and reset it."""
         grads = [None if g is None else g * clip_coef for g in self.grads]

@@ -56,15 +56,16 @@ whose constraint lives inside TRL's surrogate through the advantages): ``dcmdp t
 (built by :meth:`DCMDPGRPOTrainer.create_optimizer` from Trainer's AdamW settings and parameter
 groups), which needs the constraint's gradient ``g_c`` apart from the rest ``g_pg``:
 
-- ``_compute_loss``: the term's gradient goes into a :class:`ConstraintBuffer` with
+- ``_compute_loss``: the term's gradient goes into a :class:`~dcmdp.grad_share.ConstraintGradients`
+  buffer (the one ``dcmdp train`` uses) with
   ``torch.autograd.grad(..., retain_graph=True)``, and the term enters the returned loss through
   :class:`_RouteToBuffer`, the identity whose backward sends nothing into the model and scales that
   gradient by the factor the trainer applied to the loss before its backward. ``param.grad`` is then
   TRL's surrogate alone; the logged loss includes the term.
 - Trainer's clip (``_clip_grad_norm``; ``_get_grad_norm`` when ``max_grad_norm`` is 0): the buffer is
   averaged over the processes like DDP's ``param.grad``, both parts are scaled by one factor
-  ``min(1, max_norm / (|g_pg + g_c| + 1e-6))`` (:func:`clip_coefficient` of
-  :func:`combined_grad_norm`), and the buffer goes to ``ShareBoundedAdamW.set_constraint_grads``
+  ``min(1, max_norm / (|g_pg + g_c| + 1e-6))`` (``ConstraintGradients.total_norm``), and the
+  buffer goes to ``ShareBoundedAdamW.set_constraint_grads`` (``ConstraintGradients.hand_to``)
   before ``optimizer.step()`` (a step pre-hook refuses a step with the buffer still full).
 
 It refuses, naming ``dcmdp_constraint_share=0``: another ``optim`` than torch's AdamW or another
@@ -92,7 +93,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -104,7 +105,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from dcmdp.algo.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
-from dcmdp.grad_share import ShareBoundedAdamW, as_adamw_state
+from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
 from dcmdp.integrations import (
     MULTIPLIER_STATE_FILE,
     DCMDPOptions,
@@ -258,58 +259,6 @@ TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")
 _BOUND_OFF = "or turn the update bound off with dcmdp_constraint_share=0"
 
 
-def combined_grad_norm(policy: Sequence[Tensor | None], constraint: Sequence[Tensor | None]) -> Tensor:
-    """``|g_pg + g_c|``: the 2-norm, over all parameters, of the gradient the update bound keeps in two
-    parts (``param.grad`` and the constraint's buffer; None = no gradient), float32, 0 when both are empty."""
-    norms = []
-    for g_pg, g_c in zip(policy, constraint, strict=True):
-        total = g_c if g_pg is None else (g_pg if g_c is None else g_pg + g_c)
-        if total is not None:
-            norms.append(torch.linalg.vector_norm(total, dtype=torch.float32))
-    if not norms:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
-    """``min(1, max_norm / (total_norm + 1e-6))``, the factor ``torch.nn.utils.clip_grad_norm_`` scales
-    every gradient by (1 when ``max_norm`` is inf)."""
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-
-
-@dataclass
-class ConstraintBuffer:
-    """The constraint's gradient over one optimizer step's micro-batches, one entry per parameter
-    (None = nothing yet): the update bound keeps it out of ``param.grad``, which holds the rest."""
-
-    params: list[torch.nn.Parameter]
-    grads: list[Tensor | None]
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> ConstraintBuffer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return cls(params, [None] * len(params))
-
-    @property
-    def pending(self) -> bool:
-        return any(g is not None for g in self.grads)
-
-    def add(self, grads: Sequence[Tensor | None], scale: Tensor) -> None:
-        """Add ``scale * grads``: a micro-batch's constraint gradient times the factor the backward pass
-        applied to the loss (see :class:`_RouteToBuffer`)."""
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            scaled = g * scale.to(g.device)
-            held = self.grads[i]
-            self.grads[i] = scaled if held is None else held.add_(scaled)
-
-    def take(self) -> list[Tensor | None]:
-        """The accumulated gradients; the buffer starts the next optimizer step empty."""
-        grads, self.grads = self.grads, [None] * len(self.params)
-        return grads
-
-
 class _RouteToBuffer(torch.autograd.Function):
     """The identity on the DCMDP term's value, whose backward sends no gradient into the model and
     gives the gradient it receives to ``on_backward``. That gradient is the factor the trainer scaled
@@ -363,7 +312,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         self._dcmdp_capture: _Capture | None = None
         #: kappa of the update bound (0 = off; see the module docstring, "Update bound").
         self.update_bound = self.dcmdp.update_bound()
-        self._constraint: ConstraintBuffer | None = None
+        self._constraint: ConstraintGradients | None = None
         self._constraint_this_step = False  # some micro-batch of this optimizer step had lambda > 0
         self._bounded_optimizer: ShareBoundedAdamW | None = None
         if self.update_bound > 0:
@@ -679,10 +628,10 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         optimizer.register_step_pre_hook(self._before_bounded_step)
         optimizer.register_step_post_hook(self._after_bounded_step)
 
-    def _constraint_buffer(self) -> ConstraintBuffer:
+    def _constraint_buffer(self) -> ConstraintGradients:
         if self._constraint is None:
             assert self.model is not None
-            self._constraint = ConstraintBuffer.for_model(self.model)
+            self._constraint = ConstraintGradients(self.model.parameters(), self.update_bound)
         return self._constraint
 
     def _split_off(self, term: Tensor, lam: float) -> Tensor:
@@ -696,7 +645,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             return term.detach()
         buffer = self._constraint_buffer()
         grads = torch.autograd.grad(term, buffer.params, retain_graph=True, allow_unused=True)
-        routed: Tensor = _RouteToBuffer.apply(term, functools.partial(buffer.add, grads))
+        routed: Tensor = _RouteToBuffer.apply(term, functools.partial(buffer.add_grads, grads))
         return routed
 
     def _clip_grad_norm(self, model: Any) -> Any:
@@ -718,21 +667,20 @@ class DCMDPGRPOTrainer(GRPOTrainer):
                 "the update bound is on but ShareBoundedAdamW was not created (create_optimizer)"
             )
         buffer = self._constraint_buffer()
-        constraint = buffer.take()
         if self.accelerator.num_processes > 1 and self._constraint_this_step:
             # DDP averaged param.grad over the processes; the buffer is averaged the same way. Every
             # process sends every tensor (zeros where it has none) so the collectives line up; at
             # lambda 0 no process has any, and none sends.
-            filled = [torch.zeros_like(p) if g is None else g for p, g in zip(buffer.params, constraint)]
-            constraint = list(self.accelerator.reduce(filled, reduction="mean"))
-        policy = [p.grad for p in buffer.params]
-        norm = combined_grad_norm(policy, constraint)
-        if not math.isinf(max_norm):
-            coef = clip_coefficient(norm, max_norm)
-            for g in (*policy, *constraint):
-                if g is not None:
-                    g.mul_(coef.to(g.device))
-        self._bounded_optimizer.set_constraint_grads(buffer.params, constraint)
+            filled = [torch.zeros_like(p) if g is None else g for p, g in zip(buffer.params, buffer.grads)]
+            buffer.grads = list(self.accelerator.reduce(filled, reduction="mean"))
+        norm = buffer.total_norm()
+        coef: Tensor | float = 1.0
+        if not math.isinf(max_norm):  # as torch.nn.utils.clip_grad_norm_ scales every gradient
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in buffer.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.device))
+        buffer.hand_to(self._bounded_optimizer, coef)
         self._constraint_this_step = False
         return norm
 
