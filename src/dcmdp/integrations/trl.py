@@ -317,8 +317,9 @@ class DCMDPGRPOTrainer(GRPOTrainer):
         self._bounded_optimizer: ShareBoundedAdamW | None = None
         if self.update_bound > 0:
             self._check_update_bound_setup()
-            if isinstance(self.optimizer, ShareBoundedAdamW):  # the caller's own (optimizers=(opt, sched))
-                self._hook_bounded_optimizer(self.optimizer)
+            given = self._given_optimizer()
+            if isinstance(given, ShareBoundedAdamW):  # the caller's own (optimizers=(opt, sched))
+                self._hook_bounded_optimizer(given)
 
     def _rollout_logps_key(self) -> str:
         """Which of TRL's inputs holds the rollout log-probs (see the module docstring)."""
@@ -522,21 +523,27 @@ class DCMDPGRPOTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------------- update bound
 
+    def _given_optimizer(self) -> Any:
+        """Trainer's `optimizer` attribute (None until built or passed in). Read through getattr: where
+        TRL is not installed (the type check runs before it is), mypy cannot type the inherited attribute."""
+        return getattr(self, "optimizer", None)
+
     def _check_update_bound_setup(self) -> None:
         """Refuse what the update bound cannot run with, naming the way out."""
         a, kappa = self.dcmdp_args, self.update_bound
         what = f"the update bound (dcmdp_constraint_share={kappa})"
-        if self.optimizer is not None:
-            if not isinstance(self.optimizer, ShareBoundedAdamW):
+        given = self._given_optimizer()
+        if given is not None:
+            if not isinstance(given, ShareBoundedAdamW):
                 raise ValueError(
                     f"{what} needs dcmdp's ShareBoundedAdamW, which takes the constraint's gradient apart "
-                    f"from the rest, got optimizers=({type(self.optimizer).__name__}, ...): pass "
+                    f"from the rest, got optimizers=({type(given).__name__}, ...): pass "
                     f"dcmdp.grad_share.ShareBoundedAdamW(..., kappa={kappa}) or no optimizer, {_BOUND_OFF}"
                 )
-            if self.optimizer.kappa != kappa:
+            if given.kappa != kappa:
                 raise ValueError(
-                    f"{what} and the ShareBoundedAdamW passed in (kappa={self.optimizer.kappa}) disagree: set "
-                    f"dcmdp_constraint_share={self.optimizer.kappa}"
+                    f"{what} and the ShareBoundedAdamW passed in (kappa={given.kappa}) disagree: set "
+                    f"dcmdp_constraint_share={given.kappa}"
                 )
         elif self.optimizer_cls_and_kwargs is not None:
             raise ValueError(
@@ -600,7 +607,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """Trainer's optimizer, or with the update bound on ShareBoundedAdamW with the settings and the
         decay / no-decay parameter groups Trainer would give torch's AdamW."""
-        if self.update_bound == 0 or self.optimizer is not None:
+        if self.update_bound == 0 or self._given_optimizer() is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         assert opt_model is not None
@@ -720,10 +727,11 @@ class DCMDPGRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.update_bound == 0 and self.optimizer is not None:
+        given = self._given_optimizer()
+        if checkpoint is not None and self.update_bound == 0 and given is not None:
             # A checkpoint saved with the update bound on holds ShareBoundedAdamW's extra state;
             # torch's AdamW would keep (and save again) it for good: keep the policy part's moments.
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner = getattr(given, "optimizer", given)
             if not isinstance(inner, ShareBoundedAdamW):
                 inner.load_state_dict(as_adamw_state(inner.state_dict()))
         if checkpoint is not None:
