@@ -509,6 +509,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # c raised to the engine's measured floor (multiplier.tolerance_floor): Q4_0's floor
             # gap is above the paper's c, so this is the looser tolerance the floor suggests.
             "dcmdp_floor": ["loss.type=dcmdp", "multiplier.tolerance_floor=1.0"],
+            # The tolerance region (issue 13, section 3.3): c a multiple k of the floor, from well
+            # inside the engine's gap to well outside it (the fixed c set near 0 so k alone decides;
+            # the paper's c sits near k = 0.5 here and dcmdp_floor is k = 1).
+            **{
+                f"dcmdp_floor{k}": [
+                    "loss.type=dcmdp",
+                    "multiplier.tolerance=1e-6",
+                    f"multiplier.tolerance_floor={k}",
+                ]
+                for k in ("0.25", "2", "4")
+            },
             # 4 optimizer steps per rollout batch (16 prompts in mini-batches of 4), so the
             # penalty acts on a policy that has moved within the step; GRPO beside it as control.
             "dcmdp_mb4": ["loss.type=dcmdp", "optim.minibatches=4"],
