@@ -710,6 +710,40 @@ def collapsed(acc_end: list[float], reward_last20: list[float]) -> int:
     return sum(a < COLLAPSE_BELOW and r < COLLAPSE_BELOW for a, r in zip(acc_end, reward_last20))
 
 
+#: Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (beyond 30 the value at 30,
+#: a slightly wider interval than the normal's 1.960).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+#: The arm the others are compared with, seed by seed, where an experiment has it.
+REFERENCE_ARM = "grpo"
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """Mean and its 95% t-interval (mean, low, high); None with fewer than two values."""
+    if len(values) < 2:
+        return None
+    m = statistics.mean(values)
+    half = T975[min(len(values) - 1, len(T975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half
+
+
+def paired_gains(record: dict[str, dict[str, list[float]]], reference: str) -> dict[str, dict[str, float]]:
+    """Each arm's gain (mean of the last 3 greedy evaluations minus step 0) minus the reference
+    arm's gain on the same seed, for the seeds both finished: {arm: {seed: difference}}."""
+
+    def gains(r: dict[str, list[float]]) -> dict[str, float]:
+        return {str(int(s)): b - a for s, a, b in zip(r["seeds"], r["acc_start"], r["acc_last3"])}
+
+    ref = gains(record[reference])
+    out = {}
+    for arm, r in record.items():
+        if arm != reference:
+            mine = gains(r)
+            out[arm] = {s: mine[s] - ref[s] for s in mine if s in ref}
+    return out
+
+
 def summarise(
     experiment: str, arms: dict[str, list[str]], seeds: list[int], out_dir: Path, key: str | None = None
 ) -> str:
@@ -729,7 +763,7 @@ def summarise(
     record = {}
     stale_lines: list[str] = []
     for arm in arms:
-        acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], []
+        done, acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], [], []
         stale, total = [], []
         for seed in seeds:
             path = run_dir(key or experiment, arm, seed)
@@ -740,6 +774,7 @@ def summarise(
             train = [r for r in rows if r.get("kind") == "train"]
             if not evals or not train:
                 continue
+            done.append(float(seed))
             acc0.append(evals[0]["eval/accuracy_greedy"])
             acc1.append(evals[-1]["eval/accuracy_greedy"])
             acc3.append(statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]))
@@ -754,6 +789,7 @@ def summarise(
                 stale.append(statistics.mean(r["staleness/prob_gap_mean"] for r in train[-10:]))
                 total.append(statistics.mean(r["total/prob_gap_mean"] for r in train[-10:]))
         record[arm] = {
+            "seeds": done,
             "acc_start": acc0,
             "acc_end": acc1,
             "acc_last3": acc3,
@@ -771,9 +807,30 @@ def summarise(
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} | {collapsed(acc1, rew)} of {len(acc1)} |"
         )
+    if REFERENCE_ARM in record and len(record) > 1:
+        paired = paired_gains(record, REFERENCE_ARM)
+        lines += [
+            "",
+            f"Gain (mean of the last 3 greedy evaluations minus step 0) minus {REFERENCE_ARM}'s on the "
+            "same seed, mean and 95% t-interval over the seeds both arms finished:",
+            "",
+            f"| arm | seeds | gain minus {REFERENCE_ARM}'s, paired (95% CI) | per seed |",
+            "|---|---|---|---|",
+        ]
+        for arm, by_seed in paired.items():
+            ci = mean_interval(list(by_seed.values()))
+            shown = f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else "-"
+            each = ", ".join(f"{d:+.3f} (seed {s})" for s, d in by_seed.items())
+            lines.append(f"| {arm} | {len(by_seed)} | {shown} | {each or '-'} |")
+        record_out: dict[str, object] = {
+            **record,
+            "paired_gain_minus_reference": {"reference": REFERENCE_ARM, **paired},
+        }
+    else:
+        record_out = dict(record)
     out = out_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(json.dumps(record_out, indent=2))
     tradeoff_plot(experiment, record, out_dir)
     if stale_lines:
         lines += [

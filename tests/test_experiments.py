@@ -220,3 +220,44 @@ def test_gradient_bias_plots_the_gap_against_length_from_a_summary(tmp_path: Pat
         [sys.executable, script, "--from-summary", str(summary)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "give --plot PNG" in bad.stderr
+
+
+def test_mean_interval_is_the_t_interval() -> None:
+    # 3 values, mean 2, sample std 1: half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732
+    m, lo, hi = run.mean_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / 3**0.5) and m - lo == pytest.approx(hi - m)
+    assert run.mean_interval([0.5]) is None
+    many = run.mean_interval([float(i % 2) for i in range(100)])  # beyond the table: t at 30 df
+    assert many is not None and many[2] - many[0] == pytest.approx(2.042 * 0.5025 / 10, rel=1e-3)
+
+
+def test_the_summary_pairs_each_arm_with_grpo_by_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    arms = {a: run.EXPERIMENTS["harm"][a] for a in ("grpo", "tis")}
+
+    def fake(arm: str, seed: int, start: float, evals: list[float]) -> None:
+        d = tmp_path / "harm" / arm / f"seed{seed}"
+        d.mkdir(parents=True)
+        rows = [{"kind": "eval", "step": 0, "eval/accuracy_greedy": start}]
+        rows += [{"kind": "train", "step": 1, "reward/mean": 0.5, "discrepancy/prob_gap_mean": 0.001}]
+        rows += [
+            {"kind": "eval", "step": 150 - 10 * i, "eval/accuracy_greedy": e} for i, e in enumerate(evals)
+        ]
+        rows.sort(key=lambda r: (r["step"], r["kind"] == "eval"))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # grpo gains 0.1 on seed 0 and 0.3 on seed 1; tis gains 0.2 on both, and has a seed grpo lacks
+    fake("grpo", 0, 0.4, [0.5, 0.5, 0.5])
+    fake("grpo", 1, 0.2, [0.5, 0.5, 0.5])
+    fake("tis", 0, 0.3, [0.5, 0.5, 0.5])
+    fake("tis", 1, 0.3, [0.5, 0.5, 0.5])
+    fake("tis", 2, 0.0, [0.9, 0.9, 0.9])
+    table = run.summarise("harm", arms, [0, 1, 2], tmp_path / "out")
+    row = next(line for line in table.splitlines() if line.startswith("| tis | 2 |"))
+    assert "+0.100 (seed 0), -0.100 (seed 1)" in row and "seed 2" not in row
+    # mean 0, std 0.1414: half-width 12.706 * 0.1414 / sqrt(2) = 1.271
+    assert "+0.000 [-1.271, +1.271]" in row
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["paired_gain_minus_reference"]["tis"] == pytest.approx({"0": 0.1, "1": -0.1})
