@@ -128,7 +128,8 @@ class LossConfig:
     correction). ``correction`` and ``constraint`` below override either half."""
     correction: str = "auto"
     """Importance correction: auto (the one of ``type``), none, tis, icepop, seq_tis, seq_mis,
-    geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS."""
+    geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS
+    (measured worse than either alone in the long regime, 5 of 5 seeds: docs/RESULTS.md)."""
     constraint: str = "auto"
     """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
     gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
