@@ -822,15 +822,12 @@ def summarise(
             shown = f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else "-"
             each = ", ".join(f"{d:+.3f} (seed {s})" for s, d in by_seed.items())
             lines.append(f"| {arm} | {len(by_seed)} | {shown} | {each or '-'} |")
-        record_out: dict[str, object] = {
-            **record,
-            "paired_gain_minus_reference": {"reference": REFERENCE_ARM, **paired},
-        }
-    else:
-        record_out = dict(record)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paired_json = {"reference": REFERENCE_ARM, "gain_minus_reference": paired}
+        (out_dir / "paired.json").write_text(json.dumps(paired_json, indent=2))
     out = out_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record_out, indent=2))
+    out.write_text(json.dumps(record, indent=2))
     tradeoff_plot(experiment, record, out_dir)
     if stale_lines:
         lines += [

@@ -248,16 +248,19 @@ def test_the_summary_pairs_each_arm_with_grpo_by_seed(
         rows.sort(key=lambda r: (r["step"], r["kind"] == "eval"))
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    # grpo gains 0.1 on seed 0 and 0.3 on seed 1; tis gains 0.2 on both, and has a seed grpo lacks
-    fake("grpo", 0, 0.4, [0.5, 0.5, 0.5])
-    fake("grpo", 1, 0.2, [0.5, 0.5, 0.5])
-    fake("tis", 0, 0.3, [0.5, 0.5, 0.5])
+    # grpo gains 0.1 on seed 1 and 0.3 on seed 2; tis gains 0.2 on both, and has seed 0, which
+    # grpo lacks, first (so pairing by position would pair tis's seed 0 with grpo's seed 1)
+    fake("grpo", 1, 0.4, [0.5, 0.5, 0.5])
+    fake("grpo", 2, 0.2, [0.5, 0.5, 0.5])
+    fake("tis", 0, 0.0, [0.9, 0.9, 0.9])
     fake("tis", 1, 0.3, [0.5, 0.5, 0.5])
-    fake("tis", 2, 0.0, [0.9, 0.9, 0.9])
+    fake("tis", 2, 0.3, [0.5, 0.5, 0.5])
     table = run.summarise("harm", arms, [0, 1, 2], tmp_path / "out")
     row = next(line for line in table.splitlines() if line.startswith("| tis | 2 |"))
-    assert "+0.100 (seed 0), -0.100 (seed 1)" in row and "seed 2" not in row
+    assert "+0.100 (seed 1), -0.100 (seed 2)" in row and "seed 0" not in row
     # mean 0, std 0.1414: half-width 12.706 * 0.1414 / sqrt(2) = 1.271
     assert "+0.000 [-1.271, +1.271]" in row
-    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert saved["paired_gain_minus_reference"]["tis"] == pytest.approx({"0": 0.1, "1": -0.1})
+    saved = json.loads((tmp_path / "out" / "paired.json").read_text())
+    assert saved["reference"] == "grpo"
+    assert saved["gain_minus_reference"]["tis"] == pytest.approx({"1": 0.1, "2": -0.1})
+    assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"grpo", "tis"}
