@@ -733,7 +733,7 @@ def paired_gains(record: dict[str, dict[str, list[float]]], reference: str) -> d
     arm's gain on the same seed, for the seeds both finished: {arm: {seed: difference}}."""
 
     def gains(r: dict[str, list[float]]) -> dict[str, float]:
-        return {str(int(s)): b - a for s, a, b in zip(r["seeds"], r["acc_start"], r["acc_last3"])}
+        return {str(s): b - a for s, a, b in zip(r["seeds"], r["acc_start"], r["acc_last3"])}
 
     ref = gains(record[reference])
     out = {}
@@ -774,7 +774,7 @@ def summarise(
             train = [r for r in rows if r.get("kind") == "train"]
             if not evals or not train:
                 continue
-            done.append(float(seed))
+            done.append(seed)
             acc0.append(evals[0]["eval/accuracy_greedy"])
             acc1.append(evals[-1]["eval/accuracy_greedy"])
             acc3.append(statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]))
