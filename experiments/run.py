@@ -524,6 +524,25 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # penalty acts on a policy that has moved within the step; GRPO beside it as control.
             "dcmdp_mb4": ["loss.type=dcmdp", "optim.minibatches=4"],
             "grpo_mb4": ["loss.type=grpo", "optim.minibatches=4"],
+            # The same at a quarter of the learning rate, so four steps move the policy about as
+            # far as one: separates the penalty's timing within a batch from the step count.
+            "dcmdp_mb4_lr0.25": ["loss.type=dcmdp", "optim.minibatches=4", "optim.lr=7.5e-5"],
+            "grpo_mb4_lr0.25": ["loss.type=grpo", "optim.minibatches=4", "optim.lr=7.5e-5"],
+            # GRPO with the learning rate changed by one part in a thousand: a perturbation with no
+            # effect of its own, whose runs drift apart from GRPO's only because sampling at T = 1
+            # amplifies any difference. Their spread in D is the yardstick for the near-GRPO runs
+            # (dcmdp_floor2 / 4, lambda 0 after 10-15 steps), which ended below GRPO's D in 4 of 4.
+            "grpo_lr1.001": ["loss.type=grpo", "optim.lr=3.003e-4"],
+            # DCMDP + TIS with lambda's whole path scaled by 0.6 (init, eta and lam_max), so the
+            # constraint's gradient shrinks as TIS shrank the policy gradient on the first batch
+            # (35-45%). Tests the candidate reason why the pair drifted where neither part did.
+            "dcmdp_tis_lam0.6": [
+                "loss.type=dcmdp",
+                "loss.correction=tis",
+                "multiplier.init=0.06",
+                "multiplier.eta=0.6",
+                "multiplier.lam_max=0.6",
+            ],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
