@@ -530,8 +530,9 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "grpo_mb4_lr0.25": ["loss.type=grpo", "optim.minibatches=4", "optim.lr=7.5e-5"],
             # GRPO with the learning rate changed by one part in a thousand: a perturbation with no
             # effect of its own, whose runs drift apart from GRPO's only because sampling at T = 1
-            # amplifies any difference. Their spread in D is the yardstick for the near-GRPO runs
-            # (dcmdp_floor2 / 4, lambda 0 after 10-15 steps), which ended below GRPO's D in 4 of 4.
+            # amplifies any difference: how far apart two runs of one seed end, the yardstick for
+            # every paired figure (docs/RESULTS.md). Its lr is LONG's 3e-4 x 1.001 (the mb4_lr0.25
+            # arms' LONG's / 4), written out; a test checks that they follow LONG's lr.
             "grpo_lr1.001": ["loss.type=grpo", "optim.lr=3.003e-4"],
             # DCMDP + TIS with lambda's whole path scaled by 0.6 (init, eta and lam_max), so the
             # constraint's gradient shrinks as TIS shrank the policy gradient on the first batch

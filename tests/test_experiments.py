@@ -39,6 +39,20 @@ def test_every_arm_is_a_valid_config(experiment: str) -> None:
         assert cfg.run.steps == run.steps_of([*run.COMMON, *overrides]), arm
 
 
+def test_learning_rates_written_relative_to_the_long_regime_follow_it() -> None:
+    """The yardstick runs at 1.001 x the long regime's lr and the mb4_lr0.25 arms at a quarter of it;
+    the values are written out, so a change of LONG's lr must carry over to them."""
+    arms = run.EXPERIMENTS["long_defaults_q4_0"]
+
+    def lr(arm: str) -> float:
+        return load_config(overrides=[*run.COMMON, *arms[arm], "run.out_dir=/tmp/unused"]).optim.lr
+
+    base = lr("grpo")
+    assert lr("grpo_lr1.001") == pytest.approx(base * 1.001, rel=1e-12)
+    assert lr("grpo_mb4_lr0.25") == pytest.approx(base / 4, rel=1e-12)
+    assert lr("dcmdp_mb4_lr0.25") == pytest.approx(base / 4, rel=1e-12)
+
+
 def test_experiments_keep_the_defaults_they_ran_with() -> None:
     """A default that changed after an experiment ran must not change what its documented command
     runs: harm's DCMDP arms ran unguarded with lam_max 10 (and collapsed), harm_guard's guarded with
