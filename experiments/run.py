@@ -544,6 +544,10 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "multiplier.eta=0.6",
                 "multiplier.lam_max=0.6",
             ],
+            # DCMDP + TIS with the update bound's kappa halved (0.25; the default 0.5): over the
+            # first 15 steps of seed 4 the pair's drift came with the constraint at the bound's
+            # share (0.5) for any lambda from 0.06 up, and stopped at kappa 0.25 or lambda 0.001.
+            "dcmdp_tis_k0.25": ["loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.25"],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
