@@ -13,6 +13,14 @@ only for the documented grid: every arm, seeds 0 1 2, and no --set beyond run.th
 less (--arms, other seeds, other settings) writes them under experiments/runs/ instead and says
 where, unless --publish is given. Runs with extra settings also get their own run directories
 (experiments/runs/<experiment>+<hash of the settings>/), so they never mix with the grid's runs.
+
+Run folders stay on the machine that ran them. --record adds each finished run's figures (the
+table's columns, with the CPU and commit) to docs/results/<experiment>/runs.json, which is kept
+in git; --pair-with-records fills seeds that have no finished run here from that file, so runs on
+a new machine pair with runs recorded on another:
+
+    python experiments/run.py long_defaults_q4_0 --arms grpo tis --seeds 3 4 --summary-only --record
+    python experiments/run.py long_defaults_q4_0 --arms grpo dcmdp --seeds 0 1 2 3 4 --summary-only --pair-with-records
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -768,10 +777,108 @@ def paired_gains(record: dict[str, dict[str, list[float]]], reference: str) -> d
     return out
 
 
-def summarise(
-    experiment: str, arms: dict[str, list[str]], seeds: list[int], out_dir: Path, key: str | None = None
-) -> str:
+def run_record(path: Path, steps: int) -> dict[str, float | None] | None:
+    """One finished run's figures, the table's columns (None for a run still going or stopped,
+    or one without evaluations): greedy accuracy at step 0, at the end and the mean of the last 3
+    evaluations, the training reward over the last 20 steps, the sampled accuracy at the end and
+    lambda at the end (None where the run has none), D over the first 5 and the last 10 steps."""
     from dcmdp.checkpoint import read_metrics
+
+    if not finished(path, steps):
+        return None  # a run still going (or stopped) would mix a partial curve into the table
+    rows = read_metrics(path / "metrics.jsonl")
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    if not evals or not train:
+        return None
+    out: dict[str, float | None] = {
+        "acc_start": evals[0]["eval/accuracy_greedy"],
+        "acc_end": evals[-1]["eval/accuracy_greedy"],
+        "acc_last3": statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]),
+        "reward_last20": statistics.mean(r["reward/mean"] for r in train[-20:]),
+        # absent with run.eval_sampled=false
+        "sampled_end": evals[-1].get("eval/accuracy_sampled"),
+        "d_first5": statistics.mean(r[START_D_KEY] for r in train[:5]),
+        "d_last10": statistics.mean(r[START_D_KEY] for r in train[-10:]),
+        # only losses that read lambda log it
+        "lambda_end": train[-1].get("multiplier/lambda_next"),
+    }
+    if "staleness/prob_gap_mean" in train[-1]:  # asynchronous runs (run.max_staleness >= 1)
+        out["staleness_last10"] = statistics.mean(r["staleness/prob_gap_mean"] for r in train[-10:])
+        out["total_last10"] = statistics.mean(r["total/prob_gap_mean"] for r in train[-10:])
+    return out
+
+
+#: The per-run figures --record keeps and --pair-with-records reads (docs/results/<experiment>/).
+RECORDS_FILE = "runs.json"
+
+
+def this_cpu() -> str:
+    """The CPU's model name (the figures of these runs depend on it: docs/RESULTS.md)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def this_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def load_records(path: Path) -> dict[str, dict[str, dict[str, dict[str, object]]]]:
+    """{runs key: {arm: {seed: figures}}}; empty when the file does not exist yet."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a JSON object of runs keys, got {type(data).__name__}")
+    return data
+
+
+def record_runs(
+    path: Path, key: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]
+) -> list[tuple[str, int]]:
+    """Add the finished runs' figures (with the --set overrides that changed them, the CPU and the
+    commit) to ``path`` under ``key``, replacing an earlier record of the same run; returns the
+    (arm, seed) pairs written."""
+    records = load_records(path)
+    written = []
+    cpu, commit = this_cpu(), this_commit()
+    for arm, overrides in arms.items():
+        for seed in seeds:
+            figures = run_record(run_dir(key, arm, seed), steps_of(COMMON + overrides + extra))
+            if figures is None:
+                continue
+            by_seed = records.setdefault(key, {}).setdefault(arm, {})
+            by_seed[str(seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
+            written.append((arm, seed))
+    if written:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    return written
+
+
+def summarise(
+    experiment: str,
+    arms: dict[str, list[str]],
+    seeds: list[int],
+    out_dir: Path,
+    key: str | None = None,
+    recorded: dict[str, dict[str, dict[str, object]]] | None = None,
+    extra: list[str] | None = None,
+) -> str:
+    """The table over the finished runs (``extra``: the --set overrides, for the run length).
+    ``recorded`` ({arm: {seed: figures}}, from --record) fills the seeds of an arm that have no
+    finished run here; the table says how many it filled."""
 
     def ms(values: list[float], fmt: str) -> str:
         if not values:
@@ -789,29 +896,29 @@ def summarise(
     for arm in arms:
         done, acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], [], []
         stale, total = [], []
+        filled = 0
         for seed in seeds:
-            path = run_dir(key or experiment, arm, seed)
-            if not finished(path, steps_of(COMMON + arms[arm])):
-                continue  # a run still going (or stopped) would mix a partial curve into the table
-            rows = read_metrics(path / "metrics.jsonl")
-            evals = [r for r in rows if r.get("kind") == "eval"]
-            train = [r for r in rows if r.get("kind") == "train"]
-            if not evals or not train:
+            figures: dict[str, object] | None = run_record(
+                run_dir(key or experiment, arm, seed), steps_of(COMMON + arms[arm] + (extra or []))
+            )
+            if figures is None and recorded is not None:
+                figures = recorded.get(arm, {}).get(str(seed))
+                filled += figures is not None
+            if figures is None:
                 continue
             done.append(seed)
-            acc0.append(evals[0]["eval/accuracy_greedy"])
-            acc1.append(evals[-1]["eval/accuracy_greedy"])
-            acc3.append(statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]))
-            rew.append(statistics.mean(r["reward/mean"] for r in train[-20:]))
-            if "eval/accuracy_sampled" in evals[-1]:  # absent with run.eval_sampled=false
-                sacc.append(evals[-1]["eval/accuracy_sampled"])
-            d0.append(statistics.mean(r[START_D_KEY] for r in train[:5]))
-            d1.append(statistics.mean(r[START_D_KEY] for r in train[-10:]))
-            if "multiplier/lambda_next" in train[-1]:  # only losses that read lambda log it
-                lam.append(train[-1]["multiplier/lambda_next"])
-            if "staleness/prob_gap_mean" in train[-1]:  # asynchronous runs (run.max_staleness >= 1)
-                stale.append(statistics.mean(r["staleness/prob_gap_mean"] for r in train[-10:]))
-                total.append(statistics.mean(r["total/prob_gap_mean"] for r in train[-10:]))
+            acc0.append(float(figures["acc_start"]))  # type: ignore[arg-type]
+            acc1.append(float(figures["acc_end"]))  # type: ignore[arg-type]
+            acc3.append(float(figures["acc_last3"]))  # type: ignore[arg-type]
+            rew.append(float(figures["reward_last20"]))  # type: ignore[arg-type]
+            d0.append(float(figures["d_first5"]))  # type: ignore[arg-type]
+            d1.append(float(figures["d_last10"]))  # type: ignore[arg-type]
+            for values, name in ((sacc, "sampled_end"), (lam, "lambda_end")):
+                if figures.get(name) is not None:
+                    values.append(float(figures[name]))  # type: ignore[arg-type]
+            if figures.get("staleness_last10") is not None:
+                stale.append(float(figures["staleness_last10"]))  # type: ignore[arg-type]
+                total.append(float(figures["total_last10"]))  # type: ignore[arg-type]
         record[arm] = {
             "seeds": done,
             "acc_start": acc0,
@@ -826,8 +933,9 @@ def summarise(
         }
         if stale:
             stale_lines.append(f"| {arm} | {ms(d1, '.5f')} | {ms(stale, '.5f')} | {ms(total, '.5f')} |")
+        count = f"{len(acc1)} ({filled} recorded)" if filled else f"{len(acc1)}"
         lines.append(
-            f"| {arm} | {len(acc1)} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(acc3, '.3f')} | "
+            f"| {arm} | {count} | {ms(acc0, '.3f')} | {ms(acc1, '.3f')} | {ms(acc3, '.3f')} | "
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} | {collapsed(acc1, rew)} of {len(acc1)} |"
         )
@@ -911,6 +1019,17 @@ def main() -> int:
         "documented grid (every arm, seeds 0 1 2, no --set beyond run.threads)",
     )
     ap.add_argument(
+        "--record",
+        action="store_true",
+        help=f"add the finished runs' figures to docs/results/<experiment>/{RECORDS_FILE} (kept in git), "
+        "so that runs on another machine can pair with them",
+    )
+    ap.add_argument(
+        "--pair-with-records",
+        action="store_true",
+        help=f"fill seeds with no finished run here from docs/results/<experiment>/{RECORDS_FILE}",
+    )
+    ap.add_argument(
         "--set",
         nargs="+",
         dest="overrides",
@@ -940,7 +1059,12 @@ def main() -> int:
     grid = is_documented_grid(args.experiment, list(arms), args.seeds, args.overrides)
     published = args.publish or (grid and len(done) == len(total))
     out_dir = results_dir(args.experiment, published, key)
-    print(summarise(args.experiment, arms, args.seeds, out_dir, key))
+    records_path = ROOT / "docs" / "results" / args.experiment / RECORDS_FILE
+    if args.record:
+        written = record_runs(records_path, key, arms, args.seeds, args.overrides)
+        print(f"recorded {len(written)} finished runs in {records_path.relative_to(ROOT)} (under {key})")
+    recorded = load_records(records_path).get(key, {}) if args.pair_with_records else None
+    print(summarise(args.experiment, arms, args.seeds, out_dir, key, recorded, args.overrides))
     if not published:
         why = (
             f"only {len(done)} of its {len(total)} runs have finished"

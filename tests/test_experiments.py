@@ -278,3 +278,64 @@ def test_the_summary_pairs_each_arm_with_grpo_by_seed(
     assert saved["reference"] == "grpo"
     assert saved["gain_minus_reference"]["tis"] == pytest.approx({"1": 0.1, "2": -0.1})
     assert set(json.loads((tmp_path / "out" / "summary.json").read_text())) == {"grpo", "tis"}
+
+
+def _fake_run(
+    root: Path, key: str, arm: str, seed: int, start: float, evals: list[float], steps: int
+) -> None:
+    """A finished run of ``steps`` steps: greedy accuracy ``start`` at step 0, ``evals`` after."""
+    d = root / key / arm / f"seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"kind": "eval", "step": 0, "eval/accuracy_greedy": start}]
+    rows += [{"kind": "train", "step": 1, "reward/mean": 0.5, "discrepancy/prob_gap_mean": 0.002}]
+    rows += [
+        {"kind": "eval", "step": steps - len(evals) + 1 + i, "eval/accuracy_greedy": e}
+        for i, e in enumerate(evals)
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_recorded_runs_from_another_machine_pair_with_runs_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arms = {a: run.EXPERIMENTS["harm"][a] for a in ("grpo", "tis")}
+    records = tmp_path / "runs.json"
+    # "another machine": grpo's seed 2 ran there and was recorded
+    monkeypatch.setattr(run, "RUNS", tmp_path / "there")
+    _fake_run(tmp_path / "there", "harm", "grpo", 2, 0.2, [0.5, 0.5, 0.5], 150)
+    _fake_run(tmp_path / "there", "harm", "tis", 0, 0.0, [0.1], 80)  # stopped at step 80 of 150
+    assert run.record_runs(records, "harm", arms, [0, 1, 2], []) == [("grpo", 2)]
+    kept = run.load_records(records)["harm"]["grpo"]["2"]
+    assert kept["acc_last3"] == pytest.approx(0.5) and kept["acc_start"] == pytest.approx(0.2)
+    assert kept["d_first5"] == pytest.approx(0.002) and kept["lambda_end"] is None
+    assert kept["cpu"] and kept["commit"] and kept["set"] == []
+    # here: grpo's seed 1 and tis's seeds 1 and 2; grpo's seed 1 is also in the record, with
+    # other figures, and the run here wins
+    monkeypatch.setattr(run, "RUNS", tmp_path / "here")
+    _fake_run(tmp_path / "here", "harm", "grpo", 1, 0.4, [0.5, 0.5, 0.5], 150)
+    _fake_run(tmp_path / "here", "harm", "tis", 1, 0.3, [0.5, 0.5, 0.5], 150)
+    _fake_run(tmp_path / "here", "harm", "tis", 2, 0.3, [0.5, 0.5, 0.5], 150)
+    data = run.load_records(records)
+    data["harm"]["grpo"]["1"] = {**kept, "acc_start": 0.0}
+    records.write_text(json.dumps(data))
+    recorded = run.load_records(records)["harm"]
+    table = run.summarise("harm", arms, [0, 1, 2], tmp_path / "out", recorded=recorded)
+    assert next(line for line in table.splitlines() if line.startswith("| grpo |")).split("|")[2].strip() == (
+        "2 (1 recorded)"
+    )
+    # tis gains 0.2 on both seeds; grpo 0.1 on seed 1 (here, not the record's 0.5) and 0.3 on seed 2
+    assert "+0.100 (seed 1), -0.100 (seed 2)" in table
+    without = run.summarise("harm", arms, [0, 1, 2], tmp_path / "out")
+    assert "+0.100 (seed 1) |" in without and "seed 2" not in without.split("per seed")[1]
+
+
+def test_the_summary_counts_runs_of_a_length_set_with_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    arms = {"grpo": run.EXPERIMENTS["harm"]["grpo"]}  # 150 steps by its own settings
+    _fake_run(tmp_path, "harm+x", "grpo", 0, 0.4, [0.6], 15)
+    short = run.summarise("harm", arms, [0], tmp_path / "out", key="harm+x", extra=["run.steps=15"])
+    assert "| grpo | 1 | 0.400" in short
+    # without the override the run is short of the arm's 150 steps: still going, left out
+    assert "| grpo | 0 |" in run.summarise("harm", arms, [0], tmp_path / "out", key="harm+x")
