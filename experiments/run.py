@@ -814,57 +814,98 @@ RECORDS_FILE = "runs.json"
 
 
 def this_cpu() -> str:
-    """The CPU's model name (the figures of these runs depend on it: docs/RESULTS.md)."""
+    """The CPU as the figures of these runs depend on it (docs/RESULTS.md: Zen 3 and Zen 4 gave
+    different runs): model name, family and model, and whether it has AVX-512. A virtual machine
+    may show only "AMD EPYC" as the model name, hence the rest."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, {isa})"
 
 
 def this_commit() -> str:
+    """The commit checked out when the runs were recorded (not necessarily the one they ran at)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
         )
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown"
 
 
+#: The figures every record holds (a number each; sampled_end and lambda_end may be null).
+RECORD_FIELDS = ("acc_start", "acc_end", "acc_last3", "reward_last20", "d_first5", "d_last10")
+
+
 def load_records(path: Path) -> dict[str, dict[str, dict[str, dict[str, object]]]]:
-    """{runs key: {arm: {seed: figures}}}; empty when the file does not exist yet."""
+    """{runs key: {arm: {seed: figures}}}; empty when the file does not exist yet. A malformed
+    file or entry stops with a message that names it."""
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected a JSON object of runs keys, got {type(data).__name__}")
+    for key, arms in data.items():
+        if not isinstance(arms, dict) or not all(isinstance(v, dict) for v in arms.values()):
+            raise SystemExit(f"{path}: {key}: expected {{arm: {{seed: figures}}}}")
+        for arm, by_seed in arms.items():
+            for seed, figures in by_seed.items():
+                bad = [
+                    f
+                    for f in RECORD_FIELDS
+                    if not isinstance(figures, dict) or not isinstance(figures.get(f), (int, float))
+                ]
+                if bad:
+                    raise SystemExit(f"{path}: {key} / {arm} / seed {seed}: missing or not a number: {bad}")
     return data
 
 
 def record_runs(
     path: Path, key: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]
-) -> list[tuple[str, int]]:
+) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
     """Add the finished runs' figures (with the --set overrides that changed them, the CPU and the
-    commit) to ``path`` under ``key``, replacing an earlier record of the same run; returns the
-    (arm, seed) pairs written."""
-    records = load_records(path)
-    written = []
+    commit checked out) to ``path`` under ``key``. A record of the same run from this CPU is
+    replaced; one from another CPU is kept (runs differ between CPUs). Returns the (arm, seed)
+    pairs written and the (arm, seed, cpu) ones kept. Safe against another --record at the same
+    time (a lock, and the file replaced whole)."""
+    import fcntl
+    import os
+
     cpu, commit = this_cpu(), this_commit()
+    fresh = {}
     for arm, overrides in arms.items():
         for seed in seeds:
             figures = run_record(run_dir(key, arm, seed), steps_of(COMMON + overrides + extra))
-            if figures is None:
-                continue
+            if figures is not None:
+                fresh[(arm, seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
+    written, kept = [], []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = load_records(path)
+        for (arm, seed), figures in fresh.items():
             by_seed = records.setdefault(key, {}).setdefault(arm, {})
-            by_seed[str(seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
+            old = by_seed.get(str(seed))
+            if old is not None and old.get("cpu") != cpu:
+                kept.append((arm, seed, str(old.get("cpu"))))
+                continue
+            by_seed[str(seed)] = figures
             written.append((arm, seed))
-    if written:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-    return written
+        if written:
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+    return written, kept
 
 
 def summarise(
@@ -893,6 +934,7 @@ def summarise(
     ]
     record = {}
     stale_lines: list[str] = []
+    filled_from: list[str] = []
     for arm in arms:
         done, acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], [], []
         stale, total = [], []
@@ -903,7 +945,9 @@ def summarise(
             )
             if figures is None and recorded is not None:
                 figures = recorded.get(arm, {}).get(str(seed))
-                filled += figures is not None
+                if figures is not None:
+                    filled += 1
+                    filled_from.append(f"{arm} seed {seed}: {figures.get('cpu', 'CPU not recorded')}")
             if figures is None:
                 continue
             done.append(seed)
@@ -939,6 +983,9 @@ def summarise(
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} | {collapsed(acc1, rew)} of {len(acc1)} |"
         )
+    if filled_from:
+        lines += ["", "Seeds taken from the records (runs.json), with the CPU each ran on:", ""]
+        lines += [f"- {line}" for line in filled_from]
     if REFERENCE_ARM in record and len(record) > 1:
         paired = paired_gains(record, REFERENCE_ARM)
         lines += [
@@ -1061,9 +1108,17 @@ def main() -> int:
     out_dir = results_dir(args.experiment, published, key)
     records_path = ROOT / "docs" / "results" / args.experiment / RECORDS_FILE
     if args.record:
-        written = record_runs(records_path, key, arms, args.seeds, args.overrides)
+        written, kept = record_runs(records_path, key, arms, args.seeds, args.overrides)
         print(f"recorded {len(written)} finished runs in {records_path.relative_to(ROOT)} (under {key})")
-    recorded = load_records(records_path).get(key, {}) if args.pair_with_records else None
+        for arm, seed, cpu in kept:
+            print(
+                f"  kept the record of {arm} seed {seed} from another CPU ({cpu}); this run was not recorded"
+            )
+    recorded = None
+    if args.pair_with_records:
+        recorded = load_records(records_path).get(key, {})
+        if not recorded:
+            print(f"(no records under {key} in {records_path.relative_to(ROOT)}: nothing to pair with)")
     print(summarise(args.experiment, arms, args.seeds, out_dir, key, recorded, args.overrides))
     if not published:
         why = (

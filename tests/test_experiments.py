@@ -304,7 +304,7 @@ def test_recorded_runs_from_another_machine_pair_with_runs_here(
     monkeypatch.setattr(run, "RUNS", tmp_path / "there")
     _fake_run(tmp_path / "there", "harm", "grpo", 2, 0.2, [0.5, 0.5, 0.5], 150)
     _fake_run(tmp_path / "there", "harm", "tis", 0, 0.0, [0.1], 80)  # stopped at step 80 of 150
-    assert run.record_runs(records, "harm", arms, [0, 1, 2], []) == [("grpo", 2)]
+    assert run.record_runs(records, "harm", arms, [0, 1, 2], []) == ([("grpo", 2)], [])
     kept = run.load_records(records)["harm"]["grpo"]["2"]
     assert kept["acc_last3"] == pytest.approx(0.5) and kept["acc_start"] == pytest.approx(0.2)
     assert kept["d_first5"] == pytest.approx(0.002) and kept["lambda_end"] is None
@@ -325,6 +325,7 @@ def test_recorded_runs_from_another_machine_pair_with_runs_here(
     )
     # tis gains 0.2 on both seeds; grpo 0.1 on seed 1 (here, not the record's 0.5) and 0.3 on seed 2
     assert "+0.100 (seed 1), -0.100 (seed 2)" in table
+    assert f"- grpo seed 2: {kept['cpu']}" in table  # where the filled seed ran
     without = run.summarise("harm", arms, [0, 1, 2], tmp_path / "out")
     assert "+0.100 (seed 1) |" in without and "seed 2" not in without.split("per seed")[1]
 
@@ -339,3 +340,26 @@ def test_the_summary_counts_runs_of_a_length_set_with_set(
     assert "| grpo | 1 | 0.400" in short
     # without the override the run is short of the arm's 150 steps: still going, left out
     assert "| grpo | 0 |" in run.summarise("harm", arms, [0], tmp_path / "out", key="harm+x")
+
+
+def test_a_record_from_another_cpu_is_kept_and_a_broken_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arms = {"grpo": run.EXPERIMENTS["harm"]["grpo"]}
+    records = tmp_path / "runs.json"
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    _fake_run(tmp_path, "harm", "grpo", 0, 0.2, [0.5], 150)
+    monkeypatch.setattr(run, "this_cpu", lambda: "CPU A")
+    assert run.record_runs(records, "harm", arms, [0], []) == ([("grpo", 0)], [])
+    assert run.record_runs(records, "harm", arms, [0], []) == ([("grpo", 0)], [])  # same CPU: replaced
+    monkeypatch.setattr(run, "this_cpu", lambda: "CPU B")
+    assert run.record_runs(records, "harm", arms, [0], []) == ([], [("grpo", 0, "CPU A")])
+    assert run.load_records(records)["harm"]["grpo"]["0"]["cpu"] == "CPU A"
+    data = run.load_records(records)
+    del data["harm"]["grpo"]["0"]["acc_end"]
+    records.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=r"harm / grpo / seed 0: missing or not a number: \['acc_end'\]"):
+        run.load_records(records)
+    records.write_text("{")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        run.load_records(records)
