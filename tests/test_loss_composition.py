@@ -657,3 +657,22 @@ def test_relative_reward_guard_releases_and_ignores_dips_of_a_negative_reward() 
         negative.observe_reward(-0.5 + (0.005 if i % 2 else -0.005))
         negative.update(0.005)
     assert negative.trips == 0 and negative.value == 1.0
+
+
+def test_a_correction_with_a_constraint_is_cautioned_unless_kappa_is_at_most_a_quarter() -> None:
+    from dcmdp.config import COMPOSED_SHARE, cautions
+
+    def lines(*overrides: str) -> list[str]:
+        return cautions(load_config(None, list(overrides)))
+
+    (line,) = lines("loss.type=dcmdp", "loss.correction=tis")
+    assert "loss.correction=tis" in line and f"loss.constraint_share={COMPOSED_SHARE}" in line
+    assert "{" not in line  # no placeholder left in the text
+    assert lines("loss.type=dcmdp", "loss.correction=tis", f"loss.constraint_share={COMPOSED_SHARE}") == []
+    # the other corrections, no bound at all, or a bound on the gradient instead of the update
+    assert len(lines("loss.type=dcmdp_hinge", "loss.correction=icepop")) == 1
+    assert len(lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0")) == 1
+    gradient = ("loss.constraint_share=0.25", "loss.constraint_share_of=gradient")
+    assert len(lines("loss.type=dcmdp", "loss.correction=tis", *gradient)) == 1
+    # a correction alone, a constraint alone: nothing measured against them
+    assert lines("loss.type=tis") == lines("loss.type=dcmdp") == lines("loss.type=grpo") == []

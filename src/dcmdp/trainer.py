@@ -49,7 +49,7 @@ from dcmdp.checkpoint import (
     save_checkpoint,
     set_random_states,
 )
-from dcmdp.config import Config, ConfigError, build_task, dump_config
+from dcmdp.config import Config, ConfigError, build_task, cautions, dump_config
 from dcmdp.engines.base import SamplingSettings, make_engine
 from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
 from dcmdp.models import load_model, load_tokenizer, resolve_device
@@ -275,6 +275,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
     log(f"engine: {engine_label(cfg)} | trainer {cfg.model.dtype}")
+    for line in cautions(cfg):
+        log(f"caution: {line}")
     learner = Learner(cfg, model, ref_model, optimizer, scheduler, sampling, generator)
     versions = PolicyVersions(cfg.run.max_staleness + 1) if cfg.run.max_staleness > 0 else None
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
