@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -815,18 +814,10 @@ RECORDS_FILE = "runs.json"
 
 def this_cpu() -> str:
     """The CPU as the figures of these runs depend on it (docs/RESULTS.md: Zen 3 and Zen 4 gave
-    different runs): model name, family and model, and whether it has AVX-512. A virtual machine
-    may show only "AMD EPYC" as the model name, hence the rest."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields.setdefault(name.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    flags = fields.get("flags", "").split()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, {isa})"
+    different runs): the engine module's description, with family, model and x86 capabilities."""
+    from dcmdp.engines.vllm_engine import cpu_description
+
+    return cpu_description()
 
 
 def this_commit() -> str:

@@ -163,20 +163,24 @@ def cpu_capabilities() -> dict[str, bool]:
 
 
 def cpu_description() -> str:
-    """E.g. "AMD EPYC (avx2, no avx512, no amx)"."""
+    """E.g. "AMD EPYC (family 25, model 17; avx2, avx512, no amx)": family and model as well,
+    since a virtual machine may name every EPYC generation alike and their runs differ."""
     import platform
 
-    name = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    where = (
+        f"family {fields['cpu family']}, model {fields.get('model', '?')}; " if "cpu family" in fields else ""
+    )
     caps = ", ".join(k if v else f"no {k}" for k, v in cpu_capabilities().items())
-    return f"{name} ({caps})"
+    return f"{name} ({where}{caps})"
 
 
 def cpu_quantization_support() -> dict[str, str | None]:
