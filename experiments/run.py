@@ -556,6 +556,10 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # first 15 steps of seed 4 the pair's drift came with the constraint at the bound's
             # share (0.5) for any lambda from 0.06 up, and stopped at kappa 0.25 or lambda 0.001.
             "dcmdp_tis_k0.25": ["loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.25"],
+            # DCMDP + IcePop at the update bound's kappa 0.5 (written out, so the arm keeps it if
+            # the default moves): does the pair's drift need TIS, or any correction? Seed 2 is where
+            # IcePop alone collapsed, seed 1 where DCMDP + TIS did.
+            "dcmdp_icepop": ["loss.type=dcmdp", "loss.correction=icepop", "loss.constraint_share=0.5"],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
