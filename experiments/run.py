@@ -560,6 +560,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # the default moves): does the pair's drift need TIS, or any correction? Seed 2 is where
             # IcePop alone collapsed, seed 1 where DCMDP + TIS did.
             "dcmdp_icepop": ["loss.type=dcmdp", "loss.correction=icepop", "loss.constraint_share=0.5"],
+            "dcmdp_icepop_k0.25": ["loss.type=dcmdp", "loss.correction=icepop", "loss.constraint_share=0.25"],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
