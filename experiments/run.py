@@ -604,6 +604,9 @@ RAN_WITH = {
     # With it, the reward guard became conditional (null: on only where the update bound is off);
     # these ran with the guard's margin of 0.05 by default.
     "multiplier.reward_guard=0.05": tuple(n for n in BEFORE_BOUND if n not in BEFORE_GUARD),
+    # kappa became 0.25 for a correction composed with a constraint (0.5 alone; null = that rule)
+    # after these ran at 0.5 for every arm.
+    "loss.constraint_share=0.5": ("long_defaults_q4_0",),
 }
 
 

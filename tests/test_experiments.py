@@ -87,7 +87,7 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
         cfg = load_config(
             overrides=[*run.COMMON, *run.EXPERIMENTS[experiment][arm], "run.out_dir=/tmp/unused"]
         )
-        return cfg.loss.constraint_share, cfg.loss.constraint_share_of
+        return cfg.loss.share(), cfg.loss.constraint_share_of
 
     # The update bound became the default after these ran: off, or the gradient bound where set.
     assert bound("harm", "dcmdp") == (0.0, "gradient")
@@ -96,6 +96,12 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert bound("harm_update_share", "dcmdp_update0.5_noguard") == (0.5, "update")
     assert bound("self_correction", "penalty_on_update0.5") == (0.5, "update")
     assert bound("long_methods", "dcmdp_guard0.05") == (0.5, "update")  # not run yet: today's default
+    # kappa 0.25 became the default for a correction composed with a constraint after the long
+    # regime's grid had run at 0.5: its arms keep 0.5 unless they set their own
+    assert bound("long_defaults_q4_0", "dcmdp_tis") == (0.5, "update")
+    assert bound("long_defaults_q4_0", "dcmdp") == (0.5, "update")
+    assert bound("long_defaults_q4_0", "dcmdp_tis_k0.25") == (0.25, "update")
+    assert bound("long_methods", "dcmdp_tis_guard0.05") == (0.25, "update")  # not run yet: today's
     # Every experiment that had run when the bound became the default, written out here: each arm
     # runs without it unless it sets the bound itself.
     ran_before = {

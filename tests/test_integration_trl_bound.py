@@ -206,6 +206,14 @@ def test_default_share_per_loss_form_and_invalid_values(tmp_path: Path) -> None:
     assert make_args(tmp_path, dcmdp_loss_form="shaping").dcmdp_options().update_bound() == 0.0
     assert make_args(tmp_path, dcmdp_constraint_share=0.25).dcmdp_options().update_bound() == 0.25
     assert make_args(tmp_path, dcmdp_constraint_share=0.0).dcmdp_options().update_bound() == 0.0
+    # TRL's own correction on vLLM's samples makes the loss a composed one: dcmdp train's 0.25
+    corrected = dict(use_vllm=True, vllm_importance_sampling_correction=True)
+    assert make_args(tmp_path, **corrected).dcmdp_options().update_bound() == 0.25
+    assert make_args(tmp_path, dcmdp_loss_form="hinge", **corrected).dcmdp_options().update_bound() == 0.25
+    assert make_args(tmp_path, dcmdp_constraint_share=0.5, **corrected).dcmdp_options().update_bound() == 0.5
+    assert make_args(tmp_path, dcmdp_loss_form="shaping", **corrected).dcmdp_options().update_bound() == 0.0
+    # without vLLM TRL applies no correction, whatever the flag says
+    assert make_args(tmp_path, vllm_importance_sampling_correction=True).dcmdp_options().update_bound() == 0.5
     assert (
         make_args(tmp_path, dcmdp_loss_form="shaping", dcmdp_constraint_share=0)
         .dcmdp_options()

@@ -25,7 +25,7 @@ from dcmdp.algo.corrections import CORRECTIONS
 from dcmdp.algo.guard import BACKOFF, GuardedMultiplier
 from dcmdp.algo.losses import POLICY_LOSSES, SHORTHANDS, LossInputs, LossSettings, compose_loss
 from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
-from dcmdp.config import ConfigError, load_config
+from dcmdp.config import Config, ConfigError, load_config
 
 DATA = Path(__file__).parent / "data"
 F64 = torch.float64
@@ -659,20 +659,44 @@ def test_relative_reward_guard_releases_and_ignores_dips_of_a_negative_reward() 
     assert negative.trips == 0 and negative.value == 1.0
 
 
-def test_a_correction_with_a_constraint_is_cautioned_unless_kappa_is_at_most_a_quarter() -> None:
-    from dcmdp.config import COMPOSED_SHARE, cautions
+def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cautioned_above_it() -> None:
+    from dcmdp import trainer
+    from dcmdp.config import COMPOSED_SHARE, DEFAULT_SHARE, cautions
+
+    def cfg(*overrides: str) -> Config:
+        return load_config(None, list(overrides))
 
     def lines(*overrides: str) -> list[str]:
-        return cautions(load_config(None, list(overrides)))
+        return cautions(cfg(*overrides))
 
-    (line,) = lines("loss.type=dcmdp", "loss.correction=tis")
+    # null resolves by composition: a quarter with a correction beside the constraint, a half alone
+    assert cfg("loss.type=dcmdp").loss.constraint_share is None
+    assert (COMPOSED_SHARE, DEFAULT_SHARE) == (0.25, 0.5)
+    assert cfg("loss.type=dcmdp", "loss.correction=tis").loss.share() == COMPOSED_SHARE
+    assert cfg("loss.type=dcmdp_hinge", "loss.correction=icepop").loss.share() == COMPOSED_SHARE
+    assert cfg("loss.type=tis", "loss.constraint=penalty").loss.share() == COMPOSED_SHARE
+    assert cfg("loss.type=dcmdp").loss.share() == cfg("loss.type=dcmdp_full").loss.share() == DEFAULT_SHARE
+    assert cfg("loss.type=dcmdp", "loss.correction=none").loss.share() == DEFAULT_SHARE
+    assert cfg("loss.type=tis").loss.share() == DEFAULT_SHARE  # no constraint: the bound is never built
+    # a value given wins, 0 included
+    assert cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.5").loss.share() == 0.5
+    assert cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0").loss.share() == 0.0
+    assert cfg("loss.type=dcmdp", "loss.constraint_share=0.1").loss.share() == 0.1
+    # the trainer builds its optimizer with the resolved kappa
+    assert trainer.bounds_update(cfg("loss.type=dcmdp", "loss.correction=tis"))
+    assert not trainer.bounds_update(cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0"))
+
+    # the default composed run is not cautioned; one set above a quarter is
+    assert lines("loss.type=dcmdp", "loss.correction=tis") == []
+    (line,) = lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.5")
     assert "loss.correction=tis" in line and f"loss.constraint_share={COMPOSED_SHARE}" in line
     assert "{" not in line  # no placeholder left in the text
     assert lines("loss.type=dcmdp", "loss.correction=tis", f"loss.constraint_share={COMPOSED_SHARE}") == []
     # the other corrections, no bound at all, or a bound on the gradient instead of the update
-    assert len(lines("loss.type=dcmdp_hinge", "loss.correction=icepop")) == 1
+    assert len(lines("loss.type=dcmdp_hinge", "loss.correction=icepop", "loss.constraint_share=0.3")) == 1
     assert len(lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0")) == 1
     gradient = ("loss.constraint_share=0.25", "loss.constraint_share_of=gradient")
     assert len(lines("loss.type=dcmdp", "loss.correction=tis", *gradient)) == 1
+    assert len(lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share_of=gradient")) == 1
     # a correction alone, a constraint alone: nothing measured against them
     assert lines("loss.type=tis") == lines("loss.type=dcmdp") == lines("loss.type=grpo") == []

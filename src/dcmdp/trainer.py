@@ -185,11 +185,7 @@ def trainer_model(path: Any, dtype: str, device: str) -> torch.nn.Module:
 
 def bounds_update(cfg: Config) -> bool:
     """Whether the run bounds the constraint's share of the optimizer's step (``ShareBoundedAdamW``)."""
-    return (
-        cfg.loss.constraint_share > 0
-        and cfg.loss.uses_multiplier()
-        and cfg.loss.constraint_share_of == "update"
-    )
+    return cfg.loss.share() > 0 and cfg.loss.uses_multiplier() and cfg.loss.constraint_share_of == "update"
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -200,7 +196,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
             lr=cfg.optim.lr,
             betas=cfg.optim.betas,
             weight_decay=cfg.optim.weight_decay,
-            kappa=cfg.loss.constraint_share,
+            kappa=cfg.loss.share(),
         )
     return torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
@@ -626,8 +622,8 @@ def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) 
     cfg, model, batch = learner.cfg, learner.model, data.batch
     loss_fn = cfg.loss.loss_fn()
     bound = None
-    if cfg.loss.constraint_share > 0 and cfg.loss.uses_multiplier():
-        bound = ConstraintGradients(model.parameters(), cfg.loss.constraint_share)
+    if cfg.loss.share() > 0 and cfg.loss.uses_multiplier():
+        bound = ConstraintGradients(model.parameters(), cfg.loss.share())
     update_bound = bounds_update(cfg)
     bounded = learner.optimizer if isinstance(learner.optimizer, ShareBoundedAdamW) else None
     if update_bound and bounded is None:

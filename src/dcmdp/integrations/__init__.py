@@ -33,7 +33,7 @@ from dcmdp.algo.discrepancy import fill_masked, prob_gap
 from dcmdp.algo.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings
 from dcmdp.algo.multiplier import build_multiplier as build_core_multiplier
-from dcmdp.config import LossConfig
+from dcmdp.config import COMPOSED_SHARE, DEFAULT_SHARE
 
 #: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
 LOSS_FORMS: dict[str, str] = {
@@ -51,8 +51,9 @@ def core_loss_name(form: str) -> str:
 
 
 #: kappa of the update bound when ``DCMDPOptions.constraint_share`` is None (penalty and hinge):
-#: ``dcmdp train``'s default, one definition.
-DEFAULT_CONSTRAINT_SHARE: float = LossConfig.constraint_share
+#: ``dcmdp train``'s defaults, one definition each: alone, and with an importance correction beside it.
+DEFAULT_CONSTRAINT_SHARE: float = DEFAULT_SHARE
+CORRECTED_CONSTRAINT_SHARE: float = COMPOSED_SHARE
 
 # Defaults of the multiplier options: the fields of dcmdp's own multiplier settings, so the
 # integrations and `dcmdp train` share one definition of each.
@@ -111,6 +112,10 @@ class DCMDPOptions:
     """kappa of the update bound (``dcmdp train``'s ``loss.constraint_share`` with
     ``constraint_share_of=update``: :class:`~dcmdp.grad_share.ShareBoundedAdamW`); 0 = off, None =
     :meth:`update_bound`'s default per loss form. Read by TRL only: verl does not bound the update yet."""
+    corrected: bool = False
+    """Whether the framework applies an importance correction beside the constraint (TRL's
+    ``vllm_importance_sampling_correction`` with vLLM): then the default kappa is ``dcmdp train``'s
+    for a composed loss (0.25), where DCMDP + TIS held; at 0.5 it collapsed (docs/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         core_loss_name(self.loss_form)
@@ -166,11 +171,13 @@ class DCMDPOptions:
 
     def update_bound(self) -> float:
         """kappa of the update bound, 0 when off: ``constraint_share``, or when it is None
-        ``dcmdp train``'s default (``loss.constraint_share``, 0.5) for the penalty and hinge forms and
-        0 for shaping (see ``constraint_share``)."""
+        ``dcmdp train``'s default for the penalty and hinge forms (0.5, or 0.25 when ``corrected``)
+        and 0 for shaping (see ``constraint_share``)."""
         if self.constraint_share is not None:
             return float(self.constraint_share)
-        return 0.0 if self.loss_form == "shaping" else DEFAULT_CONSTRAINT_SHARE
+        if self.loss_form == "shaping":
+            return 0.0
+        return CORRECTED_CONSTRAINT_SHARE if self.corrected else DEFAULT_CONSTRAINT_SHARE
 
 
 def build_multiplier(options: DCMDPOptions) -> Multiplier:
