@@ -605,7 +605,8 @@ RAN_WITH = {
     # these ran with the guard's margin of 0.05 by default.
     "multiplier.reward_guard=0.05": tuple(n for n in BEFORE_BOUND if n not in BEFORE_GUARD),
     # kappa became 0.25 for a correction composed with a constraint (0.5 alone; null = that rule)
-    # after these ran at 0.5 for every arm.
+    # after these ran at 0.5 for every arm. An arm added to them later also gets 0.5, as the arms
+    # it is compared with had: to run one at today's rule, write loss.constraint_share out.
     "loss.constraint_share=0.5": ("long_defaults_q4_0",),
 }
 

@@ -212,7 +212,9 @@ def test_default_share_per_loss_form_and_invalid_values(tmp_path: Path) -> None:
     assert make_args(tmp_path, dcmdp_loss_form="hinge", **corrected).dcmdp_options().update_bound() == 0.25
     assert make_args(tmp_path, dcmdp_constraint_share=0.5, **corrected).dcmdp_options().update_bound() == 0.5
     assert make_args(tmp_path, dcmdp_loss_form="shaping", **corrected).dcmdp_options().update_bound() == 0.0
-    # without vLLM TRL applies no correction, whatever the flag says
+    # TRL's off-policy sequence mask is a correction with or without vLLM
+    assert make_args(tmp_path, off_policy_mask_threshold=0.5).dcmdp_options().update_bound() == 0.25
+    # without vLLM TRL applies no IS correction, whatever the flag says
     assert make_args(tmp_path, vllm_importance_sampling_correction=True).dcmdp_options().update_bound() == 0.5
     assert (
         make_args(tmp_path, dcmdp_loss_form="shaping", dcmdp_constraint_share=0)

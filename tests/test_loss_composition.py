@@ -661,7 +661,8 @@ def test_relative_reward_guard_releases_and_ignores_dips_of_a_negative_reward() 
 
 def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cautioned_above_it() -> None:
     from dcmdp import trainer
-    from dcmdp.config import COMPOSED_SHARE, DEFAULT_SHARE, cautions
+    from dcmdp.config import COMPOSED_SHARE, DEFAULT_SHARE, LossConfig, cautions
+    from dcmdp.grad_share import ShareBoundedAdamW
 
     def cfg(*overrides: str) -> Config:
         return load_config(None, list(overrides))
@@ -682,8 +683,21 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
     assert cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.5").loss.share() == 0.5
     assert cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0").loss.share() == 0.0
     assert cfg("loss.type=dcmdp", "loss.constraint_share=0.1").loss.share() == 0.1
-    # the trainer builds its optimizer with the resolved kappa
-    assert trainer.bounds_update(cfg("loss.type=dcmdp", "loss.correction=tis"))
+    # a loss registered under its own name is not composed: a half
+    assert LossConfig(type="my_loss").composition() is None
+    assert LossConfig(type="my_loss").share() == DEFAULT_SHARE
+    # the trainer builds its optimizer, and the gradient bound, with the resolved kappa
+    model = torch.nn.Linear(2, 2)
+    composed = cfg("loss.type=dcmdp", "loss.correction=tis")
+    assert trainer.bounds_update(composed)
+    opt = trainer.make_optimizer(composed, model)
+    assert isinstance(opt, ShareBoundedAdamW) and opt.kappa == COMPOSED_SHARE
+    assert trainer.make_optimizer(cfg("loss.type=dcmdp"), model).kappa == DEFAULT_SHARE  # type: ignore[attr-defined]
+    on_gradient = cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share_of=gradient")
+    assert not isinstance(trainer.make_optimizer(on_gradient, model), ShareBoundedAdamW)
+    grads = trainer.constraint_gradients(on_gradient, model)
+    assert grads is not None and grads.kappa == COMPOSED_SHARE
+    assert trainer.constraint_gradients(cfg("loss.type=tis"), model) is None
     assert not trainer.bounds_update(cfg("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0"))
 
     # the default composed run is not cautioned; one set above a quarter is
@@ -697,6 +711,9 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
     assert len(lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0")) == 1
     gradient = ("loss.constraint_share=0.25", "loss.constraint_share_of=gradient")
     assert len(lines("loss.type=dcmdp", "loss.correction=tis", *gradient)) == 1
-    assert len(lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share_of=gradient")) == 1
+    # the advice names what to change, and only that
+    (on_gradient_line,) = lines("loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share_of=gradient")
+    assert on_gradient_line.endswith("consider loss.constraint_share_of=update")
+    assert line.endswith("consider loss.constraint_share unset (or at most 0.25)")
     # a correction alone, a constraint alone: nothing measured against them
     assert lines("loss.type=tis") == lines("loss.type=dcmdp") == lines("loss.type=grpo") == []

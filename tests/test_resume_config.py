@@ -270,3 +270,19 @@ def test_resume_refuses_to_extend_a_cosine_schedule(
     assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=4"]) == 2
     assert "run.steps" in last_err_line(capsys)
     assert train_steps(out) == [1, 2]
+
+
+def test_resume_compares_the_resolved_update_bound_not_how_it_was_written(tmp_path: Path) -> None:
+    # a composed loss saved with kappa null (a quarter): writing the quarter out is no change,
+    # any other kappa is; a run saved at 0.5 keeps 0.5 and refuses null (which now means 0.25)
+    composed = ["loss.type=dcmdp", "loss.correction=tis"]
+    for saved_share, same, other in [("null", "0.25", "0.5"), ("0.5", "0.5", "null")]:
+        out = tmp_path / f"run_{saved_share}"
+        out.mkdir()
+        cfg = load_config(None, [*composed, f"loss.constraint_share={saved_share}", f"run.out_dir={out}"])
+        (out / "config.yaml").write_text(dump_config(cfg))
+        resumed, _ = load_resume_config(None, [f"run.out_dir={out}", f"loss.constraint_share={same}"])
+        assert resumed.loss.share() == cfg.loss.share()
+        assert load_resume_config(None, [f"run.out_dir={out}"])[0].loss.share() == cfg.loss.share()
+        with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
+            load_resume_config(None, [f"run.out_dir={out}", f"loss.constraint_share={other}"])

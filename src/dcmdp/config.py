@@ -598,14 +598,17 @@ def cautions(cfg: Config) -> list[str]:
     out = []
     parts = cfg.loss.composition()
     if parts is not None and parts[0] != "none" and parts[1] != "none":
-        bounded = cfg.loss.constraint_share_of == "update" and 0 < cfg.loss.share() <= COMPOSED_SHARE
-        if not bounded:
+        on_update = cfg.loss.constraint_share_of == "update"
+        if not (on_update and 0 < cfg.loss.share() <= COMPOSED_SHARE):
+            advice = [] if on_update else ["loss.constraint_share_of=update"]
+            if not 0 < cfg.loss.share() <= COMPOSED_SHARE:
+                advice.append("loss.constraint_share unset (or at most 0.25)")
             out.append(
                 f"loss.correction={parts[0]} with a constraint: DCMDP + TIS collapsed in 3 of 5 long-response "
                 f"runs with the update bound at kappa 0.5 (and in the one run without it), and held in 5 of 5 "
                 f"with loss.constraint_share={COMPOSED_SHARE}, the default for a composed loss (kappa chosen on "
-                f"one seed; measured with TIS and the penalty form only: docs/RESULTS.md); consider leaving "
-                f"loss.constraint_share unset"
+                f"one seed; measured with TIS and the penalty form: docs/RESULTS.md); consider "
+                + " and ".join(advice)
             )
     return out
 
@@ -724,6 +727,12 @@ def load_resume_config(
     cfg = config_from_dict(merged)
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
+    # null and the kappa it stands for are the same run: only a change of the resolved kappa counts
+    refused = [
+        c
+        for c in refused
+        if not (c.field == "loss.constraint_share" and saved.loss.share() == cfg.loss.share())
+    ]
     # A cosine schedule's length is the run's length: extending the run would restart its decay.
     if cfg.optim.schedule == "cosine":
         refused += [c for c in changes if c.field == "run.steps"]

@@ -188,6 +188,14 @@ def bounds_update(cfg: Config) -> bool:
     return cfg.loss.share() > 0 and cfg.loss.uses_multiplier() and cfg.loss.constraint_share_of == "update"
 
 
+def constraint_gradients(cfg: Config, model: torch.nn.Module) -> ConstraintGradients | None:
+    """The buffer that keeps the constraint's gradient apart (for either share bound), None when
+    the bound is off or the loss has no constraint."""
+    if cfg.loss.share() > 0 and cfg.loss.uses_multiplier():
+        return ConstraintGradients(model.parameters(), cfg.loss.share())
+    return None
+
+
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW, or with ``loss.constraint_share_of=update`` the AdamW that bounds the constraint's step."""
     if bounds_update(cfg):
@@ -621,9 +629,7 @@ def update_policy(*args: Any) -> dict[str, float]:
 def _update_policy(learner: Learner, data: UpdateBatch, settings: LossSettings) -> dict[str, float]:
     cfg, model, batch = learner.cfg, learner.model, data.batch
     loss_fn = cfg.loss.loss_fn()
-    bound = None
-    if cfg.loss.share() > 0 and cfg.loss.uses_multiplier():
-        bound = ConstraintGradients(model.parameters(), cfg.loss.share())
+    bound = constraint_gradients(cfg, model)
     update_bound = bounds_update(cfg)
     bounded = learner.optimizer if isinstance(learner.optimizer, ShareBoundedAdamW) else None
     if update_bound and bounded is None:

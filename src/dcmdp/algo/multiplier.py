@@ -93,7 +93,8 @@ class MultiplierSettings:
     init: float = PAPER_LAMBDA_0
     """lambda_0 (paper: 0.1 dense, 0.05 MoE)."""
     eta: float = PAPER_ETA
-    """Dual step size (paper: 1.0). PID uses kp/ki/kd instead."""
+    """Dual step size (paper: 1.0). PID uses kp/ki/kd instead. To hold lambda fixed, set
+    lam_min = lam_max = init."""
     tolerance: float | None = PAPER_TOLERANCE
     """c, the tolerated mean probability gap (paper: 0.0037 dense, 0.005 MoE). null = automatic."""
     lam_min: float = 0.0

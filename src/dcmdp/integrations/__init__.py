@@ -114,7 +114,8 @@ class DCMDPOptions:
     :meth:`update_bound`'s default per loss form. Read by TRL only: verl does not bound the update yet."""
     corrected: bool = False
     """Whether the framework applies an importance correction beside the constraint (TRL's
-    ``vllm_importance_sampling_correction`` with vLLM): then the default kappa is ``dcmdp train``'s
+    ``vllm_importance_sampling_correction`` with vLLM, or its ``off_policy_mask_threshold``): then
+    the default kappa is ``dcmdp train``'s
     for a composed loss (0.25), where DCMDP + TIS held; at 0.5 it collapsed (docs/RESULTS.md)."""
 
     def __post_init__(self) -> None:
