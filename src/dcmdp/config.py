@@ -222,15 +222,18 @@ class LossConfig:
             self.measure,
         )
 
+    def composed(self) -> bool:
+        """Whether a built-in importance correction is composed with a constraint."""
+        parts = self.composition()
+        return parts is not None and parts[0] != "none" and parts[1] != "none"
+
     def share(self) -> float:
         """kappa of the share bound this loss runs with: ``constraint_share``, or when it is null
         :data:`COMPOSED_SHARE` for a built-in correction composed with a constraint and
         :data:`DEFAULT_SHARE` otherwise."""
         if self.constraint_share is not None:
             return float(self.constraint_share)
-        parts = self.composition()
-        composed = parts is not None and parts[0] != "none" and parts[1] != "none"
-        return COMPOSED_SHARE if composed else DEFAULT_SHARE
+        return COMPOSED_SHARE if self.composed() else DEFAULT_SHARE
 
     def loss_fn(self) -> PolicyLossFn:
         """The composed loss this section describes."""
@@ -597,7 +600,7 @@ def cautions(cfg: Config) -> list[str]:
     when a run starts (the run goes ahead: a measurement on one task and model, not a rule)."""
     out = []
     parts = cfg.loss.composition()
-    if parts is not None and parts[0] != "none" and parts[1] != "none":
+    if parts is not None and cfg.loss.composed():
         on_update = cfg.loss.constraint_share_of == "update"
         if not (on_update and 0 < cfg.loss.share() <= COMPOSED_SHARE):
             advice = [] if on_update else ["loss.constraint_share_of=update"]
