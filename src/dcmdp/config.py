@@ -602,9 +602,10 @@ def cautions(cfg: Config) -> list[str]:
     parts = cfg.loss.composition()
     if parts is not None and cfg.loss.composed():
         on_update = cfg.loss.constraint_share_of == "update"
-        if not (on_update and 0 < cfg.loss.share() <= COMPOSED_SHARE):
+        small = 0 < cfg.loss.share() <= COMPOSED_SHARE
+        if not (on_update and small):
             advice = [] if on_update else ["loss.constraint_share_of=update"]
-            if not 0 < cfg.loss.share() <= COMPOSED_SHARE:
+            if not small:
                 advice.append("loss.constraint_share unset (or at most 0.25)")
             out.append(
                 f"loss.correction={parts[0]} with a constraint: DCMDP + TIS collapsed in 3 of 5 long-response "
