@@ -6,6 +6,7 @@ Overrides apply on top and are printed; changes that would alter what the run tr
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,32 @@ def test_resume_compares_the_resolved_update_bound_not_how_it_was_written(tmp_pa
         assert load_resume_config(None, [f"run.out_dir={out}"])[0].loss.share() == cfg.loss.share()
         with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
             load_resume_config(None, [f"run.out_dir={out}", f"loss.constraint_share={other}"])
+
+
+def test_python_resume_checks_the_saved_config_like_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trainer.train(cfg, resume=True) used to take the config it was given: resuming a composed run
+    # saved at kappa 0.5 with a freshly loaded config continued at 0.25 and rewrote config.yaml
+    from dcmdp import trainer
+
+    monkeypatch.setattr("dcmdp.trainer.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    composed = ["loss.type=dcmdp", "loss.correction=tis", "run.steps=4"]
+    run = tmp_path / "r"
+    _save_run(run, *composed, "loss.constraint_share=0.5")
+    rows = [{"step": s, "kind": "train"} for s in range(1, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved_text = (run / "config.yaml").read_text()
+    fresh = load_config(overrides=[*composed, f"run.out_dir={run}"])
+    assert fresh.loss.share() == 0.25
+    with pytest.raises(ConfigError, match=r"refuses to change .*loss\.constraint_share: 0\.5 -> null"):
+        trainer.train(fresh, resume=True, log=lambda _m: None)
+    other = load_config(overrides=["loss.type=grpo", "run.steps=4", f"run.out_dir={run}"])
+    with pytest.raises(ConfigError, match=r"loss\.type: dcmdp -> grpo"):
+        trainer.train(other, resume=True, log=lambda _m: None)
+    assert (run / "config.yaml").read_text() == saved_text
+    # what may change on resume still may: the finished run says so and loads nothing
+    same = load_config(
+        overrides=[*composed, "loss.constraint_share=0.5", "run.eval_every=2", f"run.out_dir={run}"]
+    )
+    assert trainer.train(same, resume=True, log=lambda _m: None)["finished"] is True

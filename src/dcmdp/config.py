@@ -697,18 +697,12 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_resume_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> tuple[Config, list[Change]]:
-    """The config to resume a run with, and what the command line changed in it.
+def saved_run_config(out_dir: Path) -> Config:
+    """The config a run in ``out_dir`` was saved with (its ``config.yaml``), for resuming it.
 
-    The run directory is ``run.out_dir`` of ``path`` and ``overrides`` (the default otherwise). Its
-    saved ``config.yaml`` is the base; the fields of ``path`` and then ``overrides`` apply on top.
-    A change to a field outside :data:`RESUME_CHANGEABLE` raises ``ConfigError``.
+    Fields the run saved before they existed take the values they stood for then
+    (:data:`DEFAULTS_BEFORE`). A missing or invalid file raises ``ConfigError``.
     """
-    top = apply_overrides(read_config_file(path) if path is not None else {}, overrides or [])
-    run_top = top.get("run") or {}
-    out_dir = Path(str(run_top.get("out_dir", RunConfig.out_dir)))
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
         what = "no such directory" if not out_dir.is_dir() else "it holds no config.yaml"
@@ -721,14 +715,16 @@ def load_resume_config(
             existing = saved_data.get(section)
             if existing is None or isinstance(existing, dict):
                 saved_data[section] = {**values, **(existing or {})}
-        saved = config_from_dict(saved_data)
+        return config_from_dict(saved_data)
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"--resume: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
         ) from None
-    merged = _merge(dataclasses.asdict(saved), top)
-    merged["run"]["out_dir"] = str(out_dir)  # the directory resumed, wherever the run first lived
-    cfg = config_from_dict(merged)
+
+
+def check_resume(saved: Config, cfg: Config, out_dir: Path) -> list[Change]:
+    """What resuming the run saved as ``saved`` with ``cfg`` changes; raises ``ConfigError`` when a
+    change alters what the run trains (a field outside :data:`RESUME_CHANGEABLE`)."""
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
     # null and the kappa it stands for are the same run: only a change of the resolved kappa counts
@@ -749,7 +745,26 @@ def load_resume_config(
             f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the override, "
             f"or start a new run from its checkpoint (model.path={ckpt} run.out_dir=NEW_DIR)"
         )
-    return cfg, changes
+    return changes
+
+
+def load_resume_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[Config, list[Change]]:
+    """The config to resume a run with, and what the command line changed in it.
+
+    The run directory is ``run.out_dir`` of ``path`` and ``overrides`` (the default otherwise). Its
+    saved ``config.yaml`` is the base; the fields of ``path`` and then ``overrides`` apply on top.
+    A change to a field outside :data:`RESUME_CHANGEABLE` raises ``ConfigError``.
+    """
+    top = apply_overrides(read_config_file(path) if path is not None else {}, overrides or [])
+    run_top = top.get("run") or {}
+    out_dir = Path(str(run_top.get("out_dir", RunConfig.out_dir)))
+    saved = saved_run_config(out_dir)
+    merged = _merge(dataclasses.asdict(saved), top)
+    merged["run"]["out_dir"] = str(out_dir)  # the directory resumed, wherever the run first lived
+    cfg = config_from_dict(merged)
+    return cfg, check_resume(saved, cfg, out_dir)
 
 
 def dump_config(cfg: Config) -> str:

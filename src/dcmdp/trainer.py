@@ -49,7 +49,15 @@ from dcmdp.checkpoint import (
     save_checkpoint,
     set_random_states,
 )
-from dcmdp.config import Config, ConfigError, build_task, cautions, dump_config
+from dcmdp.config import (
+    Config,
+    ConfigError,
+    build_task,
+    cautions,
+    check_resume,
+    dump_config,
+    saved_run_config,
+)
 from dcmdp.engines.base import SamplingSettings, make_engine
 from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
 from dcmdp.models import load_model, load_tokenizer, resolve_device
@@ -214,6 +222,8 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
+    if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
+        check_resume(saved_run_config(run_dir), cfg, run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(
