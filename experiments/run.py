@@ -561,6 +561,32 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # IcePop alone collapsed, seed 1 where DCMDP + TIS did.
             "dcmdp_icepop": ["loss.type=dcmdp", "loss.correction=icepop", "loss.constraint_share=0.5"],
             "dcmdp_icepop_k0.25": ["loss.type=dcmdp", "loss.correction=icepop", "loss.constraint_share=0.25"],
+            # The other corrections composed with the penalty at today's kappa for a composed loss
+            # (0.25, written out), each with the band or threshold of its own arm above: whether
+            # the quarter, chosen on TIS and checked on IcePop, holds for them too.
+            "dcmdp_seq_tis_k0.25": [
+                "loss.type=dcmdp",
+                "loss.correction=seq_tis",
+                "loss.constraint_share=0.25",
+            ],
+            "dcmdp_seq_mis_k0.25": [
+                "loss.type=dcmdp",
+                "loss.correction=seq_mis",
+                "loss.constraint_share=0.25",
+            ],
+            "dcmdp_geo_mask_k0.25": [
+                "loss.type=dcmdp",
+                "loss.correction=geo_mask",
+                "loss.geo_low=0.95",
+                "loss.geo_high=1.05",
+                "loss.constraint_share=0.25",
+            ],
+            "dcmdp_opsm_k0.25": [
+                "loss.type=dcmdp",
+                "loss.correction=opsm",
+                "loss.opsm_delta=0.05",
+                "loss.constraint_share=0.25",
+            ],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
