@@ -289,24 +289,33 @@ def test_resume_compares_the_resolved_update_bound_not_how_it_was_written(tmp_pa
             load_resume_config(None, [f"run.out_dir={out}", f"loss.constraint_share={other}"])
 
 
-def test_python_resume_checks_the_saved_config_like_the_cli(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _log_steps(run_dir: Path, *steps: int) -> None:
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "kind": "train"}) + "\n" for s in steps)
+    )
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dcmdp.trainer.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def test_python_resume_checks_the_saved_config_like_the_cli(tmp_path: Path, no_model: None) -> None:
     # trainer.train(cfg, resume=True) used to take the config it was given: resuming a composed run
     # saved at kappa 0.5 with a freshly loaded config continued at 0.25 and rewrote config.yaml
     from dcmdp import trainer
 
-    monkeypatch.setattr("dcmdp.trainer.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     composed = ["loss.type=dcmdp", "loss.correction=tis", "run.steps=4"]
     run = tmp_path / "r"
     _save_run(run, *composed, "loss.constraint_share=0.5")
-    rows = [{"step": s, "kind": "train"} for s in range(1, 5)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _log_steps(run, 1, 2, 3, 4)
     saved_text = (run / "config.yaml").read_text()
     fresh = load_config(overrides=[*composed, f"run.out_dir={run}"])
     assert fresh.loss.share() == 0.25
-    with pytest.raises(ConfigError, match=r"refuses to change .*loss\.constraint_share: 0\.5 -> null"):
+    with pytest.raises(ConfigError) as refused:
         trainer.train(fresh, resume=True, log=lambda _m: None)
+    assert str(refused.value).startswith(f"train(resume=True) refuses to change what the run in {run} trains")
+    assert "loss.constraint_share: 0.5 -> null" in str(refused.value)
     other = load_config(overrides=["loss.type=grpo", "run.steps=4", f"run.out_dir={run}"])
     with pytest.raises(ConfigError, match=r"loss\.type: dcmdp -> grpo"):
         trainer.train(other, resume=True, log=lambda _m: None)
@@ -316,3 +325,112 @@ def test_python_resume_checks_the_saved_config_like_the_cli(
         overrides=[*composed, "loss.constraint_share=0.5", "run.eval_every=2", f"run.out_dir={run}"]
     )
     assert trainer.train(same, resume=True, log=lambda _m: None)["finished"] is True
+    # a tuple and a list of the same values are one setting (a config built in Python may hold either)
+    listed = dataclasses.replace(same, optim=dataclasses.replace(same.optim, betas=list(same.optim.betas)))
+    assert trainer.train(listed, resume=True, log=lambda _m: None)["finished"] is True
+
+
+def test_python_resume_refusal_is_one_line(tmp_path: Path, no_model: None) -> None:
+    from dcmdp import trainer
+
+    run = tmp_path / "r"
+    _save_run(run, "loss.type=grpo", "run.steps=2", "engine.type=transformers")
+    _log_steps(run, 1, 2)
+    modules = "[" + ",".join(f"{part}.{i}" for part in ("attention", "mlp") for i in range(6)) + "]"
+    long = load_config(
+        overrides=[
+            "loss.type=grpo",
+            "run.steps=2",
+            "engine.type=transformers",
+            f"engine.fp32_modules={modules}",
+            f"run.out_dir={run}",
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"engine\.fp32_modules") as refused:
+        trainer.train(long, resume=True, log=lambda _m: None)
+    assert len(str(refused.value).splitlines()) == 1, str(refused.value)
+
+
+@pytest.mark.parametrize("loss, refused", [("grpo", False), ("dcmdp", True)])
+def test_python_resume_of_a_run_saved_before_the_bound(
+    tmp_path: Path, no_model: None, loss: str, refused: bool
+) -> None:
+    # a config.yaml written before the update bound and the reward guard existed lacks their
+    # fields: they stood for "off" then, so a DCMDP run resumed with today's defaults would change,
+    # while a loss without a constraint reads none of them
+    from dcmdp import trainer
+
+    run = tmp_path / "old"
+    _save_run(run, f"loss.type={loss}", "run.steps=2")
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in [
+        ("loss", "constraint_share"),
+        ("loss", "constraint_share_of"),
+        ("multiplier", "reward_guard"),
+        ("multiplier", "tolerance_floor"),
+    ]:
+        del data[section][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    _log_steps(run, 1, 2)
+    cfg = load_config(run / "config.yaml")
+    if refused:
+        with pytest.raises(ConfigError, match=r"loss\.constraint_share: 0\.0 -> null"):
+            trainer.train(cfg, resume=True, log=lambda _m: None)
+    else:
+        assert trainer.train(cfg, resume=True, log=lambda _m: None)["finished"] is True
+
+
+def test_python_resume_before_a_first_step_may_change_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a start that died before step 1 (config.yaml only) has nothing to continue: a retry with the
+    # engine fixed goes ahead (to the task check, where this test stops it)
+    from dcmdp import trainer
+
+    run = tmp_path / "r"
+    _save_run(run, "loss.type=grpo", "engine.type=vllm")
+
+    class Reached(Exception):
+        pass
+
+    def stop(*_a: Any, **_k: Any) -> None:
+        raise Reached
+
+    monkeypatch.setattr("dcmdp.trainer.build_task", stop)
+    fixed = load_config(overrides=["loss.type=grpo", "engine.type=fake", f"run.out_dir={run}"])
+    with pytest.raises(Reached):
+        trainer.train(fixed, resume=True, log=lambda _m: None)
+    _log_steps(run, 1)  # one step trained: now the engine is part of the run
+    with pytest.raises(ConfigError, match=r"engine\.type: vllm -> fake"):
+        trainer.train(fixed, resume=True, log=lambda _m: None)
+
+
+def test_cli_resume_of_a_copied_run_by_a_relative_path(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the saved run.out_dir names where the run first lived; a copy resumes where it is now
+    import shutil
+
+    first = tmp_path / "first"
+    assert main(["train", *tiny_run(tiny_model_dir, first, **{"run.steps": 2})]) == 0
+    shutil.copytree(first, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", "run.out_dir=copy", "run.steps=3"]) == 0
+    assert "run.steps: 2 -> 3" in capsys.readouterr().out
+    assert train_steps(tmp_path / "copy") == [1, 2, 3] and train_steps(first) == [1, 2]
+    assert saved(tmp_path / "copy")["run"]["out_dir"] == "copy"
+
+
+def test_configuration_page_names_every_field_a_resume_may_change() -> None:
+    import re
+
+    from dcmdp.config import RESUME_CHANGEABLE
+
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    paragraph = page[page.index("`dcmdp train --resume") : page.index("This page is generated")]
+    named = re.findall(r"`([a-z_.*]+)`", paragraph)
+    for field in RESUME_CHANGEABLE:
+        assert any(field == n or (n.endswith("*") and field.startswith(n.rstrip("*"))) for n in named), (
+            f"docs/configuration.md does not say that --resume may change {field}"
+        )

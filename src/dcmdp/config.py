@@ -633,6 +633,9 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
     "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
 }
 
+#: Fields no loss without a constraint reads: a resume of such a run may change them.
+INERT_WITHOUT_CONSTRAINT = ("multiplier.", "loss.constraint_share")
+
 RESUME_CHANGEABLE = (
     "run.steps",
     "run.out_dir",
@@ -668,8 +671,18 @@ class Change:
 
 
 def _show(value: Any) -> str:
-    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True)
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=float("inf"))
     return text.strip().removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, as YAML writes it: a tuple and a list of the same items are
+    one setting (a config built in Python may hold either)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def config_changes(old: Config, new: Config) -> list[Change]:
@@ -679,7 +692,7 @@ def config_changes(old: Config, new: Config) -> list[Change]:
         Change(f"{section}.{key}", a[section][key], b[section][key])
         for section in SECTIONS
         for key in a[section]
-        if a[section][key] != b[section][key]
+        if _plain(a[section][key]) != _plain(b[section][key])
     ]
 
 
@@ -697,7 +710,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def saved_run_config(out_dir: Path) -> Config:
+def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
     """The config a run in ``out_dir`` was saved with (its ``config.yaml``), for resuming it.
 
     Fields the run saved before they existed take the values they stood for then
@@ -707,7 +720,7 @@ def saved_run_config(out_dir: Path) -> Config:
     if not saved_path.is_file():
         what = "no such directory" if not out_dir.is_dir() else "it holds no config.yaml"
         raise ConfigError(
-            f"--resume: cannot resume {out_dir} ({what}); pass run.out_dir=DIR of a run started by `dcmdp train`"
+            f"{how}: cannot resume {out_dir} ({what}); pass run.out_dir=DIR of a run started by `dcmdp train`"
         )
     try:
         saved_data = read_config_file(saved_path)
@@ -718,15 +731,20 @@ def saved_run_config(out_dir: Path) -> Config:
         return config_from_dict(saved_data)
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
-            f"--resume: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
+            f"{how}: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
         ) from None
 
 
-def check_resume(saved: Config, cfg: Config, out_dir: Path) -> list[Change]:
-    """What resuming the run saved as ``saved`` with ``cfg`` changes; raises ``ConfigError`` when a
-    change alters what the run trains (a field outside :data:`RESUME_CHANGEABLE`)."""
+def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume") -> list[Change]:
+    """What resuming the run saved as ``saved`` with ``cfg`` changes; raises ``ConfigError`` (one
+    line, naming ``how`` the run was resumed) when a change alters what the run trains: a field
+    outside :data:`RESUME_CHANGEABLE` that the run's loss reads."""
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
+    if not (saved.loss.uses_multiplier() or cfg.loss.uses_multiplier()):
+        # without a constraint the multiplier and the constraint's share bound are inert (a run
+        # saved before they existed fills them with the values they stood for then, DEFAULTS_BEFORE)
+        refused = [c for c in refused if not c.field.startswith(INERT_WITHOUT_CONSTRAINT)]
     # null and the kappa it stands for are the same run: only a change of the resolved kappa counts
     refused = [
         c
@@ -741,8 +759,8 @@ def check_resume(saved: Config, cfg: Config, out_dir: Path) -> list[Change]:
 
         ckpt = latest_checkpoint(out_dir) or out_dir / "checkpoints" / "step_NNNNNN"
         raise ConfigError(
-            f"--resume refuses to change what the run in {out_dir} trains: "
-            f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the override, "
+            f"{how} refuses to change what the run in {out_dir} trains: "
+            f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the change, "
             f"or start a new run from its checkpoint (model.path={ckpt} run.out_dir=NEW_DIR)"
         )
     return changes

@@ -219,12 +219,22 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     )
 
 
+def trained_steps(run_dir: Path) -> list[int]:
+    """The steps a run in ``run_dir`` logged as trained (its metrics.jsonl's train rows)."""
+    from dcmdp.checkpoint import read_metrics
+
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+
+
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
-    if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
-        check_resume(saved_run_config(run_dir), cfg, run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and (run_dir / "config.yaml").is_file() and (ckpt is not None or trained_steps(run_dir)):
+        # a Python caller's config must continue the saved run (the CLI's --resume checked it
+        # already); before a first step there is nothing to continue, so anything may change
+        how = "train(resume=True)"
+        check_resume(saved_run_config(run_dir, how), cfg, run_dir, how)
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another run.out_dir"
@@ -233,9 +243,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if ckpt is not None and done > cfg.run.steps:
         raise ConfigError(f"run.steps={cfg.run.steps}: the run in {run_dir} is already at step {done}")
     if ckpt is None and resume:  # no checkpoint (run.checkpoint_every=0): the log says how far it got
-        from dcmdp.checkpoint import read_metrics
-
-        logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+        logged = trained_steps(run_dir)
         if logged and max(logged) >= cfg.run.steps:
             done = max(logged)
     if done >= cfg.run.steps and (ckpt is not None or done > 0):
