@@ -35,12 +35,12 @@ DIR/config.yaml**; `--config` and overrides apply on top and each change is prin
 `run.steps` (to extend a run), `run.out_dir` and the run's reporting settings (`run.eval_*`,
 `run.checkpoint_every`, `run.keep_checkpoints`, `run.tensorboard`, `run.wandb*`, `run.threads`,
 `run.rollout_timeout_s`), `model.device`, `engine.kv_cache_gb` and the weight-sync check
-(`engine.sync_check_*`) may change, and for a loss without a constraint (GRPO, TIS, ...) also the
-`multiplier` section and `loss.constraint_share*`, which it does not read; anything else would
-make it another experiment and is refused (exit 2), with a hint to start a new run from the
-checkpoint. Resuming a finished run says so and exits without loading anything. From Python,
-`dcmdp.trainer.train(cfg, resume=True)` applies the same rule to the `cfg` it is given against
-the saved config.yaml (a `ConfigError` names what would change), once the run has trained a step.
+(`engine.sync_check_*`) may change; anything else would make it another experiment and is
+refused (exit 2), with a hint to start a new run from the checkpoint. That includes the
+`multiplier` section for a loss without a constraint, whose checkpoint still holds the
+multiplier's state. Resuming a finished run says so and exits without loading anything. From
+Python, `dcmdp.trainer.train(cfg, resume=True)` applies the same rule to the `cfg` it is given
+against the saved config.yaml (a `ConfigError` names what would change).
 
 This page is generated from `src/dcmdp/config.py` (the `multiplier` section from
 `src/dcmdp/algo/multiplier.py`, where the multiplier's settings are defined once) by

@@ -349,15 +349,17 @@ def test_python_resume_refusal_is_one_line(tmp_path: Path, no_model: None) -> No
     with pytest.raises(ConfigError, match=r"engine\.fp32_modules") as refused:
         trainer.train(long, resume=True, log=lambda _m: None)
     assert len(str(refused.value).splitlines()) == 1, str(refused.value)
+    lines = dataclasses.replace(long, model=dataclasses.replace(long.model, path="two\nlines"))
+    with pytest.raises(ConfigError, match=r"model\.path") as refused:
+        trainer.train(lines, resume=True, log=lambda _m: None)
+    assert len(str(refused.value).splitlines()) == 1, str(refused.value)
 
 
-@pytest.mark.parametrize("loss, refused", [("grpo", False), ("dcmdp", True)])
-def test_python_resume_of_a_run_saved_before_the_bound(
-    tmp_path: Path, no_model: None, loss: str, refused: bool
-) -> None:
+@pytest.mark.parametrize("loss", ["grpo", "dcmdp"])
+def test_python_resume_of_a_run_saved_before_the_bound(tmp_path: Path, no_model: None, loss: str) -> None:
     # a config.yaml written before the update bound and the reward guard existed lacks their
-    # fields: they stood for "off" then, so a DCMDP run resumed with today's defaults would change,
-    # while a loss without a constraint reads none of them
+    # fields, which stood for "off" then: loaded with today's defaults it would resume another run
+    # (for GRPO too: its checkpoint holds the multiplier's state, whose shape the guard changes)
     from dcmdp import trainer
 
     run = tmp_path / "old"
@@ -372,37 +374,31 @@ def test_python_resume_of_a_run_saved_before_the_bound(
         del data[section][key]
     (run / "config.yaml").write_text(yaml.safe_dump(data))
     _log_steps(run, 1, 2)
-    cfg = load_config(run / "config.yaml")
-    if refused:
-        with pytest.raises(ConfigError, match=r"loss\.constraint_share: 0\.0 -> null"):
-            trainer.train(cfg, resume=True, log=lambda _m: None)
-    else:
-        assert trainer.train(cfg, resume=True, log=lambda _m: None)["finished"] is True
+    with pytest.raises(ConfigError, match=r"multiplier\.reward_guard: 0\.0 -> null"):
+        trainer.train(load_config(run / "config.yaml"), resume=True, log=lambda _m: None)
+    # the CLI's base is the saved file with the old meanings filled in: nothing changes
+    cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
+    assert changes == [] and cfg.multiplier.reward_guard == 0.0
+    assert trainer.train(cfg, resume=True, log=lambda _m: None)["finished"] is True
 
 
-def test_python_resume_before_a_first_step_may_change_anything(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_resume_refuses_another_multiplier_for_a_loss_without_constraint(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    # a start that died before step 1 (config.yaml only) has nothing to continue: a retry with the
-    # engine fixed goes ahead (to the task check, where this test stops it)
+    # GRPO does not read lambda, but its checkpoint holds the multiplier's state: another kind of
+    # multiplier would fail to load it after the model had loaded and config.yaml been rewritten
     from dcmdp import trainer
 
-    run = tmp_path / "r"
-    _save_run(run, "loss.type=grpo", "engine.type=vllm")
-
-    class Reached(Exception):
-        pass
-
-    def stop(*_a: Any, **_k: Any) -> None:
-        raise Reached
-
-    monkeypatch.setattr("dcmdp.trainer.build_task", stop)
-    fixed = load_config(overrides=["loss.type=grpo", "engine.type=fake", f"run.out_dir={run}"])
-    with pytest.raises(Reached):
-        trainer.train(fixed, resume=True, log=lambda _m: None)
-    _log_steps(run, 1)  # one step trained: now the engine is part of the run
-    with pytest.raises(ConfigError, match=r"engine\.type: vllm -> fake"):
-        trainer.train(fixed, resume=True, log=lambda _m: None)
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"run.steps": 2})]) == 0
+    before = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=3", "multiplier.type=pid"]) == 2
+    assert "multiplier.type: dual_ascent -> pid" in last_err_line(capsys)
+    other = load_config(overrides=tiny_run(tiny_model_dir, out, **{"run.steps": 3, "multiplier.type": "pid"}))
+    with pytest.raises(ConfigError, match=r"train\(resume=True\) refuses .*multiplier\.type"):
+        trainer.train(other, resume=True, log=lambda _m: None)
+    assert (out / "config.yaml").read_text() == before and train_steps(out) == [1, 2]
 
 
 def test_cli_resume_of_a_copied_run_by_a_relative_path(

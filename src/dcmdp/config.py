@@ -633,9 +633,6 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
     "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
 }
 
-#: Fields no loss without a constraint reads: a resume of such a run may change them.
-INERT_WITHOUT_CONSTRAINT = ("multiplier.", "loss.constraint_share")
-
 RESUME_CHANGEABLE = (
     "run.steps",
     "run.out_dir",
@@ -738,13 +735,10 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
 def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume") -> list[Change]:
     """What resuming the run saved as ``saved`` with ``cfg`` changes; raises ``ConfigError`` (one
     line, naming ``how`` the run was resumed) when a change alters what the run trains: a field
-    outside :data:`RESUME_CHANGEABLE` that the run's loss reads."""
+    outside :data:`RESUME_CHANGEABLE`. The multiplier's fields count for every loss: a run without
+    a constraint still checkpoints the multiplier's state, whose shape they set."""
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
-    if not (saved.loss.uses_multiplier() or cfg.loss.uses_multiplier()):
-        # without a constraint the multiplier and the constraint's share bound are inert (a run
-        # saved before they existed fills them with the values they stood for then, DEFAULTS_BEFORE)
-        refused = [c for c in refused if not c.field.startswith(INERT_WITHOUT_CONSTRAINT)]
     # null and the kappa it stands for are the same run: only a change of the resolved kappa counts
     refused = [
         c
@@ -758,11 +752,12 @@ def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume
         from dcmdp.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(out_dir) or out_dir / "checkpoints" / "step_NNNNNN"
-        raise ConfigError(
+        message = (
             f"{how} refuses to change what the run in {out_dir} trains: "
             f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the change, "
             f"or start a new run from its checkpoint (model.path={ckpt} run.out_dir=NEW_DIR)"
         )
+        raise ConfigError(" ".join(message.split()))  # one line, whatever the values hold
     return changes
 
 

@@ -229,12 +229,10 @@ def trained_steps(run_dir: Path) -> list[int]:
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
     run_dir = Path(cfg.run.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and (run_dir / "config.yaml").is_file() and (ckpt is not None or trained_steps(run_dir)):
-        # a Python caller's config must continue the saved run (the CLI's --resume checked it
-        # already); before a first step there is nothing to continue, so anything may change
+    if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
         how = "train(resume=True)"
         check_resume(saved_run_config(run_dir, how), cfg, run_dir, how)
+    ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another run.out_dir"
