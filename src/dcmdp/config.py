@@ -123,7 +123,7 @@ _L = LossSettings
 DEFAULT_SHARE = 0.5
 #: kappa of the update bound when an importance correction is composed with the constraint
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
-#: held in 5 of 5 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``).
+#: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``).
 COMPOSED_SHARE = 0.25
 
 
@@ -138,7 +138,7 @@ class LossConfig:
     """Importance correction: auto (the one of ``type``), none, tis, icepop, seq_tis, seq_mis,
     geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS
     (in the long regime it collapsed in 3 of 5 seeds with the update bound at kappa 0.5 and held in
-    5 of 5 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md)."""
+    9 of 9 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md)."""
     constraint: str = "auto"
     """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
     gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
@@ -149,7 +149,7 @@ class LossConfig:
     constraint_share: float | None = None
     """Share bound kappa on the constraint, 0 = off; null (the default) = 0.5 for a constraint
     alone and 0.25 when an importance correction is composed with it (DCMDP + TIS collapsed in 3
-    of 5 long-response seeds at 0.5 and held in 5 of 5 at 0.25; the resolved value:
+    of 5 long-response seeds at 0.5 and held in 9 of 9 at 0.25; the resolved value:
     ``LossConfig.share()``). By default (``constraint_share_of=update``)
     the constraint may move each weight tensor at most kappa times as far as the reward's gradient
     moves it (averaged over about 100 steps): what kept every DCMDP form from collapsing where c
@@ -609,7 +609,7 @@ def cautions(cfg: Config) -> list[str]:
                 advice.append("loss.constraint_share unset (or at most 0.25)")
             out.append(
                 f"loss.correction={parts[0]} with a constraint: DCMDP + TIS collapsed in 3 of 5 long-response "
-                f"runs with the update bound at kappa 0.5 (and in the one run without it), and held in 5 of 5 "
+                f"runs with the update bound at kappa 0.5 (and in the one run without it), and held in 9 of 9 "
                 f"with loss.constraint_share={COMPOSED_SHARE}, the default for a composed loss (kappa chosen on "
                 f"one seed; measured with TIS and the penalty form: docs/RESULTS.md); consider "
                 + " and ".join(advice)
