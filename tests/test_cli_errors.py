@@ -203,6 +203,13 @@ def test_build_task_accepts_a_good_file(tmp_path: Path) -> None:
         (["engine.kv_cache_gb=-1"], ["engine.kv_cache_gb"]),
         (["engine.type=transformers", "engine.quantization=int2"], ["engine.quantization", "int4"]),
         (["engine.type=llamacpp", "engine.quantization=Q2_K"], ["engine.quantization", "Q4_0"]),
+        # NaN, even in a field the run does not read (the PID gains of a dual-ascent run): saved,
+        # it would never equal itself and the run could not be resumed
+        (["multiplier.kp=nan"], ["multiplier.kp: must be a number, got nan"]),
+        (["multiplier.type=pid", "multiplier.kd=.nan"], ["multiplier.kd: must be a number"]),
+        (["multiplier.init=nan"], ["multiplier.init: must be a number"]),
+        (["optim.betas=[0.9, .NaN]"], ["optim.betas[1]: must be a number"]),
+        (["loss.clip_low=nan"], ["loss.clip_low: must be a number"]),
     ],
 )
 def test_more_train_config_mistakes_fail_before_any_work(

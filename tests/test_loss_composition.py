@@ -540,6 +540,36 @@ def test_config_refuses_to_compose_a_user_registered_loss() -> None:
         POLICY_LOSSES.pop("test_user_loss")
 
 
+def test_a_measured_c_with_a_user_loss_that_does_not_read_lambda_is_cautioned() -> None:
+    from dcmdp.algo.losses import MULTIPLIER_LOSSES, register_policy_loss
+    from dcmdp.config import cautions
+
+    register_policy_loss("test_user_loss")(POLICY_LOSSES["grpo"])
+    register_policy_loss("test_user_lam_loss", uses_multiplier=True)(POLICY_LOSSES["dcmdp"])
+    try:
+
+        def lines(*overrides: str) -> list[str]:
+            return cautions(load_config(overrides=list(overrides)))
+
+        (auto,) = lines("loss.type=test_user_loss", "multiplier.tolerance=null")
+        assert (
+            auto.startswith("multiplier.tolerance=null with loss.type=test_user_loss")
+            and "never measured" in auto
+        )
+        (floor,) = lines("loss.type=test_user_loss", "multiplier.tolerance_floor=1.0")
+        assert floor.startswith("multiplier.tolerance_floor=1.0") and "0.0037 unraised" in floor
+        # a fixed c is what the loss reads; a loss that reads lambda steps the multiplier; the
+        # built-in losses that do not read lambda do not read c either
+        assert lines("loss.type=test_user_loss", "multiplier.tolerance_floor=0") == []
+        assert lines("loss.type=test_user_lam_loss", "multiplier.tolerance=null") == []
+        assert lines("loss.type=grpo", "multiplier.tolerance=null") == []
+        assert lines("loss.type=tis", "multiplier.tolerance_floor=1.0") == []
+    finally:
+        POLICY_LOSSES.pop("test_user_loss")
+        POLICY_LOSSES.pop("test_user_lam_loss")
+        MULTIPLIER_LOSSES.discard("test_user_lam_loss")
+
+
 @pytest.mark.parametrize("measure", ["k3", "abs_log_ratio"])
 def test_the_dual_step_reads_the_constrained_measure(
     measure: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -97,6 +97,21 @@ def test_resume_keeps_the_runs_loss_and_extends_it(
     assert latest_checkpoint(out) == out / "checkpoints" / "step_000005"
 
 
+def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_config_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
+    before = (out / "config.yaml").read_text()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    (ckpt / "trainer_state.pt").write_bytes(b"torn")
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for a torn file
+        main(["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"])
+    assert (out / "config.yaml").read_text() == before
+    assert train_steps(out) == [1, 2, 3]
+
+
 def test_resume_refuses_a_change_of_meaning(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

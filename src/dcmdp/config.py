@@ -371,7 +371,23 @@ def _positive(name: str, value: float, strict: bool = True) -> None:
         raise ConfigError(f"{name}: must be {'> 0' if strict else '>= 0'}, got {value!r}")
 
 
+def _no_nan(name: str, value: Any) -> None:
+    """NaN is no setting: it would pass range checks a field does not make (the PID gains of a
+    dual-ascent run) and, never equal to itself, make the saved run refuse every resume."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name}: must be a number, got nan")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _no_nan(f"{name}[{i}]", item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nan(f"{name}.{key}", item)
+
+
 def validate(cfg: Config) -> None:
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            _no_nan(f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
     _choice("model.dtype", cfg.model.dtype, TRAINER_DTYPES)
     _choice("model.device", cfg.model.device, DEVICES)
     _choice("engine.type", cfg.engine.type, engine_names())
@@ -613,6 +629,19 @@ def cautions(cfg: Config) -> list[str]:
                 f"with loss.constraint_share={COMPOSED_SHARE}, the default for a composed loss (kappa chosen on "
                 f"one seed; measured with TIS and the penalty form: docs/RESULTS.md); consider "
                 + " and ".join(advice)
+            )
+    m = cfg.multiplier
+    if cfg.loss.type not in SHORTHANDS and not cfg.loss.uses_multiplier():
+        measured = "multiplier.tolerance=null" if m.tolerance is None else None
+        if measured is None and m.tolerance_floor > 0:
+            measured = f"multiplier.tolerance_floor={m.tolerance_floor}"
+        if measured is not None:
+            out.append(
+                f"{measured} with loss.type={cfg.loss.type}, registered without uses_multiplier: the "
+                "multiplier is stepped only for losses that read lambda, so this c is never measured and a "
+                "loss reading LossSettings.tolerance gets "
+                + ("a placeholder (hinge off)" if m.tolerance is None else f"{m.tolerance} unraised")
+                + "; register it with uses_multiplier=True if it reads c"
             )
     return out
 

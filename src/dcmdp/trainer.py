@@ -255,7 +255,6 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         raise ConfigError(f"run.out_dir: cannot create {run_dir} ({exc.strerror or exc})") from None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
@@ -291,6 +290,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     elif resume:
         metrics_log.truncate_after(-1)
         log(f"no complete checkpoint in {run_dir}; starting from step 0")
+    # written once the checkpoint has loaded: a resume that fails leaves the run's config as it was
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     writers = open_writers(cfg, run_dir)
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)
