@@ -112,6 +112,26 @@ def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_config_as_it_was(
     assert train_steps(out) == [1, 2, 3]
 
 
+def test_train_validates_a_config_changed_after_it_was_built(tmp_path: Path, no_model: None) -> None:
+    # a NaN set on a built Config was saved as .nan, which the saved config then refused on resume
+    from dcmdp import trainer
+
+    cfg = load_config(overrides=[f"run.out_dir={tmp_path / 'r'}"])
+    cfg.multiplier.kp = float("nan")
+    with pytest.raises(ConfigError, match=r"multiplier\.kp: must be a number"):
+        trainer.train(cfg, log=lambda _m: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_saved_config_that_no_longer_validates_says_to_edit_it(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    _save_run(run)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("kp: 10.0", "kp: .nan"))
+    with pytest.raises(ConfigError, match=r"multiplier\.kp: must be a number, got nan \(edit that file"):
+        load_resume_config(None, [f"run.out_dir={run}", "multiplier.kp=10"])
+
+
 def test_resume_refuses_a_change_of_meaning(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -180,6 +180,15 @@ def test_countdown_use_all_false_and_format_reward() -> None:
     assert task.reward(p, "3*3*7") == 0.0  # reuse is still an error
 
 
+@pytest.mark.parametrize("task", ["arithmetic", "countdown", "long_addition"])
+@pytest.mark.parametrize("value", ["nan", float("nan"), float("inf"), -0.1, 1.0, "lots"])
+def test_a_format_reward_outside_zero_to_one_is_refused(task: str, value: object) -> None:
+    # a config passes task options through untyped: "nan" reached the reward as a NaN
+    with pytest.raises(ValueError, match="format_reward must be"):
+        make_task(task, format_reward=value)
+    assert make_task(task, format_reward="0.25").format_reward == 0.25  # type: ignore[attr-defined]
+
+
 def test_countdown_value_is_exact() -> None:
     assert countdown_value("8/4*3", [8, 4, 3]) == Fraction(6)
     assert countdown_value("8/(4*3)", [8, 4, 3]) is None

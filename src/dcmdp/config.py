@@ -757,7 +757,8 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
         return config_from_dict(saved_data)
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
-            f"{how}: {saved_path} is not a valid config: {' '.join(str(exc).split())}"
+            f"{how}: {saved_path} is not a valid config: {' '.join(str(exc).split())} "
+            "(edit that file to resume; overrides apply after it is read)"
         ) from None
 
 

@@ -57,6 +57,7 @@ from dcmdp.config import (
     check_resume,
     dump_config,
     saved_run_config,
+    validate,
 )
 from dcmdp.engines.base import SamplingSettings, make_engine
 from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
@@ -228,6 +229,7 @@ def trained_steps(run_dir: Path) -> list[int]:
 
 def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary with accuracy before and after."""
+    validate(cfg)  # again: a Config's fields can be set after it was built
     run_dir = Path(cfg.run.out_dir)
     if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
         how = "train(resume=True)"
@@ -255,6 +257,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         raise ConfigError(f"run.out_dir: cannot create {run_dir} ({exc.strerror or exc})") from None
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    if not resume:  # a fresh run replaces whatever config an earlier failed start left
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
@@ -290,8 +294,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     elif resume:
         metrics_log.truncate_after(-1)
         log(f"no complete checkpoint in {run_dir}; starting from step 0")
-    # written once the checkpoint has loaded: a resume that fails leaves the run's config as it was
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if resume:  # once the checkpoint has loaded: a resume that fails leaves the run's config as it was
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     writers = open_writers(cfg, run_dir)
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from dcmdp.tasks.base import (
     Problem,
+    check_format_reward,
     check_fraction,
     clean_completion,
     int_range,
@@ -55,7 +56,7 @@ class ArithmeticTask:
         self.ops = tuple(dict.fromkeys(chosen))
         self.digits = int_range(digits, "arithmetic digits", 1, 30)
         self.eval_fraction = check_fraction(eval_fraction)
-        self.format_reward = float(format_reward)
+        self.format_reward = check_format_reward(format_reward)
         if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= 64:
             raise ValueError(f"arithmetic shots must be an int in [0, 64], got {shots!r}")
         self.shots = shots

@@ -107,6 +107,17 @@ def check_fraction(eval_fraction: float) -> float:
     return float(eval_fraction)
 
 
+def check_format_reward(format_reward: Any) -> float:
+    """The reward of a well-formed wrong answer: a number in [0, 1), below a right answer's 1."""
+    try:
+        value = float(format_reward)
+    except (TypeError, ValueError):
+        raise ValueError(f"format_reward must be a number in [0, 1), got {format_reward!r}") from None
+    if not 0.0 <= value < 1.0:  # NaN fails this too
+        raise ValueError(f"format_reward must be in [0, 1), got {format_reward!r}")
+    return value
+
+
 def clean_completion(text: str) -> str:
     """Cut at the first EOS text (if the caller decoded special tokens) and strip whitespace."""
     if not isinstance(text, str):

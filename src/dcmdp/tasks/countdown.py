@@ -14,6 +14,7 @@ from fractions import Fraction
 
 from dcmdp.tasks.base import (
     Problem,
+    check_format_reward,
     check_fraction,
     clean_completion,
     int_range,
@@ -118,7 +119,7 @@ class CountdownTask:
         self.ops = "".join(dict.fromkeys(ops))
         self.use_all = bool(use_all)
         self.eval_fraction = check_fraction(eval_fraction)
-        self.format_reward = float(format_reward)
+        self.format_reward = check_format_reward(format_reward)
 
     def _expression(self, rng: random.Random, numbers: list[int]) -> tuple[str, Fraction] | None:
         # Items are (text, value, precedence); leaves have precedence 3 (never parenthesised).

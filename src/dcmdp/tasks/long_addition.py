@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from dcmdp.tasks.base import (
     Problem,
+    check_format_reward,
     check_fraction,
     clean_completion,
     int_range,
@@ -109,7 +110,7 @@ class LongAdditionTask:
     ) -> None:
         self.digits = int_range(digits, "long_addition digits", 1, MAX_DIGITS)
         self.eval_fraction = check_fraction(eval_fraction)
-        self.format_reward = float(format_reward)
+        self.format_reward = check_format_reward(format_reward)
 
     def _operand(self, rng: random.Random) -> int:
         d = rng.randint(*self.digits)
