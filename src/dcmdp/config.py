@@ -638,7 +638,8 @@ def cautions(cfg: Config) -> list[str]:
             "loss.correction=seq_tis with a constraint: DCMDP + seq-TIS failed on 2 of 2 long-response seeds "
             "with loss.constraint_share=0.25 (training reward 0.02, the gap rising to 0.010-0.011 with lambda "
             "at its bound; seq-TIS alone held on one of them), where seq-MIS, the geometric mask and OPSM "
-            "composed the same way held (docs/RESULTS.md); consider one of those, or the constraint alone"
+            "composed the same way held (measured with the penalty form: docs/RESULTS.md); consider one of "
+            "those, or the constraint alone"
         )
     m = cfg.multiplier
     if cfg.loss.type not in SHORTHANDS and not cfg.loss.uses_multiplier():
