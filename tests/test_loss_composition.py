@@ -747,11 +747,14 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
     assert line.endswith("consider loss.constraint_share unset (or at most 0.25)")
     # a correction alone, a constraint alone: nothing measured against them
     assert lines("loss.type=tis") == lines("loss.type=dcmdp") == lines("loss.type=grpo") == []
-    # seq-TIS with a constraint failed at the default quarter too: cautioned whatever kappa
+    # seq-TIS and OPSM with a constraint failed at the default quarter too: cautioned whatever kappa
     for form in ("dcmdp", "dcmdp_hinge", "dcmdp_shaping"):
         (seq_tis_line,) = lines(f"loss.type={form}", "loss.correction=seq_tis")
         assert (
-            seq_tis_line.startswith("loss.correction=seq_tis with a constraint") and "2 of 2" in seq_tis_line
+            seq_tis_line.startswith("loss.correction=seq_tis with a constraint") and "2 of 3" in seq_tis_line
         )
+        (opsm_line,) = lines(f"loss.type={form}", "loss.correction=opsm")
+        assert opsm_line.startswith("loss.correction=opsm with a constraint") and "1 of 3" in opsm_line
     assert len(lines("loss.type=dcmdp", "loss.correction=seq_tis", "loss.constraint_share=0.5")) == 2
-    assert lines("loss.type=seq_tis") == lines("loss.type=dcmdp", "loss.correction=seq_mis") == []
+    assert lines("loss.type=seq_tis") == lines("loss.type=offpolicy_seq_mask") == []
+    assert lines("loss.type=dcmdp", "loss.correction=seq_mis") == []

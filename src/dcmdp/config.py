@@ -123,9 +123,17 @@ _L = LossSettings
 DEFAULT_SHARE = 0.5
 #: kappa of the update bound when an importance correction is composed with the constraint
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
-#: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS, the geometric mask
-#: and OPSM composed held on 2 of 2 seeds each, seq-TIS failed on 2 of 2 (a start-up caution says so).
+#: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS and the geometric
+#: mask composed held on 2 of 2 seeds each, OPSM collapsed on 1 of 3 and seq-TIS failed on 2 of 3.
 COMPOSED_SHARE = 0.25
+#: Corrections whose composition with a constraint failed at :data:`COMPOSED_SHARE` in the long
+#: regime (docs/RESULTS.md, ``dcmdp_seq_tis_k0.25``, ``dcmdp_opsm_k0.25``); a start-up caution says so.
+COMPOSED_FAILURES = {
+    "seq_tis": "DCMDP + seq-TIS failed on 2 of 3 long-response seeds (training reward 0.02, the gap rising "
+    "to 0.010-0.011 with lambda at its bound; seq-TIS alone held on one of the two)",
+    "opsm": "DCMDP + OPSM collapsed on 1 of 3 long-response seeds (greedy accuracy 0 from step 50, the gap "
+    "rising to 0.015 with lambda at its bound; OPSM alone held on that seed)",
+}
 
 
 @dataclass
@@ -139,9 +147,9 @@ class LossConfig:
     """Importance correction: auto (the one of ``type``), none, tis, icepop, seq_tis, seq_mis,
     geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS
     (in the long regime it collapsed in 3 of 5 seeds with the update bound at kappa 0.5 and held in
-    9 of 9 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md). At 0.25 seq_mis,
-    geo_mask and opsm composed with the penalty held on 2 of 2 long seeds each; seq_tis failed on
-    2 of 2 (reward lost, the gap rising), so it is cautioned."""
+    9 of 9 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md). At 0.25 seq_mis and
+    geo_mask composed with the penalty held on 2 of 2 long seeds each; opsm collapsed on 1 of 3 and
+    seq_tis failed on 2 of 3 (reward lost, the gap rising), so those two are cautioned."""
     constraint: str = "auto"
     """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
     gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
@@ -152,8 +160,8 @@ class LossConfig:
     constraint_share: float | None = None
     """Share bound kappa on the constraint, 0 = off; null (the default) = 0.5 for a constraint
     alone and 0.25 when an importance correction is composed with it (DCMDP + TIS collapsed in 3
-    of 5 long-response seeds at 0.5 and held in 9 of 9 at 0.25; seq-TIS composed failed in 2 of 2
-    at 0.25; the resolved value: ``LossConfig.share()``). By default (``constraint_share_of=update``)
+    of 5 long-response seeds at 0.5 and held in 9 of 9 at 0.25; seq-TIS and OPSM composed failed in
+    2 of 3 and 1 of 3 at 0.25; the resolved value: ``LossConfig.share()``). By default (``constraint_share_of=update``)
     the constraint may move each weight tensor at most kappa times as far as the reward's gradient
     moves it (averaged over about 100 steps): what kept every DCMDP form from collapsing where c
     lies below the engine's floor (docs/RESULTS.md). With ``gradient``, per optimizer step the
@@ -633,13 +641,11 @@ def cautions(cfg: Config) -> list[str]:
                 f"one seed; measured with TIS and the penalty form: docs/RESULTS.md); consider "
                 + " and ".join(advice)
             )
-    if parts is not None and parts[0] == "seq_tis" and parts[1] != "none":
+    if parts is not None and parts[0] in COMPOSED_FAILURES and parts[1] != "none":
         out.append(
-            "loss.correction=seq_tis with a constraint: DCMDP + seq-TIS failed on 2 of 2 long-response seeds "
-            "with loss.constraint_share=0.25 (training reward 0.02, the gap rising to 0.010-0.011 with lambda "
-            "at its bound; seq-TIS alone held on one of them), where seq-MIS, the geometric mask and OPSM "
-            "composed the same way held (measured with the penalty form: docs/RESULTS.md); consider one of "
-            "those, or the constraint alone"
+            f"loss.correction={parts[0]} with a constraint: {COMPOSED_FAILURES[parts[0]]}, with "
+            "loss.constraint_share=0.25 and the penalty form, where DCMDP + TIS held in 9 of 9 and DCMDP + "
+            "seq-MIS in 2 of 2 (docs/RESULTS.md); consider one of those, or the constraint alone"
         )
     m = cfg.multiplier
     if cfg.loss.type not in SHORTHANDS and not cfg.loss.uses_multiplier():
