@@ -131,7 +131,7 @@ COMPOSED_SHARE = 0.25
 COMPOSED_FAILURES = {
     "seq_tis": "DCMDP + seq-TIS failed on 2 of 3 long-response seeds (training reward 0.02, the gap rising "
     "to 0.010-0.011 with lambda at its bound; seq-TIS alone held on one of the two)",
-    "opsm": "DCMDP + OPSM collapsed on 1 of 3 long-response seeds (greedy accuracy 0 from step 50, the gap "
+    "opsm": "DCMDP + OPSM collapsed on 1 of 3 long-response seeds (greedy accuracy 0-0.008 from step 50, the gap "
     "rising to 0.015 with lambda at its bound; OPSM alone held on that seed)",
 }
 
