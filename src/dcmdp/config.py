@@ -123,8 +123,8 @@ _L = LossSettings
 DEFAULT_SHARE = 0.5
 #: kappa of the update bound when an importance correction is composed with the constraint
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
-#: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS and the geometric
-#: mask composed held on 2 of 2 seeds each, OPSM collapsed on 1 of 3 and seq-TIS failed on 2 of 3.
+#: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS composed held on 2 of 2
+#: seeds and the geometric mask on 3 of 3, OPSM collapsed on 1 of 3 and seq-TIS failed on 2 of 3.
 COMPOSED_SHARE = 0.25
 #: Corrections whose composition with a constraint failed at :data:`COMPOSED_SHARE` in the long
 #: regime (docs/RESULTS.md, ``dcmdp_seq_tis_k0.25``, ``dcmdp_opsm_k0.25``); a start-up caution says so.
@@ -148,7 +148,7 @@ class LossConfig:
     geo_mask, opsm. E.g. ``loss.type=dcmdp loss.correction=tis`` is DCMDP together with TIS
     (in the long regime it collapsed in 3 of 5 seeds with the update bound at kappa 0.5 and held in
     9 of 9 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md). At 0.25 seq_mis and
-    geo_mask composed with the penalty held on 2 of 2 long seeds each; opsm collapsed on 1 of 3 and
+    geo_mask composed with the penalty held on 2 of 2 and 3 of 3 long seeds; opsm collapsed on 1 of 3 and
     seq_tis failed on 2 of 3 (reward lost, the gap rising), so those two are cautioned."""
     constraint: str = "auto"
     """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
