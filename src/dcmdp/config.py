@@ -644,13 +644,15 @@ def cautions(cfg: Config) -> list[str]:
     if parts is not None and parts[0] in COMPOSED_FAILURES and parts[1] != "none":
         out.append(
             f"loss.correction={parts[0]} with a constraint: {COMPOSED_FAILURES[parts[0]]}, with "
-            "loss.constraint_share=0.25 and the penalty form, where DCMDP + TIS held in 9 of 9 and DCMDP + "
-            "seq-MIS in 2 of 2 (docs/RESULTS.md); consider one of those, or the constraint alone"
+            f"loss.constraint_share={COMPOSED_SHARE} and the penalty form, where DCMDP + TIS held in 9 of 9 and "
+            "DCMDP + seq-MIS in 2 of 2 (docs/RESULTS.md); consider one of those, or the constraint alone"
         )
     m = cfg.multiplier
     if cfg.loss.type not in SHORTHANDS and not cfg.loss.uses_multiplier():
-        measured = "multiplier.tolerance=null" if m.tolerance is None else None
-        if measured is None and m.tolerance_floor > 0:
+        measured = None
+        if m.tolerance is None:
+            measured = "multiplier.tolerance=null"
+        elif m.tolerance_floor > 0:
             measured = f"multiplier.tolerance_floor={m.tolerance_floor}"
         if measured is not None:
             out.append(
