@@ -587,6 +587,20 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "loss.opsm_delta=0.05",
                 "loss.constraint_share=0.25",
             ],
+            # The two that failed composed at 0.25 (seq-TIS on seeds 1-2, OPSM on seed 0: lambda
+            # at its bound, reward near 0.02) at kappa 0.1: is a smaller share of the update a
+            # safe setting for them, or do they need the constraint off?
+            "dcmdp_seq_tis_k0.1": [
+                "loss.type=dcmdp",
+                "loss.correction=seq_tis",
+                "loss.constraint_share=0.1",
+            ],
+            "dcmdp_opsm_k0.1": [
+                "loss.type=dcmdp",
+                "loss.correction=opsm",
+                "loss.opsm_delta=0.05",
+                "loss.constraint_share=0.1",
+            ],
         }.items()
     }
     | {"grpo_fp32_ceiling": [*LONG, *FP32_HF, "loss.type=grpo"]},
