@@ -40,7 +40,10 @@ refused (exit 2), with a hint to start a new run from the checkpoint. That inclu
 `multiplier` section for a loss without a constraint, whose checkpoint still holds the
 multiplier's state. Resuming a finished run says so and exits without loading anything. From
 Python, `dcmdp.trainer.train(cfg, resume=True)` applies the same rule to the `cfg` it is given
-against the saved config.yaml (a `ConfigError` names what would change).
+against the saved config.yaml (a `ConfigError` names what would change). A resume takes the
+newest complete checkpoint; if one of its files was damaged after it was written (a truncated
+`trainer_state.pt` or weights file), the resume stops there (exit 2,
+config.yaml untouched) and names the checkpoint it would take once that folder is moved away.
 
 This page is generated from `src/dcmdp/config.py` (the `multiplier` section from
 `src/dcmdp/algo/multiplier.py`, where the multiplier's settings are defined once) by

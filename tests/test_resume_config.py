@@ -106,10 +106,50 @@ def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_config_as_it_was(
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
     (ckpt / "trainer_state.pt").write_bytes(b"torn")
-    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises for a torn file
-        main(["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"])
+    capsys.readouterr()
+    resume = ["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"]
+    assert main(resume) == 2  # a clear error, not a traceback
+    err = capsys.readouterr().err
+    assert f"resume failed: checkpoint {ckpt} cannot be read (trainer_state.pt: " in err
+    assert "continue from step_000002" in err
     assert (out / "config.yaml").read_text() == before
     assert train_steps(out) == [1, 2, 3]
+    # the way out the message gives works: without the damaged folder the run resumes at step 2
+    ckpt.rename(tmp_path / "damaged")
+    assert main(resume) == 0
+    assert train_steps(out) == [1, 2, 3, 4, 5]
+
+
+def test_a_resume_from_damaged_weights_names_the_fallback(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"run.keep_checkpoints": 1})]) == 0
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt} cannot be read (model weights: " in err
+    assert "continue from step 0 (no earlier checkpoint is kept)" in err
+    assert train_steps(out) == [1, 2, 3]
+
+
+def test_a_trainer_state_without_an_entry_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from dcmdp.checkpoint import CheckpointError, load_trainer_state
+
+    ckpt = tmp_path / "checkpoints" / "step_000001"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "optimizer": {}}, ckpt / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="lacks scheduler, multiplier, generator, random"):
+        load_trainer_state(ckpt)
+    torch.save([1, 2], ckpt / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_trainer_state(ckpt)
 
 
 def test_train_validates_a_config_changed_after_it_was_built(tmp_path: Path, no_model: None) -> None:

@@ -500,7 +500,7 @@ def test_tampered_checkpoint_cannot_run_code(tiny_model_dir: Path, tmp_path: Pat
     """Checkpoints load with torch.load(weights_only=True): a pickle that runs code is refused."""
     import pickle
 
-    from dcmdp.checkpoint import load_trainer_state
+    from dcmdp.checkpoint import CheckpointError, load_trainer_state
 
     out = tmp_path / "run"
     assert run_cli(small_overrides(tiny_model_dir, out, **{"run.steps": 1, "run.eval_every": 0})) == 0
@@ -513,8 +513,9 @@ def test_tampered_checkpoint_cannot_run_code(tiny_model_dir: Path, tmp_path: Pat
             return (os.system, (f"touch {marker}",))
 
     (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"step": 1, "x": Evil()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="cannot be read") as info:
         load_trainer_state(ckpt)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
 
 

@@ -99,9 +99,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint marked complete that cannot be read back (a file damaged after it was written)."""
+
+
+def unreadable(ckpt: Path, why: str) -> CheckpointError:
+    """The error for ``ckpt`` that cannot be read: what failed, and which checkpoint a resume
+    would take instead once that folder is moved away."""
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
+    fallback = f"from {earlier[-1].name}" if earlier else "from step 0 (no earlier checkpoint is kept)"
+    return CheckpointError(
+        f"checkpoint {ckpt} cannot be read ({why}); move or delete that folder and resume again "
+        f"to continue {fallback}"
+    )
+
+
+#: The entries ``trainer_state.pt`` holds (written by the trainer at each checkpoint).
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "multiplier", "generator", "random", "step")
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    # weights_only=True: a tampered checkpoint cannot run code on load.
-    state: dict[str, Any] = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    """``ckpt``'s ``trainer_state.pt``; a file that will not load, or lacks an entry, raises
+    :class:`CheckpointError` naming the checkpoint a resume would fall back to."""
+    try:
+        # weights_only=True: a tampered checkpoint cannot run code on load.
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    except Exception as exc:  # torch raises several types for a torn or foreign file
+        raise unreadable(ckpt, f"trainer_state.pt: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not isinstance(state, dict):
+        raise unreadable(ckpt, f"trainer_state.pt holds a {type(state).__name__}, not the trainer's state")
+    missing = [k for k in TRAINER_STATE_KEYS if k not in state]
+    if missing:
+        raise unreadable(ckpt, f"trainer_state.pt lacks {', '.join(missing)}")
     return state
 
 

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resume {cfg.run.out_dir} with its saved config.yaml {how}")
         for change in changes:
             print(f"  {change}")
+    from dcmdp.checkpoint import CheckpointError
     from dcmdp.rollout.pipeline import RolloutWorkerError
     from dcmdp.sync_check import SyncCheckError
     from dcmdp.trainer import DivergenceError, engine_label, train
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return 3
     except FileExistsError as exc:
         print(str(exc), file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"resume failed: {exc}", file=sys.stderr)
         return 2
     except (RolloutWorkerError, SyncCheckError) as exc:
         print(f"training stopped: {exc}", file=sys.stderr)

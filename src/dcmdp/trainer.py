@@ -48,6 +48,7 @@ from dcmdp.checkpoint import (
     random_states,
     save_checkpoint,
     set_random_states,
+    unreadable,
 )
 from dcmdp.config import (
     Config,
@@ -249,6 +250,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if done >= cfg.run.steps and (ckpt is not None or done > 0):
         log(f"{run_dir} already finished (step {done} of run.steps={done}); to extend it, raise run.steps")
         return {"run_dir": str(run_dir), "finished": True, "step": done}
+    # a damaged checkpoint fails here, before any model is loaded or the saved config is rewritten
+    state = load_trainer_state(ckpt) if ckpt is not None else None
     build_task(cfg)  # a bad task option or data file fails here, before any model is loaded
     base_path = resolve_base_model(cfg, log)
     try:
@@ -262,7 +265,12 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
-    model = trainer_model(ckpt if ckpt is not None else base_path, cfg.model.dtype, device)
+    try:
+        model = trainer_model(ckpt if ckpt is not None else base_path, cfg.model.dtype, device)
+    except Exception as exc:  # a torn weights file: say which checkpoint a resume falls back to
+        if ckpt is None:
+            raise
+        raise unreadable(ckpt, f"model weights: {type(exc).__name__}: {str(exc)[:200]}") from exc
     ref_model = trainer_model(base_path, cfg.model.dtype, device).eval() if cfg.loss.kl_coef > 0 else None
     task = make_task(cfg.task.name, **cfg.task.options)
     from dcmdp.models import eos_token_ids
@@ -277,8 +285,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     start_step = 0
     torch.manual_seed(cfg.run.seed)
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
+    if state is not None:
         saved = state["optimizer"]
         # the two optimizers' states cross (the bound turned on or off between runs of one job)
         optimizer.load_state_dict(
