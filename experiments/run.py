@@ -791,6 +791,23 @@ def collapsed(acc_end: list[float], reward_last20: list[float]) -> int:
     return sum(a < COLLAPSE_BELOW and r < COLLAPSE_BELOW for a, r in zip(acc_end, reward_last20))
 
 
+#: A run has stalled when its training reward over the last 20 steps ended below this share of the
+#: reference arm's median over the same table: the runs that stopped learning while their greedy
+#: accuracy stayed above :data:`COLLAPSE_BELOW` (DCMDP + seq-TIS in long_defaults_q4_0: reward
+#: 0.016-0.018 against GRPO's median 0.055, last greedy 0.070-0.078).
+STALL_SHARE = 0.5
+
+
+def stalled(record: dict[str, dict[str, list]], reference: str) -> tuple[float, dict[str, list[int]]]:
+    """The stall line (:data:`STALL_SHARE` of ``reference``'s median reward over the last 20 steps)
+    and, per arm with any, the seeds whose reward ended below it."""
+    line = STALL_SHARE * statistics.median(record[reference]["reward_last20"])
+    found = {
+        arm: [s for s, r in zip(r_["seeds"], r_["reward_last20"]) if r < line] for arm, r_ in record.items()
+    }
+    return line, {arm: seeds for arm, seeds in found.items() if seeds}
+
+
 #: Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (beyond 30 the value at 30,
 #: a slightly wider interval than the normal's 1.960).
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -1041,6 +1058,16 @@ def summarise(
             shown = f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else "-"
             each = ", ".join(f"{d:+.3f} (seed {s})" for s, d in by_seed.items())
             lines.append(f"| {arm} | {len(by_seed)} | {shown} | {each or '-'} |")
+        if record[REFERENCE_ARM]["reward_last20"]:
+            line, found = stalled(record, REFERENCE_ARM)
+            each = "; ".join(
+                f"{arm} seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}" for arm, v in found.items()
+            )
+            lines += [
+                "",
+                f"Stalled (training reward over the last 20 steps below {STALL_SHARE} of {REFERENCE_ARM}'s "
+                f"median, {line:.3f}; the collapse column needs the greedy accuracy down too): {each or 'none'}.",
+            ]
         out_dir.mkdir(parents=True, exist_ok=True)
         paired_json = {"reference": REFERENCE_ARM, "gain_minus_reference": paired}
         (out_dir / "paired.json").write_text(json.dumps(paired_json, indent=2))

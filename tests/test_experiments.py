@@ -369,3 +369,16 @@ def test_a_record_from_another_cpu_is_kept_and_a_broken_file_is_named(
     records.write_text("{")
     with pytest.raises(SystemExit, match="not valid JSON"):
         run.load_records(records)
+
+
+def test_stalled_runs_are_those_whose_reward_fell_below_half_the_reference_median() -> None:
+    record = {
+        "grpo": {"seeds": [0, 1, 2], "reward_last20": [0.05, 0.06, 0.04]},
+        "a": {"seeds": [0, 1, 2], "reward_last20": [0.024, 0.026, 0.01]},  # line: 0.5 x 0.05 = 0.025
+        "b": {"seeds": [3], "reward_last20": [0.03]},
+    }
+    line, found = run.stalled(record, "grpo")
+    assert line == pytest.approx(0.025)
+    assert found == {"a": [0, 2]}  # the seeds, not the positions; arms with none are left out
+    record["grpo"]["reward_last20"] = [0.01, 0.06, 0.04]  # the median, not the mean: one stalled GRPO run
+    assert run.stalled(record, "grpo") == (pytest.approx(0.02), {"grpo": [0], "a": [2]})
