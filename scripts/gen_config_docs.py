@@ -41,9 +41,12 @@ refused (exit 2), with a hint to start a new run from the checkpoint. That inclu
 multiplier's state. Resuming a finished run says so and exits without loading anything. From
 Python, `dcmdp.trainer.train(cfg, resume=True)` applies the same rule to the `cfg` it is given
 against the saved config.yaml (a `ConfigError` names what would change). A resume takes the
-newest complete checkpoint; if one of its files was damaged after it was written (a truncated
-`trainer_state.pt` or weights file), the resume stops there (exit 2,
-config.yaml untouched) and names the checkpoint it would take once that folder is moved away.
+newest complete checkpoint (a folder `checkpoints/step_N`; one renamed to anything else is not
+taken). If one of its files was damaged after it was written (a truncated `trainer_state.pt` or
+weights file, weights holding a NaN), the resume stops there (exit 2, config.yaml untouched) and
+names the checkpoint it would take once that folder is moved out of `checkpoints/`. A run whose
+log reached its last step but whose checkpoints folder holds none is not called finished (its
+final weights are gone): exit 2, with the ways out.
 
 This page is generated from `src/dcmdp/config.py` (the `multiplier` section from
 `src/dcmdp/algo/multiplier.py`, where the multiplier's settings are defined once) by

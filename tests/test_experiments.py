@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -382,3 +383,16 @@ def test_stalled_runs_are_those_whose_reward_fell_below_half_the_reference_media
     assert found == {"a": [0, 2]}  # the seeds, not the positions; arms with none are left out
     record["grpo"]["reward_last20"] = [0.01, 0.06, 0.04]  # the median, not the mean: one stalled GRPO run
     assert run.stalled(record, "grpo") == (pytest.approx(0.02), {"grpo": [0], "a": [2]})
+
+
+def test_stalled_leaves_nan_out_of_the_line_and_names_nan_runs() -> None:
+    nan = float("nan")
+    record = {
+        "grpo": {"seeds": [0, 1, 2], "reward_last20": [nan, 0.06, 0.04]},
+        "a": {"seeds": [0], "reward_last20": [nan]},
+    }
+    assert run.stalled(record, "grpo") == (pytest.approx(0.025), {"grpo": [0], "a": [0]})
+    record["grpo"]["reward_last20"] = [0.06, nan, 0.04]  # the order does not matter
+    assert run.stalled(record, "grpo")[0] == pytest.approx(0.025)
+    line, found = run.stalled({"grpo": {"seeds": [], "reward_last20": []}}, "grpo")
+    assert math.isnan(line) and found == {}

@@ -505,3 +505,79 @@ def test_configuration_page_names_every_field_a_resume_may_change() -> None:
         assert any(field == n or (n.endswith("*") and field.startswith(n.rstrip("*"))) for n in named), (
             f"docs/configuration.md does not say that --resume may change {field}"
         )
+
+
+def test_a_checkpoint_set_aside_inside_checkpoints_is_not_taken(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    ckpt.rename(ckpt.with_name(ckpt.name + ".bad"))  # was a raw ValueError from the name's int()
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_000002"
+    ckpt.with_name(ckpt.name + ".bad").rename(ckpt.with_name(ckpt.name + "_bad"))  # was taken as step 3
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_000002"
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=4", "run.rollout_timeout_s=99"]) == 0
+    assert train_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_trainer_state_with_wrong_contents_or_nan_weights_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
+    before = (out / "config.yaml").read_text()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    resume = ["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"]
+    state_file = ckpt / "trainer_state.pt"
+    good = state_file.read_bytes()
+    state = torch.load(state_file, weights_only=True)
+    for key, bad in (("optimizer", {"x": 1}), ("random", {})):  # every entry there, one of them wrong
+        torch.save({**state, key: bad}, state_file)
+        capsys.readouterr()
+        assert main(resume) == 2
+        assert f"checkpoint {ckpt} cannot be read (trainer_state.pt: " in capsys.readouterr().err
+        assert (out / "config.yaml").read_text() == before
+    state_file.write_bytes(good)
+    weights = load_file(ckpt / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))  # bytes garbled, the header intact
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(resume) == 2
+    assert "holds a NaN or inf" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == before
+    assert train_steps(out) == [1, 2, 3]
+
+
+def test_an_error_that_says_nothing_about_the_checkpoint_passes_through(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from dcmdp import trainer
+
+    def out_of_memory(*_a: Any, **_k: Any) -> Any:
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(trainer, "trainer_model", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not "cannot be read ... delete that folder"
+        trainer.checkpoint_model(tmp_path, "float32", "cpu")
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_finished(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "grpo"
+    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
+    for ckpt in (out / "checkpoints").iterdir():
+        ckpt.rename(tmp_path / ckpt.name)
+    capsys.readouterr()
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.rollout_timeout_s=99"]) == 2
+    assert "logged step 3 but its checkpoints folder holds no complete checkpoint" in capsys.readouterr().err
+    assert train_steps(out) == [1, 2, 3]  # the log is kept

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,19 @@ def save_checkpoint(
     return final
 
 
+#: A checkpoint folder's name; anything else under checkpoints/ (a half-written ``.tmp`` folder, one
+#: a user renamed to set it aside) is not a checkpoint.
+STEP_DIR = re.compile(r"step_\d+")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ``.tmp`` directories are ignored."""
+    """Complete checkpoints, oldest first. Half-written ``.tmp`` folders are ignored, as is any
+    folder whose name is not ``step_`` and digits."""
     root = run_dir / "checkpoints"
     if not root.exists():
         return []
     done = [
-        p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).exists()
+        p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / COMPLETE).exists()
     ]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
@@ -109,13 +116,27 @@ def unreadable(ckpt: Path, why: str) -> CheckpointError:
     earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
     fallback = f"from {earlier[-1].name}" if earlier else "from step 0 (no earlier checkpoint is kept)"
     return CheckpointError(
-        f"checkpoint {ckpt} cannot be read ({why}); move or delete that folder and resume again "
-        f"to continue {fallback}"
+        f"checkpoint {ckpt} cannot be read ({why}); move that folder out of {ckpt.parent} (or delete "
+        f"it) and resume again to continue {fallback}"
     )
+
+
+def _why(what: str, exc: BaseException) -> str:
+    """One line on why ``what`` failed to load: the exception's first line, except torch's
+    weights-only refusal, whose advice to load with ``weights_only=False`` is not repeated."""
+    text = str(exc)
+    if text.startswith("Weights only load failed"):
+        return f"{what}: holds objects that a weights-only load refuses (not written by dcmdp, or tampered)"
+    return f"{what}: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 #: The entries ``trainer_state.pt`` holds (written by the trainer at each checkpoint).
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "multiplier", "generator", "random", "step")
+
+
+def unreadable_part(ckpt: Path, what: str, exc: BaseException) -> CheckpointError:
+    """:func:`unreadable` for ``what`` (a part of ``ckpt``) that failed to load with ``exc``."""
+    return unreadable(ckpt, _why(what, exc))
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -125,7 +146,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         # weights_only=True: a tampered checkpoint cannot run code on load.
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     except Exception as exc:  # torch raises several types for a torn or foreign file
-        raise unreadable(ckpt, f"trainer_state.pt: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise unreadable(ckpt, _why("trainer_state.pt", exc)) from exc
     if not isinstance(state, dict):
         raise unreadable(ckpt, f"trainer_state.pt holds a {type(state).__name__}, not the trainer's state")
     missing = [k for k in TRAINER_STATE_KEYS if k not in state]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
+from safetensors import SafetensorError
 
 from dcmdp.algo.advantages import grpo_advantages
 from dcmdp.algo.discrepancy import discrepancy_metrics, fill_masked
@@ -49,6 +50,7 @@ from dcmdp.checkpoint import (
     save_checkpoint,
     set_random_states,
     unreadable,
+    unreadable_part,
 )
 from dcmdp.config import (
     Config,
@@ -193,6 +195,20 @@ def trainer_model(path: Any, dtype: str, device: str) -> torch.nn.Module:
     return model
 
 
+def checkpoint_model(ckpt: Path, dtype: str, device: str) -> torch.nn.Module:
+    """:func:`trainer_model` from checkpoint ``ckpt``; a weights or config file that will not load,
+    or weights that hold a NaN or inf, raise :class:`CheckpointError` (other errors, such as
+    running out of memory, pass through: they say nothing about the checkpoint)."""
+    try:
+        model = trainer_model(ckpt, dtype, device)
+    except (OSError, EOFError, ValueError, SafetensorError) as exc:  # ValueError: a torn config.json
+        raise unreadable_part(ckpt, "model weights", exc) from exc
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise unreadable(ckpt, f"model weights: {name} holds a NaN or inf")
+    return model
+
+
 def bounds_update(cfg: Config) -> bool:
     """Whether the run bounds the constraint's share of the optimizer's step (``ShareBoundedAdamW``)."""
     return cfg.loss.share() > 0 and cfg.loss.uses_multiplier() and cfg.loss.constraint_share_of == "update"
@@ -243,12 +259,20 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     done = int(ckpt.name.split("_")[1]) if ckpt is not None else 0
     if ckpt is not None and done > cfg.run.steps:
         raise ConfigError(f"run.steps={cfg.run.steps}: the run in {run_dir} is already at step {done}")
-    if ckpt is None and resume:  # no checkpoint (run.checkpoint_every=0): the log says how far it got
+    if ckpt is None and resume:  # no checkpoint: the log says how far it got
         logged = trained_steps(run_dir)
         if logged and max(logged) >= cfg.run.steps:
+            if (run_dir / "checkpoints").is_dir():  # it saved checkpoints, the last one at its end
+                raise ConfigError(
+                    f"the run in {run_dir} logged step {max(logged)} but its checkpoints folder holds "
+                    "no complete checkpoint, so its final weights are gone; start a new run (another "
+                    "run.out_dir), or move metrics.jsonl away to train this one again from step 0"
+                )
             done = max(logged)
     if done >= cfg.run.steps and (ckpt is not None or done > 0):
-        log(f"{run_dir} already finished (step {done} of run.steps={done}); to extend it, raise run.steps")
+        log(
+            f"{run_dir} already finished (step {done} of run.steps={cfg.run.steps}); to extend it, raise run.steps"
+        )
         return {"run_dir": str(run_dir), "finished": True, "step": done}
     # a damaged checkpoint fails here, before any model is loaded or the saved config is rewritten
     state = load_trainer_state(ckpt) if ckpt is not None else None
@@ -265,12 +289,10 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
-    try:
-        model = trainer_model(ckpt if ckpt is not None else base_path, cfg.model.dtype, device)
-    except Exception as exc:  # a torn weights file: say which checkpoint a resume falls back to
-        if ckpt is None:
-            raise
-        raise unreadable(ckpt, f"model weights: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if ckpt is None:
+        model = trainer_model(base_path, cfg.model.dtype, device)
+    else:
+        model = checkpoint_model(ckpt, cfg.model.dtype, device)
     ref_model = trainer_model(base_path, cfg.model.dtype, device).eval() if cfg.loss.kl_coef > 0 else None
     task = make_task(cfg.task.name, **cfg.task.options)
     from dcmdp.models import eos_token_ids
@@ -286,16 +308,20 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     start_step = 0
     torch.manual_seed(cfg.run.seed)
     if state is not None:
+        assert ckpt is not None
         saved = state["optimizer"]
-        # the two optimizers' states cross (the bound turned on or off between runs of one job)
-        optimizer.load_state_dict(
-            saved if isinstance(optimizer, ShareBoundedAdamW) else as_adamw_state(saved)
-        )
-        scheduler.load_state_dict(state["scheduler"])
-        multiplier.load_state_dict(state["multiplier"])
-        generator.set_state(state["generator"])
-        set_random_states(state["random"])
-        start_step = int(state["step"])
+        try:
+            # the two optimizers' states cross (the bound turned on or off between runs of one job)
+            optimizer.load_state_dict(
+                saved if isinstance(optimizer, ShareBoundedAdamW) else as_adamw_state(saved)
+            )
+            scheduler.load_state_dict(state["scheduler"])
+            multiplier.load_state_dict(state["multiplier"])
+            generator.set_state(state["generator"])
+            set_random_states(state["random"])
+            start_step = int(state["step"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise unreadable_part(ckpt, "trainer_state.pt", exc) from exc
         dropped = metrics_log.truncate_after(start_step)
         log(f"resumed from {ckpt} at step {start_step} (dropped {dropped} log rows written after it)")
     elif resume:
