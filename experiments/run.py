@@ -596,6 +596,17 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "loss.correction=seq_tis",
                 "loss.constraint_share=0.1",
             ],
+            # DCMDP + seq-TIS with the bound on the gradient instead of the update: plain AdamW on
+            # the policy gradient plus the constraint's scaled to at most kappa of it. A test of the
+            # update bound's shared denominator, sqrt(v_pg + v_c) with v_c from the unscaled
+            # constraint gradient, which slows the policy's step whatever kappa is (a toy through
+            # ShareBoundedAdamW: to 0.37x AdamW's where the constraint's gradient is 6x the policy's).
+            "dcmdp_seq_tis_k0.25_grad": [
+                "loss.type=dcmdp",
+                "loss.correction=seq_tis",
+                "loss.constraint_share=0.25",
+                "loss.constraint_share_of=gradient",
+            ],
             "dcmdp_opsm_k0.1": [
                 "loss.type=dcmdp",
                 "loss.correction=opsm",
