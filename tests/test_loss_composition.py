@@ -756,5 +756,9 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
         (opsm_line,) = lines(f"loss.type={form}", "loss.correction=opsm")
         assert opsm_line.startswith("loss.correction=opsm with a constraint") and "1 of 3" in opsm_line
     assert len(lines("loss.type=dcmdp", "loss.correction=seq_tis", "loss.constraint_share=0.5")) == 2
+    # a smaller kappa did not save either (0.1 failed too): still cautioned, and says so
+    for correction in ("seq_tis", "opsm"):
+        (small,) = lines("loss.type=dcmdp", f"loss.correction={correction}", "loss.constraint_share=0.1")
+        assert "at 0.1" in small and "a smaller loss.constraint_share is no remedy" in small
     assert lines("loss.type=seq_tis") == lines("loss.type=offpolicy_seq_mask") == []
     assert lines("loss.type=dcmdp", "loss.correction=seq_mis") == []
