@@ -543,6 +543,12 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # every paired figure (docs/RESULTS.md). Its lr is LONG's 3e-4 x 1.001 (the mb4_lr0.25
             # arms' LONG's / 4), written out; a test checks that they follow LONG's lr.
             "grpo_lr1.001": ["loss.type=grpo", "optim.lr=3.003e-4"],
+            # The same perturbation of seq-TIS alone and OPSM alone, on the seeds where their
+            # compositions with the penalty failed while they held: does a change with no effect of
+            # its own tip them over too (the failure then belongs to the correction's fragility on
+            # that seed, not to the constraint)?
+            "seq_tis_lr1.001": ["loss.type=seq_tis", "optim.lr=3.003e-4"],
+            "opsm_lr1.001": ["loss.type=offpolicy_seq_mask", "loss.opsm_delta=0.05", "optim.lr=3.003e-4"],
             # DCMDP + TIS with lambda's whole path scaled by 0.6 (init, eta and lam_max), so the
             # constraint's gradient shrinks as TIS shrank the policy gradient on the first batch
             # (35-45%). Tests the candidate reason why the pair drifted where neither part did.

@@ -50,6 +50,7 @@ def test_learning_rates_written_relative_to_the_long_regime_follow_it() -> None:
 
     base = lr("grpo")
     assert lr("grpo_lr1.001") == pytest.approx(base * 1.001, rel=1e-12)
+    assert lr("seq_tis_lr1.001") == lr("opsm_lr1.001") == lr("grpo_lr1.001")
     assert lr("grpo_mb4_lr0.25") == pytest.approx(base / 4, rel=1e-12)
     assert lr("dcmdp_mb4_lr0.25") == pytest.approx(base / 4, rel=1e-12)
 
