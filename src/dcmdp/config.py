@@ -125,7 +125,7 @@ DEFAULT_SHARE = 0.5
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
 #: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS composed held on 3 of 3
 #: seeds and the geometric mask on 3 of 3, OPSM collapsed on 1 of 3 and seq-TIS failed on 2 of 3 (and
-#: at 0.1 OPSM collapsed on another 1 of 3 and seq-TIS failed sooner).
+#: at 0.1 OPSM collapsed on another 1 of 3 and seq-TIS did no better).
 COMPOSED_SHARE = 0.25
 #: Corrections whose composition with a constraint failed at :data:`COMPOSED_SHARE` and at 0.1 in the
 #: long regime (docs/RESULTS.md, ``dcmdp_seq_tis_k0.25``, ``dcmdp_opsm_k0.25``, ``dcmdp_opsm_k0.1``,
@@ -133,7 +133,7 @@ COMPOSED_SHARE = 0.25
 COMPOSED_FAILURES = {
     "seq_tis": "DCMDP + seq-TIS failed on 2 of 3 long-response seeds at loss.constraint_share=0.25 (training "
     "reward 0.02, the gap rising to 0.010-0.011 with lambda at its bound; seq-TIS alone held on one of the "
-    "two) and sooner at 0.1 on that one",
+    "two) and did no better at 0.1 on that one",
     "opsm": "DCMDP + OPSM collapsed on 1 of 3 long-response seeds at loss.constraint_share=0.25 (greedy "
     "accuracy 0-0.008 from step 50, the gap rising to 0.015 with lambda at its bound; OPSM alone held on "
     "that seed) and on another 1 of 3 at 0.1, one that had held at 0.25",
