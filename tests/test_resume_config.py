@@ -97,14 +97,19 @@ def test_resume_keeps_the_runs_loss_and_extends_it(
     assert latest_checkpoint(out) == out / "checkpoints" / "step_000005"
 
 
+def _run_with_checkpoints(model_dir: Path, out: Path, **extra: object) -> tuple[str, Path]:
+    """A finished 3-step run in ``out`` with a checkpoint each step: its config.yaml and newest checkpoint."""
+    assert main(["train", *tiny_run(model_dir, out, **extra)]) == 0
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    return (out / "config.yaml").read_text(), ckpt
+
+
 def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_config_as_it_was(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "grpo"
-    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
-    before = (out / "config.yaml").read_text()
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None
+    before, ckpt = _run_with_checkpoints(tiny_model_dir, out)
     (ckpt / "trainer_state.pt").write_bytes(b"torn")
     capsys.readouterr()
     resume = ["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"]
@@ -529,10 +534,7 @@ def test_a_trainer_state_with_wrong_contents_or_nan_weights_is_refused(
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "grpo"
-    assert main(["train", *tiny_run(tiny_model_dir, out)]) == 0
-    before = (out / "config.yaml").read_text()
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None
+    before, ckpt = _run_with_checkpoints(tiny_model_dir, out)
     resume = ["train", "--resume", f"run.out_dir={out}", "run.steps=5", "run.rollout_timeout_s=99"]
     state_file = ckpt / "trainer_state.pt"
     good = state_file.read_bytes()
