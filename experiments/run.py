@@ -826,8 +826,8 @@ def stalled(record: dict[str, dict[str, list]], reference: str) -> tuple[float, 
         return math.nan, {}
     line = STALL_SHARE * statistics.median(finite)
     found = {
-        arm: [s for s, r in zip(r_["seeds"], r_["reward_last20"]) if math.isnan(r) or r < line]
-        for arm, r_ in record.items()
+        arm: [s for s, r in zip(rec["seeds"], rec["reward_last20"]) if math.isnan(r) or r < line]
+        for arm, rec in record.items()
     }
     return line, {arm: seeds for arm, seeds in found.items() if seeds}
 

@@ -121,7 +121,7 @@ def unreadable(ckpt: Path, why: str) -> CheckpointError:
     )
 
 
-def _why(what: str, exc: BaseException) -> str:
+def load_failure(what: str, exc: BaseException) -> str:
     """One line on why ``what`` failed to load: the exception's first line, except torch's
     weights-only refusal, whose advice to load with ``weights_only=False`` is not repeated."""
     text = str(exc)
@@ -134,11 +134,6 @@ def _why(what: str, exc: BaseException) -> str:
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "multiplier", "generator", "random", "step")
 
 
-def unreadable_part(ckpt: Path, what: str, exc: BaseException) -> CheckpointError:
-    """:func:`unreadable` for ``what`` (a part of ``ckpt``) that failed to load with ``exc``."""
-    return unreadable(ckpt, _why(what, exc))
-
-
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """``ckpt``'s ``trainer_state.pt``; a file that will not load, or lacks an entry, raises
     :class:`CheckpointError` naming the checkpoint a resume would fall back to."""
@@ -146,7 +141,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         # weights_only=True: a tampered checkpoint cannot run code on load.
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     except Exception as exc:  # torch raises several types for a torn or foreign file
-        raise unreadable(ckpt, _why("trainer_state.pt", exc)) from exc
+        raise unreadable(ckpt, load_failure("trainer_state.pt", exc)) from exc
     if not isinstance(state, dict):
         raise unreadable(ckpt, f"trainer_state.pt holds a {type(state).__name__}, not the trainer's state")
     missing = [k for k in TRAINER_STATE_KEYS if k not in state]

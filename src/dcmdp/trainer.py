@@ -45,12 +45,12 @@ from dcmdp.algo.multiplier import Multiplier
 from dcmdp.checkpoint import (
     MetricsLog,
     latest_checkpoint,
+    load_failure,
     load_trainer_state,
     random_states,
     save_checkpoint,
     set_random_states,
     unreadable,
-    unreadable_part,
 )
 from dcmdp.config import (
     Config,
@@ -202,7 +202,7 @@ def checkpoint_model(ckpt: Path, dtype: str, device: str) -> torch.nn.Module:
     try:
         model = trainer_model(ckpt, dtype, device)
     except (OSError, EOFError, ValueError, SafetensorError) as exc:  # ValueError: a torn config.json
-        raise unreadable_part(ckpt, "model weights", exc) from exc
+        raise unreadable(ckpt, load_failure("model weights", exc)) from exc
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise unreadable(ckpt, f"model weights: {name} holds a NaN or inf")
@@ -321,7 +321,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             set_random_states(state["random"])
             start_step = int(state["step"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            raise unreadable_part(ckpt, "trainer_state.pt", exc) from exc
+            raise unreadable(ckpt, load_failure("trainer_state.pt", exc)) from exc
         dropped = metrics_log.truncate_after(start_step)
         log(f"resumed from {ckpt} at step {start_step} (dropped {dropped} log rows written after it)")
     elif resume:
