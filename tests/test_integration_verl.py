@@ -165,6 +165,15 @@ def test_clear_errors() -> None:
         )
 
 
+def test_options_refuse_non_finite_numbers_even_where_the_multiplier_ignores_them() -> None:
+    # pid_kp / pid_kd go unused by dual ascent, auto_* by a fixed tolerance: a NaN there is still a typo
+    for name in ("pid_kp", "pid_kd", "auto_quantile", "auto_multiple", "lambda_init", "eta"):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match=f"dcmdp_{name} must be finite"):
+                DCMDPOptions(tolerance=0.004, **{name: bad})
+    DCMDPOptions(tolerance=None, ema=None, constraint_share=None)  # None stays legal where it means "auto"
+
+
 def test_controller_dual_step_matches_the_library_multiplier() -> None:
     controller = DCMDPController(DCMDPOptions(lambda_init=0.1, eta=1.0, tolerance=0.004))
     reference = LagrangeMultiplier(init=0.1, eta=1.0, tolerance=0.004)

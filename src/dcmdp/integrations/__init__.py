@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -132,6 +132,10 @@ class DCMDPOptions:
                     "reaches the weights through the advantages inside the framework's surrogate, so its "
                     "gradient cannot be split from the reward's; leave it unset (None) or 0 with 'shaping'"
                 )
+        for f in fields(self):  # also the ones this multiplier ignores: a NaN there is a typo too
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(f"dcmdp_{f.name} must be finite, got {value!r}")
         if self.multiplier not in MULTIPLIER_KINDS:
             raise ValueError(
                 f"unknown multiplier {self.multiplier!r}; valid kinds: {', '.join(MULTIPLIER_KINDS)}"
