@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,11 +168,27 @@ def test_clear_errors() -> None:
 
 def test_options_refuse_non_finite_numbers_even_where_the_multiplier_ignores_them() -> None:
     # pid_kp / pid_kd go unused by dual ascent, auto_* by a fixed tolerance: a NaN there is still a typo
+    # as a config hands them over: floats, YAML's strings, numpy and torch scalars
+    bads = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        "nan",
+        "inf",
+        np.float32("nan"),
+        torch.tensor(math.inf),
+    )
     for name in ("pid_kp", "pid_kd", "auto_quantile", "auto_multiple", "lambda_init", "eta"):
-        for bad in (float("nan"), float("inf"), -float("inf")):
+        for bad in bads:
             with pytest.raises(ValueError, match=f"dcmdp_{name} must be finite"):
                 DCMDPOptions(tolerance=0.004, **{name: bad})
+        with pytest.raises(ValueError, match=f"dcmdp_{name} must be a number"):
+            DCMDPOptions(tolerance=0.004, **{name: "0.5x"})
+    for bad in bads:
+        with pytest.raises(ValueError, match="dcmdp_constraint_share must be a finite number >= 0"):
+            DCMDPOptions(tolerance=0.004, constraint_share=bad)
     DCMDPOptions(tolerance=None, ema=None, constraint_share=None)  # None stays legal where it means "auto"
+    DCMDPOptions(tolerance=0.004, pid_kp=np.float32(0.3), auto_quantile="0.5")  # finite numbers of any kind
 
 
 def test_controller_dual_step_matches_the_library_multiplier() -> None:

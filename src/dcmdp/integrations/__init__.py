@@ -69,6 +69,10 @@ _OPTION_NAMES = {
 }
 
 
+#: The annotations of the numeric fields of :class:`DCMDPOptions` (checked finite when built).
+_NUMBER_TYPES = {"float", "int", "float | None", "int | None"}
+
+
 @dataclass(frozen=True)
 class DCMDPOptions:
     """Framework-neutral DCMDP settings; each integration maps its own prefixed fields onto these.
@@ -122,9 +126,13 @@ class DCMDPOptions:
         core_loss_name(self.loss_form)
         share = self.constraint_share
         if share is not None:
+            try:
+                share = float(share)
+            except (TypeError, ValueError):
+                share = math.nan
             if not (math.isfinite(share) and share >= 0):
                 raise ValueError(
-                    f"dcmdp_constraint_share must be a finite number >= 0 (0 = off), got {share!r}"
+                    f"dcmdp_constraint_share must be a finite number >= 0 (0 = off), got {self.constraint_share!r}"
                 )
             if self.loss_form == "shaping" and share > 0:
                 raise ValueError(
@@ -134,7 +142,13 @@ class DCMDPOptions:
                 )
         for f in fields(self):  # also the ones this multiplier ignores: a NaN there is a typo too
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            if value is None or str(f.type) not in _NUMBER_TYPES:
+                continue
+            try:  # a YAML config can hand over the string "nan", numpy or torch a NaN scalar
+                number = float(value)
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"dcmdp_{f.name} must be a number, got {value!r}") from None
+            if not math.isfinite(number):
                 raise ValueError(f"dcmdp_{f.name} must be finite, got {value!r}")
         if self.multiplier not in MULTIPLIER_KINDS:
             raise ValueError(
