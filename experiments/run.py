@@ -594,12 +594,12 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "loss.opsm_delta=0.05",
                 "loss.constraint_share=0.25",
             ],
-            # The two that failed composed at 0.25 (seq-TIS on seeds 1-2, OPSM on seed 0: lambda
-            # at its bound, reward near 0.02) at kappa 0.1: is a smaller share of the update a
-            # safe setting for them, or do they need the constraint off?
             # DCMDP alone at the composed loss's kappa: is the geometric-mask composition's lead over
             # DCMDP alone (kappa 0.5) the mask's, or the smaller share's?
             "dcmdp_k0.25": ["loss.type=dcmdp", "loss.constraint_share=0.25"],
+            # The two that failed composed at 0.25 (seq-TIS on seeds 1-2, OPSM on seed 0: lambda
+            # at its bound, reward near 0.02) at kappa 0.1: is a smaller share of the update a
+            # safe setting for them, or do they need the constraint off?
             "dcmdp_seq_tis_k0.1": [
                 "loss.type=dcmdp",
                 "loss.correction=seq_tis",

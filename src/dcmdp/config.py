@@ -153,7 +153,7 @@ class LossConfig:
     (in the long regime it collapsed in 3 of 5 seeds with the update bound at kappa 0.5 and held in
     9 of 9 at 0.25, now its default: ``constraint_share``; docs/RESULTS.md). At 0.25 seq_mis and
     geo_mask composed with the penalty held on 3 of 3 and 9 of 9 long seeds (geo_mask: +0.031 over
-    GRPO, the best-supported composition so far); opsm collapsed on 1 of 3 and
+    GRPO, though DCMDP alone at the same kappa came close on six); opsm collapsed on 1 of 3 and
     seq_tis failed on 2 of 3 (reward lost, the gap rising), and at 0.1 no better, so those two are
     cautioned."""
     constraint: str = "auto"

@@ -107,7 +107,7 @@ def clip(x: float, lo: float, hi: float) -> float:
 def check_finite(name: str, x: Any) -> float:
     try:
         value = float(x)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a double's range
         raise ValueError(f"{name} must be a number, got {x!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

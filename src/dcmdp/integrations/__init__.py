@@ -33,6 +33,7 @@ from dcmdp.algo.discrepancy import fill_masked, prob_gap
 from dcmdp.algo.losses import LossInputs, LossOutput, LossSettings, get_policy_loss
 from dcmdp.algo.multiplier import MULTIPLIER_KINDS, WARMUP_LOSS_TOLERANCE, Multiplier, MultiplierSettings
 from dcmdp.algo.multiplier import build_multiplier as build_core_multiplier
+from dcmdp.algo.multiplier_parts import check_finite
 from dcmdp.config import COMPOSED_SHARE, DEFAULT_SHARE
 
 #: DCMDP loss form (the integrations' option value) -> dcmdp's registered core loss.
@@ -142,14 +143,8 @@ class DCMDPOptions:
                 )
         for f in fields(self):  # also the ones this multiplier ignores: a NaN there is a typo too
             value = getattr(self, f.name)
-            if value is None or str(f.type) not in _NUMBER_TYPES:
-                continue
-            try:  # a YAML config can hand over the string "nan", numpy or torch a NaN scalar
-                number = float(value)
-            except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"dcmdp_{f.name} must be a number, got {value!r}") from None
-            if not math.isfinite(number):
-                raise ValueError(f"dcmdp_{f.name} must be finite, got {value!r}")
+            if value is not None and str(f.type) in _NUMBER_TYPES:  # YAML can hand over "nan"
+                check_finite(f"dcmdp_{f.name}", value)
         if self.multiplier not in MULTIPLIER_KINDS:
             raise ValueError(
                 f"unknown multiplier {self.multiplier!r}; valid kinds: {', '.join(MULTIPLIER_KINDS)}"
@@ -305,13 +300,7 @@ def load_multiplier_state(folder: str) -> dict[str, Any]:
 
 def finite_float(name: str, value: object) -> float:
     """``value`` as a finite float, or ``ValueError`` naming it (for metrics read from a framework)."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
+    return check_finite(name, value)
 
 
 __all__ = [
