@@ -48,7 +48,7 @@ from dcmdp.config import load_config
 from dcmdp.engines.base import EngineSpec, make_engine
 from dcmdp.logprobs import build_token_batch, sequence_logprobs
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
-from dcmdp.models import load_model, load_tokenizer
+from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.probe import parse_setting
 from dcmdp.tasks import make_task
 from dcmdp.trainer import resolve_base_model, rollout, sampling_settings
@@ -70,6 +70,19 @@ def flat_grad(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)]
     )
+
+
+def device_name(device: str) -> str:
+    """What the figures were measured on: the GPU's name, or the CPU's model name."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,16 +108,23 @@ def length_quartiles(lengths: torch.Tensor, gap: torch.Tensor, seq_abs_log_ratio
 
 
 def measure(
-    setting: str, model_dir: Path, batches: int, seed: int, config: str | None = None
+    setting: str, model_dir: Path, batches: int, seed: int, config: str | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     cfg = load_config(config)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=device)
     task = make_task(cfg.task.name, **cfg.task.options)
     sampling = sampling_settings(cfg, tokenizer.eos_token_id)
     s = parse_setting(setting)
     engine = make_engine(
-        EngineSpec(type=s.engine, model=str(model_dir), dtype=s.dtype, quantization=s.quantization, seed=seed)
+        EngineSpec(
+            type=s.engine,
+            model=str(model_dir),
+            dtype=s.dtype,
+            quantization=s.quantization,
+            seed=seed,
+            device=device,
+        )
     )
     naive_fn, is_fn = get_policy_loss("grpo"), get_policy_loss("tis")
     settings = LossSettings(tis_cap=1e9)
@@ -117,20 +137,22 @@ def measure(
         for k in range(batches):
             problems = task.problems("train", cfg.run.prompts_per_step, seed=seed * 1000 + k)
             ro = rollout(engine, task, tokenizer, problems, sampling, cfg.run.group_size, seed * 1000 + k)
-            batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id)
-            adv = grpo_advantages(ro.rewards_N, cfg.run.group_size).unsqueeze(1)
+            batch = build_token_batch(ro.prompts, ro.completions, tokenizer.pad_token_id).to(device)
+            adv = grpo_advantages(ro.rewards_N, cfg.run.group_size).unsqueeze(1).to(device)
             logp = sequence_logprobs(model, batch, sampling)  # one forward, both gradients from it
             old = logp.detach()
             inputs = LossInputs(logp, old, batch.engine_logp_BT, adv.expand_as(logp), batch.response_mask_BT)
             g_naive = flat_grad(model, naive_fn(inputs, settings).loss)
             g_is = flat_grad(model, is_fn(inputs, settings).loss)
             mask = batch.response_mask_BT
-            ratios.append(torch.exp(old - batch.engine_logp_BT)[mask])
-            zero = torch.zeros((), dtype=old.dtype)
+            ratios.append(torch.exp(old - batch.engine_logp_BT)[mask].cpu())
+            zero = torch.zeros((), dtype=old.dtype, device=old.device)
             log_r = torch.where(mask, old - batch.engine_logp_BT, zero)
-            seq_len.append(mask.sum(dim=1))
-            seq_gap.append(torch.where(mask, (old.exp() - batch.engine_logp_BT.exp()).abs(), zero).sum(dim=1))
-            seq_alr.append(log_r.sum(dim=1).abs())
+            seq_len.append(mask.sum(dim=1).cpu())
+            seq_gap.append(
+                torch.where(mask, (old.exp() - batch.engine_logp_BT.exp()).abs(), zero).sum(dim=1).cpu()
+            )
+            seq_alr.append(log_r.sum(dim=1).abs().cpu())
             rows.append(
                 {
                     "cos_naive_is": cos(g_naive, g_is),
@@ -194,6 +216,9 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="engine:dtype[:quant]")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--device", default="cpu", help="cpu | cuda | auto: where the trainer and the engines run"
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "gradient_bias" / "summary.json"))
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot the gap against response length")
     ap.add_argument("--from-summary", default=None, metavar="JSON", help="plot a summary written before")
@@ -210,11 +235,12 @@ def main() -> int:
         ap.error("--batches must be at least 2 (the noise reference compares two batches)")
     for text in args.settings:
         parse_setting(text)  # fail before any engine starts
+    device = resolve_device(args.device)  # fails before any engine starts
     model_dir = Path(args.model) if args.model else resolve_base_model(load_config(args.config), print)
     torch.manual_seed(args.seed)
     results = []
     for setting in args.settings:
-        res = measure(setting, model_dir, args.batches, args.seed, args.config)
+        res = measure(setting, model_dir, args.batches, args.seed, args.config, device)
         results.append(res)
         print(
             f"{setting:28s} cos(naive, IS) {res['cos_naive_is']:.4f}  |naive-IS|/|IS| {res['rel_diff']:.4f}  "
@@ -230,7 +256,13 @@ def main() -> int:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir), "config": args.config, "results": results}, indent=2))
+    record = {
+        "model": str(model_dir),
+        "config": args.config,
+        "device": device_name(device),
+        "results": results,
+    }
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
     if args.plot is not None:
         plot_by_length(results, Path(args.plot))

@@ -275,6 +275,12 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
     "long_search": {
         f"grpo_{name}": [*LONG, *engine, "loss.type=grpo"] for name, engine in LONG_ENGINES.items()
     },
+    # Issue 13 on a lent GPU (experiments/gpu_long.sh): the harm search with the Transformers engine
+    # at bfloat16 on CUDA kernels, the precision users roll out in, against the same engine at float32.
+    "long_search_gpu": {
+        f"grpo_{name}": [*LONG, *engine, "loss.type=grpo"]
+        for name, engine in (("fp32_ceiling", FP32_HF), ("hf_bf16", BF16_HF))
+    },
     # Issue 13, section 3.2 (started): the methods on the int4 engine in the long regime.
     "long_methods": _long_methods(INT4, ["grpo", "tis", "dcmdp_guard0.05", "dcmdp_tis_guard0.05"]),
     # Issue 13: the same methods on llama.cpp Q4_0, the engine where GRPO first lost ground in the
@@ -690,6 +696,7 @@ START_D_KEY = "discrepancy/prob_gap_mean"
 PREPARE = {
     "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
     "long_search": [["pretrain", "--task", "long_addition"]],
+    "long_search_gpu": [["pretrain", "--task", "long_addition"]],
     "long_methods": [["pretrain", "--task", "long_addition"]],
     "long_methods_q4_0": [["pretrain", "--task", "long_addition"]],
     "long_stress_q4_0": [["pretrain", "--task", "long_addition"]],
