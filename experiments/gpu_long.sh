@@ -13,7 +13,10 @@
 #     run folders land in $OUT/runs and are summarised on a machine with matplotlib afterwards);
 #   - experiments/gradient_bias.py on CUDA: the token gap, the sequence log ratio by response
 #     length and the turn of the gradient, for each engine setting, into $OUT/gradient_bias_cuda.json.
-# SMOKE=1 checks the script on CPU in a minute (2 steps, 2 batches, the default run folder kept
+# The device tool brings back only a few files from the top of $OUT, so the run folders (weights
+# left out) and logs are also packed into $OUT/gpu_long.tgz; unpack it into experiments/runs/ and
+# summarise with `python experiments/run.py long_search_gpu --summary-only`.
+# SMOKE=1 checks the script on CPU in a few minutes (2 steps, 2 batches, the run folders kept
 # apart by --set).
 set -u
 : "${OUT:?set OUT to the folder for the results}"
@@ -28,7 +31,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     BATCHES=2
 fi
 export PYTHONPATH=src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-mkdir -p "$OUT/runs"
+mkdir -p "$OUT/runs" "$OUT/logs"
 [ -e experiments/runs ] || ln -s "$OUT/runs" experiments/runs
 RUNS=$(cd experiments/runs && pwd -P)
 {
@@ -41,17 +44,20 @@ RUNS=$(cd experiments/runs && pwd -P)
 for seed in 0 1 2; do
     for arm in grpo_fp32_ceiling grpo_hf_bf16; do
         timeout "$DEADLINE" $PY experiments/run.py long_search_gpu --arms $arm --seeds $seed "${SET[@]}" \
-            > "$OUT/train.$arm.$seed.log" 2>&1 &
+            > "$OUT/logs/train.$arm.$seed.log" 2>&1 &
     done
 done
 
 $PY experiments/gradient_bias.py --config configs/long_addition.yaml --device $DEVICE --batches $BATCHES \
     --settings transformers:float32 transformers:bfloat16 transformers:float16 \
     transformers:float32:fp8 transformers:float32:int8 transformers:float32:int4 \
-    --out "$OUT/gradient_bias_cuda.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/gradient_bias.log"
+    --out "$OUT/gradient_bias_cuda.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/logs/gradient_bias.log"
 
 wait
 echo "== where each run got to (finished runs end with an eval at step 200) =="
 for f in $(find "$RUNS"/long_search_gpu* -name metrics.jsonl | sort); do
     echo "$f: $(grep -c '"kind": "train"' "$f") train rows; last eval: $(grep '"kind": "eval"' "$f" | tail -1 | cut -c1-160)"
 done
+tar czf "$OUT/gpu_long.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$OUT" logs \
+    -C "$RUNS" $(cd "$RUNS" && ls -d long_search_gpu*)
+echo "packed $OUT/gpu_long.tgz"

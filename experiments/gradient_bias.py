@@ -235,7 +235,10 @@ def main() -> int:
         ap.error("--batches must be at least 2 (the noise reference compares two batches)")
     for text in args.settings:
         parse_setting(text)  # fail before any engine starts
-    device = resolve_device(args.device)  # fails before any engine starts
+    try:
+        device = resolve_device(args.device)  # fails before any engine starts
+    except ValueError as err:
+        ap.error(f"--device: {err}")
     model_dir = Path(args.model) if args.model else resolve_base_model(load_config(args.config), print)
     torch.manual_seed(args.seed)
     results = []

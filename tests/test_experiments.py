@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from dcmdp.config import load_config
 
@@ -242,6 +243,15 @@ def test_gradient_bias_plots_the_gap_against_length_from_a_summary(tmp_path: Pat
         [sys.executable, script, "--from-summary", str(summary)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "give --plot PNG" in bad.stderr
+
+
+def test_gradient_bias_refuses_an_unknown_or_absent_device_before_any_engine_starts() -> None:
+    script = str(ROOT / "experiments" / "gradient_bias.py")
+    bad = subprocess.run([sys.executable, script, "--device", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device" in bad.stderr and "'tpu' is unknown" in bad.stderr
+    if not torch.cuda.is_available():
+        absent = subprocess.run([sys.executable, script, "--device", "cuda"], capture_output=True, text=True)
+        assert absent.returncode == 2 and "no CUDA device is visible" in absent.stderr
 
 
 def test_mean_interval_is_the_t_interval() -> None:
