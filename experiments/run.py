@@ -474,6 +474,19 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             *lam,
         ]
         for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
+    }
+    | {
+        # kappa 0.25 (the candidate default for a constraint alone, from long_defaults_q4_0's
+        # dcmdp_k0.25), between the damping-only control and 0.5: does it hold here too?
+        f"{k}_update0.25_noguard": [
+            *INT3,
+            f"loss.type={k}",
+            *HARM,
+            "loss.constraint_share=0.25",
+            "loss.constraint_share_of=update",
+            "multiplier.reward_guard=0.0",
+        ]
+        for k in ("dcmdp", "dcmdp_full")
     },
     # Issue 14: asynchronous rollouts do not trade learning for speed. The default job (vLLM bf16
     # rollout, 60 steps) synchronous against one policy version stale, without a correction, with
