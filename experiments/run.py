@@ -578,7 +578,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                 "multiplier.eta=0.6",
                 "multiplier.lam_max=0.6",
             ],
-            # DCMDP + TIS with the update bound's kappa halved (0.25; the default 0.5): over the
+            # DCMDP + TIS with the update bound's kappa halved (0.25; the default then 0.5): over the
             # first 15 steps of seed 4 the pair's drift came with the constraint at the bound's
             # share (0.5) for any lambda from 0.06 up, and stopped at kappa 0.25 or lambda 0.001.
             "dcmdp_tis_k0.25": ["loss.type=dcmdp", "loss.correction=tis", "loss.constraint_share=0.25"],
@@ -684,9 +684,10 @@ RAN_WITH = {
     # With it, the reward guard became conditional (null: on only where the update bound is off);
     # these ran with the guard's margin of 0.05 by default.
     "multiplier.reward_guard=0.05": tuple(n for n in BEFORE_BOUND if n not in BEFORE_GUARD),
-    # kappa became 0.25 for a correction composed with a constraint (0.5 alone; null = that rule)
-    # after these ran at 0.5 for every arm. An arm added to them later also gets 0.5, as the arms
-    # it is compared with had: to run one at today's rule, write loss.constraint_share out.
+    # kappa became 0.25 for a correction composed with a constraint, and later (session 19 of
+    # issue 13) for a constraint alone too, after these ran at 0.5 for every arm. An arm added to
+    # them later also gets 0.5, as the arms it is compared with had: to run one at today's
+    # default, write loss.constraint_share out.
     "loss.constraint_share=0.5": ("long_defaults_q4_0",),
 }
 

@@ -31,6 +31,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
+from dcmdp import integrations
 from dcmdp.grad_share import ShareBoundedAdamW
 from dcmdp.integrations.trl import DCMDPGRPOConfig, DCMDPGRPOTrainer
 from test_integration_trl import PROMPTS, make_args, make_trainer, micro_batch, reward_length
@@ -200,7 +201,13 @@ def test_optimizer_steps_match_share_bounded_adamw_fed_by_hand(
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-7)
 
 
-def test_default_share_per_loss_form_and_invalid_values(tmp_path: Path) -> None:
+def test_default_share_per_loss_form_and_invalid_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dcmdp train's defaults, alone and corrected, are both a quarter today (issue 13); the
+    # constraint alone gets a value of its own here so that the test tells which one is used
+    assert (integrations.DEFAULT_CONSTRAINT_SHARE, integrations.CORRECTED_CONSTRAINT_SHARE) == (0.25, 0.25)
+    monkeypatch.setattr(integrations, "DEFAULT_CONSTRAINT_SHARE", 0.5)
     assert make_args(tmp_path).dcmdp_options().update_bound() == 0.5  # penalty: dcmdp train's default
     assert make_args(tmp_path, dcmdp_loss_form="hinge").dcmdp_options().update_bound() == 0.5
     assert make_args(tmp_path, dcmdp_loss_form="shaping").dcmdp_options().update_bound() == 0.0
@@ -244,7 +251,7 @@ def test_the_optimizer_the_bound_builds_and_the_ones_it_refuses(tiny_model_dir: 
     args = make_args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6)
     trainer = trainer_with(tiny_model_dir, args)
     opt = trainer.create_optimizer()
-    assert isinstance(opt, ShareBoundedAdamW) and opt.kappa == 0.5
+    assert isinstance(opt, ShareBoundedAdamW) and opt.kappa == integrations.DEFAULT_CONSTRAINT_SHARE
     decay = set(trainer.get_decay_parameter_names(trainer.model))
     by_id = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = [{by_id[id(p)] for p in g["params"]} for g in opt.param_groups]

@@ -185,7 +185,7 @@ class DCMDPOptions:
 
     def update_bound(self) -> float:
         """kappa of the update bound, 0 when off: ``constraint_share``, or when it is None
-        ``dcmdp train``'s default for the penalty and hinge forms (0.5, or 0.25 when ``corrected``)
+        ``dcmdp train``'s default for the penalty and hinge forms (0.25, alone or ``corrected``)
         and 0 for shaping (see ``constraint_share``)."""
         if self.constraint_share is not None:
             return float(self.constraint_share)

@@ -54,8 +54,8 @@ Normalisation: the penalty of a micro-batch is scaled by its share of the accumu
 averaged gradient is that of lam times the token mean of delta over the whole step, whatever
 ``loss_type`` normalises the surrogate with. In evaluation the penalty is the micro-batch token mean.
 
-Update bound (``dcmdp_constraint_share``, kappa; None = 0.5 for penalty and hinge, 0.25 with one of
-TRL's corrections on (``dcmdp train``'s default for a composed loss), off for shaping,
+Update bound (``dcmdp_constraint_share``, kappa; None = 0.25 for penalty and hinge, with or without
+one of TRL's corrections on (``dcmdp train``'s defaults), off for shaping,
 whose constraint lives inside TRL's surrogate through the advantages): ``dcmdp train``'s
 ``loss.constraint_share_of=update``. The optimizer is :class:`~dcmdp.grad_share.ShareBoundedAdamW`
 (built by :meth:`DCMDPGRPOTrainer.create_optimizer` from Trainer's AdamW settings and parameter
@@ -215,9 +215,9 @@ class DCMDPGRPOConfig(GRPOConfig):
         metadata={
             "help": "Update bound kappa, as `dcmdp train`'s loss.constraint_share with constraint_share_of=update: "
             "the optimizer is dcmdp's ShareBoundedAdamW, which holds the constraint's displacement of each weight "
-            "tensor (averaged over about 100 steps) to at most kappa times the reward gradient's. None = 0.5 for "
-            "'penalty' and 'hinge' (0.25 with vllm_importance_sampling_correction on and vLLM, or with "
-            "off_policy_mask_threshold set), off for 'shaping' (its constraint acts through the advantages and cannot be "
+            "tensor (averaged over about 100 steps) to at most kappa times the reward gradient's. None = 0.25 for "
+            "'penalty' and 'hinge' (with or without vllm_importance_sampling_correction or "
+            "off_policy_mask_threshold), off for 'shaping' (its constraint acts through the advantages and cannot be "
             "split off; a value > 0 with it is an error); 0 = off. On, it needs optim='adamw_torch' or "
             "'adamw_torch_fused' (or your own ShareBoundedAdamW), no fp16 GradScaler, no FSDP / DeepSpeed / "
             "tensor parallelism (plain data parallel works), and costs a second backward pass per micro-batch "
