@@ -43,7 +43,7 @@ RUNS=$(cd experiments/runs && pwd -P)
 
 for seed in 0 1 2; do
     for arm in grpo_fp32_ceiling grpo_hf_bf16; do
-        timeout "$DEADLINE" $PY experiments/run.py long_search_gpu --arms $arm --seeds $seed "${SET[@]}" \
+        timeout "$DEADLINE" $PY experiments/run.py long_search_gpu --arms $arm --seeds $seed ${SET[@]+"${SET[@]}"} \
             > "$OUT/logs/train.$arm.$seed.log" 2>&1 &
     done
 done

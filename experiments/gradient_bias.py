@@ -29,6 +29,7 @@ the gap and the sequence log ratio against response length, one line per setting
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -153,24 +154,23 @@ def measure(
                 torch.where(mask, (old.exp() - batch.engine_logp_BT.exp()).abs(), zero).sum(dim=1).cpu()
             )
             seq_alr.append(log_r.sum(dim=1).abs().cpu())
+            signal = bool(g_is.norm() > 0)  # False when every group's rewards were equal
             rows.append(
                 {
-                    "cos_naive_is": cos(g_naive, g_is),
-                    "rel_diff": float((g_naive - g_is).norm() / g_is.norm()),
+                    "cos_naive_is": cos(g_naive, g_is) if signal else float("nan"),
+                    "rel_diff": float((g_naive - g_is).norm() / g_is.norm()) if signal else float("nan"),
                     "reward_mean": float(ro.rewards_N.mean()),
+                    "signal": signal,
                 }
             )
-            grads.append(g_naive)
+            grads.append(g_naive.cpu())
     finally:
         engine.close()
-    noise = [cos(grads[i], grads[i + 1]) for i in range(len(grads) - 1)]
     r = torch.cat(ratios)
     q = torch.quantile(r.double(), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
     return {
         "setting": setting,
-        "cos_naive_is": statistics.median(x["cos_naive_is"] for x in rows),
-        "rel_diff": statistics.median(x["rel_diff"] for x in rows),
-        "cos_between_batches": statistics.median(noise) if noise else float("nan"),
+        **gradient_stats(rows, grads),
         "ratio_p01": float(q[0]),
         "ratio_p50": float(q[1]),
         "ratio_p99": float(q[2]),
@@ -179,6 +179,23 @@ def measure(
         "tokens": int(r.numel()),
         "by_length": length_quartiles(torch.cat(seq_len), torch.cat(seq_gap), torch.cat(seq_alr)),
         "batches": rows,
+    }
+
+
+def gradient_stats(rows: list[dict[str, Any]], grads: list[torch.Tensor]) -> dict[str, Any]:
+    """Medians over the batches that carry a reward signal. A batch whose every group got equal
+    rewards has all advantages 0 and so a zero gradient: its cos and relative difference are
+    undefined, and its cos to a neighbouring batch would read 0 (orthogonal) when there is nothing
+    to compare. Such batches are counted and left out; the noise reference compares consecutive
+    batches that both have a signal. NaN where no batch (or no such pair) has one."""
+    keep = [i for i, row in enumerate(rows) if row["signal"]]
+    noise = [cos(grads[i], grads[j]) for i, j in itertools.pairwise(keep) if j == i + 1]
+    nan = float("nan")
+    return {
+        "cos_naive_is": statistics.median(rows[i]["cos_naive_is"] for i in keep) if keep else nan,
+        "rel_diff": statistics.median(rows[i]["rel_diff"] for i in keep) if keep else nan,
+        "cos_between_batches": statistics.median(noise) if noise else nan,
+        "batches_with_signal": len(keep),
     }
 
 
@@ -248,7 +265,8 @@ def main() -> int:
         print(
             f"{setting:28s} cos(naive, IS) {res['cos_naive_is']:.4f}  |naive-IS|/|IS| {res['rel_diff']:.4f}  "
             f"cos(batch, next batch) {res['cos_between_batches']:.3f}  "
-            f"pi/mu p1 {res['ratio_p01']:.3f} p99 {res['ratio_p99']:.3f} max {res['ratio_max']:.2f}",
+            f"pi/mu p1 {res['ratio_p01']:.3f} p99 {res['ratio_p99']:.3f} max {res['ratio_max']:.2f}  "
+            f"(batches with a reward signal: {res['batches_with_signal']} of {args.batches})",
             flush=True,
         )
         for q in res["by_length"]:

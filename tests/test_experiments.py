@@ -98,7 +98,7 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert bound("harm_share", "dcmdp_share0.5") == (0.5, "gradient")
     assert bound("harm_update_share", "dcmdp_update0.5_noguard") == (0.5, "update")
     assert bound("self_correction", "penalty_on_update0.5") == (0.5, "update")
-    assert bound("long_methods", "dcmdp_guard0.05") == (0.5, "update")  # not run yet: today's default
+    assert bound("long_methods", "dcmdp_guard0.05") == (0.25, "update")  # not run yet: today's default
     # kappa 0.25 became the default for a correction composed with a constraint after the long
     # regime's grid had run at 0.5: its arms keep 0.5 unless they set their own
     assert bound("long_defaults_q4_0", "dcmdp_tis") == (0.5, "update")
@@ -243,6 +243,29 @@ def test_gradient_bias_plots_the_gap_against_length_from_a_summary(tmp_path: Pat
         [sys.executable, script, "--from-summary", str(summary)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "give --plot PNG" in bad.stderr
+
+
+def test_gradient_bias_leaves_out_batches_without_a_reward_signal() -> None:
+    gb = load("gradient_bias")
+    nan = float("nan")
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    rows = [
+        {"cos_naive_is": nan, "rel_diff": nan, "signal": False},  # every group's rewards equal
+        {"cos_naive_is": 0.5, "rel_diff": 2.0, "signal": True},
+        {"cos_naive_is": 0.9, "rel_diff": 0.4, "signal": True},
+        {"cos_naive_is": 0.7, "rel_diff": 1.0, "signal": True},
+    ]
+    grads = [torch.zeros(2), e1, e1, e2]
+    stats = gb.gradient_stats(rows, grads)
+    assert stats["batches_with_signal"] == 3
+    assert stats["cos_naive_is"] == 0.7 and stats["rel_diff"] == 1.0  # medians of the three
+    # noise: batches 1-2 (cos 1) and 2-3 (cos 0); the zero batch 0 is not a neighbour of anything
+    assert stats["cos_between_batches"] == pytest.approx(0.5)
+    # a signal batch between two without: no pair, no noise figure
+    lone = gb.gradient_stats([{**rows[0]}, rows[1], {**rows[0]}], [torch.zeros(2), e1, torch.zeros(2)])
+    assert lone["batches_with_signal"] == 1 and math.isnan(lone["cos_between_batches"])
+    none = gb.gradient_stats([rows[0]], [torch.zeros(2)])
+    assert none["batches_with_signal"] == 0 and math.isnan(none["cos_naive_is"])
 
 
 def test_gradient_bias_refuses_an_unknown_or_absent_device_before_any_engine_starts() -> None:

@@ -121,9 +121,8 @@ _L = LossSettings
 #: kappa of the update bound for a constraint alone (``loss.constraint_share`` null, no correction).
 #: 0.5 until issue 13's long-regime control: there DCMDP alone at 0.25 ended above GRPO by +0.025
 #: [+0.004, +0.045] over nine seeds and above itself at 0.5 on 7 of 9, with the gap no higher on
-#: average, and in ``harm`` the penalty and full forms at 0.25 held on 5 of 5 seeds each
-#: (docs/RESULTS.md, ``dcmdp_k0.25``, ``harm_update_share``). Both kappas kept every form from
-#: collapsing where the bound's absence let it.
+#: average, and in ``harm`` the penalty and full forms at 0.25 held on 5 of 5 seeds each, as every
+#: form had at 0.5 (docs/RESULTS.md, ``dcmdp_k0.25``, ``harm_update_share``).
 DEFAULT_SHARE = 0.25
 #: kappa of the update bound when an importance correction is composed with the constraint
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
