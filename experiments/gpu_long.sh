@@ -32,6 +32,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 fi
 export PYTHONPATH=src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 mkdir -p "$OUT/runs" "$OUT/logs"
+OUT=$(cd "$OUT" && pwd -P)  # absolute: the link below and tar's -C need it
 [ -e experiments/runs ] || ln -s "$OUT/runs" experiments/runs
 RUNS=$(cd experiments/runs && pwd -P)
 {
@@ -48,16 +49,21 @@ for seed in 0 1 2; do
     done
 done
 
-$PY experiments/gradient_bias.py --config configs/long_addition.yaml --device $DEVICE --batches $BATCHES \
+timeout "$DEADLINE" $PY experiments/gradient_bias.py --config configs/long_addition.yaml --device $DEVICE --batches $BATCHES \
     --settings transformers:float32 transformers:bfloat16 transformers:float16 \
     transformers:float32:fp8 transformers:float32:int8 transformers:float32:int4 \
     --out "$OUT/gradient_bias_cuda.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/logs/gradient_bias.log"
 
 wait
 echo "== where each run got to (finished runs end with an eval at step 200) =="
-for f in $(find "$RUNS"/long_search_gpu* -name metrics.jsonl | sort); do
+for f in $(find "$RUNS"/long_search_gpu* -name metrics.jsonl 2>/dev/null | sort); do
     echo "$f: $(grep -c '"kind": "train"' "$f") train rows; last eval: $(grep '"kind": "eval"' "$f" | tail -1 | cut -c1-160)"
 done
-tar czf "$OUT/gpu_long.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$OUT" logs \
-    -C "$RUNS" $(cd "$RUNS" && ls -d long_search_gpu*)
-echo "packed $OUT/gpu_long.tgz"
+FOLDERS=$(cd "$RUNS" && ls -d long_search_gpu* 2>/dev/null)
+[ -n "$FOLDERS" ] || echo "no run folder under $RUNS: packing the logs only" >&2
+if tar czf "$OUT/gpu_long.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$OUT" logs -C "$RUNS" $FOLDERS; then
+    echo "packed $OUT/gpu_long.tgz"
+else
+    echo "packing $OUT/gpu_long.tgz failed" >&2
+    exit 1
+fi

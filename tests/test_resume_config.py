@@ -583,3 +583,43 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_finished(
     assert main(["train", "--resume", f"run.out_dir={out}", "run.rollout_timeout_s=99"]) == 2
     assert "logged step 3 but its checkpoints folder holds no complete checkpoint" in capsys.readouterr().err
     assert train_steps(out) == [1, 2, 3]  # the log is kept
+
+
+def test_a_run_saved_with_kappa_null_resumes_at_what_null_meant_then(tmp_path: Path) -> None:
+    # Runs saved before the resolved kappa was written out hold `constraint_share: null`, which
+    # meant 0.5 for a constraint alone then (0.25 since issue 13, session 19) and 0.25 composed.
+    from dcmdp.config import COMPOSED_SHARE, SHARE_ALONE_BEFORE
+
+    assert SHARE_ALONE_BEFORE == 0.5 != load_config(None, ["loss.type=dcmdp"]).loss.share()
+    for name, loss, then in [
+        ("alone", ["loss.type=dcmdp"], SHARE_ALONE_BEFORE),
+        ("hinge", ["loss.type=dcmdp_hinge"], SHARE_ALONE_BEFORE),
+        ("composed", ["loss.type=dcmdp", "loss.correction=tis"], COMPOSED_SHARE),
+    ]:
+        out = tmp_path / name
+        _save_run(out, *loss)  # dump_config: null, as runs wrote it before
+        assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["constraint_share"] is None
+        cfg, changes = load_resume_config(None, [f"run.out_dir={out}"])
+        assert cfg.loss.share() == then and changes == []
+        assert (
+            load_resume_config(None, [f"run.out_dir={out}", f"loss.constraint_share={then}"])[0].loss.share()
+            == then
+        )
+        if then != load_config(None, loss).loss.share():
+            with pytest.raises(ConfigError, match=r"loss\.constraint_share: 0\.5 -> null"):
+                load_resume_config(None, [f"run.out_dir={out}", "loss.constraint_share=null"])
+
+
+def test_a_run_writes_its_resolved_kappa_so_a_later_default_cannot_change_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcmdp import config
+
+    out = tmp_path / "dcmdp"
+    assert main(["train", *tiny_run(tiny_model_dir, out, **{"loss.type": "dcmdp", "run.steps": 2})]) == 0
+    assert saved(out)["loss"]["constraint_share"] == config.DEFAULT_SHARE
+    # the default moves on; the run resumes with the kappa it trained with, and says nothing changed
+    monkeypatch.setattr(config, "DEFAULT_SHARE", 0.1)
+    cfg, changes = load_resume_config(None, [f"run.out_dir={out}", "run.steps=3"])
+    assert cfg.loss.share() != 0.1 and cfg.loss.share() == saved(out)["loss"]["constraint_share"]
+    assert [c.field for c in changes] == ["run.steps"]

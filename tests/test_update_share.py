@@ -187,8 +187,9 @@ def test_the_constraint_buffer_follows_gradient_clipping() -> None:
 
 
 def test_config_checks_the_space() -> None:
-    # the default since issue 13: the update bound at kappa 0.5 (0.25 with a correction beside it)
-    assert (load_config().loss.share(), load_config().loss.constraint_share_of) == (0.5, "update")
+    # the default since issue 13: the update bound, at kappa 0.25 (0.5 for a constraint alone until
+    # session 19; 0.25 with a correction beside it from the start)
+    assert (load_config().loss.share(), load_config().loss.constraint_share_of) == (0.25, "update")
     for bad in ("-0.1", "nan", "inf"):
         with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
             load_config(overrides=[f"loss.constraint_share={bad}"])
@@ -356,6 +357,34 @@ def test_update_mode_refuses_an_optimizer_that_cannot_bound_the_step(tiny_model_
         trainer.update_policy(learner, data, loss_settings(cfg, lam=1.0, tolerance=1e-3))
 
 
+def test_a_state_saved_under_one_kappa_is_refused_under_another() -> None:
+    a = _params()
+    opt = ShareBoundedAdamW(a, lr=0.01, betas=BETAS, kappa=0.5)
+    for p, g in zip(a, _grads(a, 0)):
+        p.grad = g
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    assert state["kappa"] == 0.5
+    ShareBoundedAdamW(_params(), lr=0.01, betas=BETAS, kappa=0.5).load_state_dict(copy.deepcopy(state))
+    with pytest.raises(
+        ValueError, match=r"saved by a ShareBoundedAdamW with kappa=0\.5, and this one has kappa=0\.25"
+    ):
+        ShareBoundedAdamW(_params(), lr=0.01, betas=BETAS, kappa=0.25).load_state_dict(copy.deepcopy(state))
+    # a state saved before kappa was recorded loads as it is
+    legacy = {k: v for k, v in copy.deepcopy(state).items() if k != "kappa"}
+    ShareBoundedAdamW(_params(), lr=0.01, betas=BETAS, kappa=0.25).load_state_dict(legacy)
+
+
+def test_the_defaults_of_the_optimizer_and_the_integrations_are_dcmdp_trains() -> None:
+    import inspect
+
+    from dcmdp import config, integrations
+
+    default = inspect.signature(ShareBoundedAdamW).parameters["kappa"].default
+    assert default == config.DEFAULT_SHARE == integrations.DEFAULT_CONSTRAINT_SHARE
+    assert integrations.CORRECTED_CONSTRAINT_SHARE == config.COMPOSED_SHARE
+
+
 def test_states_cross_between_adamw_and_the_bounded_optimizer() -> None:
     from dcmdp.grad_share import as_adamw_state
 
@@ -369,7 +398,9 @@ def test_states_cross_between_adamw_and_the_bounded_optimizer() -> None:
     # into AdamW: the policy part's moments
     ref = _params()
     adamw = torch.optim.AdamW(ref, lr=0.01, betas=BETAS)
-    adamw.load_state_dict(as_adamw_state(copy.deepcopy(opt.state_dict())))
+    saved = copy.deepcopy(opt.state_dict())
+    assert "kappa" in saved and "kappa" not in as_adamw_state(saved)
+    adamw.load_state_dict(as_adamw_state(saved))
     for i, p in enumerate(ours):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(adamw.state[ref[i]][key], opt.state[p][key])

@@ -691,6 +691,10 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
     # the update bound became the default in issue 13
     "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
 }
+#: What a saved ``loss.constraint_share: null`` stood for in a run saved before runs wrote their
+#: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (``DEFAULT_SHARE`` then),
+#: :data:`COMPOSED_SHARE` for a composed loss. Runs saved since write the number itself.
+SHARE_ALONE_BEFORE = 0.5
 
 RESUME_CHANGEABLE = (
     "run.steps",
@@ -784,7 +788,10 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
             existing = saved_data.get(section)
             if existing is None or isinstance(existing, dict):
                 saved_data[section] = {**values, **(existing or {})}
-        return config_from_dict(saved_data)
+        saved = config_from_dict(saved_data)
+        if saved.loss.constraint_share is None:  # saved with null: the kappa null meant then
+            saved.loss.constraint_share = COMPOSED_SHARE if saved.loss.composed() else SHARE_ALONE_BEFORE
+        return saved
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"{how}: {saved_path} is not a valid config: {' '.join(str(exc).split())} "
@@ -838,6 +845,15 @@ def load_resume_config(
     merged["run"]["out_dir"] = str(out_dir)  # the directory resumed, wherever the run first lived
     cfg = config_from_dict(merged)
     return cfg, check_resume(saved, cfg, out_dir)
+
+
+def run_config_text(cfg: Config) -> str:
+    """The ``config.yaml`` a run saves: its config with ``loss.constraint_share`` resolved
+    (``LossConfig.share()``) where it is null, so that a later change of the default cannot change
+    what resuming the run trains."""
+    if cfg.loss.constraint_share is None:
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, constraint_share=cfg.loss.share()))
+    return dump_config(cfg)
 
 
 def dump_config(cfg: Config) -> str:

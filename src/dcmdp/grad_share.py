@@ -155,7 +155,7 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        kappa: float = 0.5,
+        kappa: float = 0.25,  # dcmdp train's default (config.DEFAULT_SHARE)
         drift_beta: float = DRIFT_BETA,
     ) -> None:
         if not kappa >= 0:
@@ -167,6 +167,23 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         self.drift_beta = drift_beta
         self._constraint: dict[torch.nn.Parameter, Tensor] = {}
         self.last_metrics: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's optimizer state, with kappa beside it, so that a checkpoint is not resumed under
+        another share without a word (:meth:`load_state_dict` refuses it)."""
+        return {**super().state_dict(), "kappa": self.kappa}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, after checking the kappa the state was saved with (states saved before it was
+        recorded carry none, and load as they are)."""
+        saved = state_dict.get("kappa")
+        if saved is not None and float(saved) != self.kappa:
+            raise ValueError(
+                f"this optimizer state was saved by a ShareBoundedAdamW with kappa={saved}, and this one has "
+                f"kappa={self.kappa} (the update bound's share: dcmdp train's loss.constraint_share, TRL's "
+                f"dcmdp_constraint_share): set it to {saved} to resume the run, or start a new one"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kappa"})
 
     def set_constraint_grads(self, params: list[torch.nn.Parameter], grads: list[Tensor | None]) -> None:
         """The constraint's gradient for the next :meth:`step` (None = none); ``p.grad`` is the rest."""
@@ -250,4 +267,4 @@ def as_adamw_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     moments (the rest is dropped; a state without it is returned as it is)."""
     extra = ("exp_avg_c", "exp_avg_sq_c", "drift", "drift_c")
     states = {key: {k: v for k, v in st.items() if k not in extra} for key, st in state_dict["state"].items()}
-    return {**state_dict, "state": states}
+    return {**{k: v for k, v in state_dict.items() if k != "kappa"}, "state": states}

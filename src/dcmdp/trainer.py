@@ -58,7 +58,7 @@ from dcmdp.config import (
     build_task,
     cautions,
     check_resume,
-    dump_config,
+    run_config_text,
     saved_run_config,
     validate,
 )
@@ -285,7 +285,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     if not resume:  # a fresh run replaces whatever config an earlier failed start left
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "config.yaml").write_text(run_config_text(cfg))
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
@@ -328,7 +328,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         metrics_log.truncate_after(-1)
         log(f"no complete checkpoint in {run_dir}; starting from step 0")
     if resume:  # once the checkpoint has loaded: a resume that fails leaves the run's config as it was
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "config.yaml").write_text(run_config_text(cfg))
     writers = open_writers(cfg, run_dir)
 
     eval_problems = task.problems("eval", cfg.run.eval_problems, seed=cfg.run.seed + 10_000)

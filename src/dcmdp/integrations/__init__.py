@@ -120,8 +120,9 @@ class DCMDPOptions:
     corrected: bool = False
     """Whether the framework applies an importance correction beside the constraint (TRL's
     ``vllm_importance_sampling_correction`` with vLLM, or its ``off_policy_mask_threshold``): then
-    the default kappa is ``dcmdp train``'s for a composed loss (0.25), where DCMDP + TIS held; at
-    0.5 it collapsed (docs/RESULTS.md)."""
+    the default kappa is ``dcmdp train``'s for a composed loss (0.25, where DCMDP + TIS held; at
+    0.5 it collapsed: docs/RESULTS.md). Both defaults are 0.25 today; they are kept apart because
+    they rest on different evidence."""
 
     def __post_init__(self) -> None:
         core_loss_name(self.loss_form)
