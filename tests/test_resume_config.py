@@ -618,8 +618,43 @@ def test_a_run_writes_its_resolved_kappa_so_a_later_default_cannot_change_it(
     out = tmp_path / "dcmdp"
     assert main(["train", *tiny_run(tiny_model_dir, out, **{"loss.type": "dcmdp", "run.steps": 2})]) == 0
     assert saved(out)["loss"]["constraint_share"] == config.DEFAULT_SHARE
+    # resumed with null written out (today's default, the same kappa): the number stays in the file
+    assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=3", "loss.constraint_share=null"]) == 0
+    assert saved(out)["loss"]["constraint_share"] == config.DEFAULT_SHARE
     # the default moves on; the run resumes with the kappa it trained with, and says nothing changed
     monkeypatch.setattr(config, "DEFAULT_SHARE", 0.1)
-    cfg, changes = load_resume_config(None, [f"run.out_dir={out}", "run.steps=3"])
+    cfg, changes = load_resume_config(None, [f"run.out_dir={out}", "run.steps=4"])
     assert cfg.loss.share() != 0.1 and cfg.loss.share() == saved(out)["loss"]["constraint_share"]
     assert [c.field for c in changes] == ["run.steps"]
+
+
+def test_an_optimizer_state_under_another_kappa_is_a_config_error_not_a_bad_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # a config.yaml edited by hand (or lost) lets the check of the saved config pass; the
+    # optimizer's own check then stops the resume, without calling the checkpoint unreadable
+    from dcmdp import trainer
+
+    out = tmp_path / "dcmdp"
+    run = tiny_run(
+        tiny_model_dir, out, **{"loss.type": "dcmdp", "loss.constraint_share": 0.25, "run.steps": 2}
+    )
+    assert main(["train", *run]) == 0
+    data = saved(out)
+    data["loss"]["constraint_share"] = 0.5
+    data["run"]["steps"] = 3
+    (out / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"kappa=0\.25, and this one has kappa=0\.5") as err:
+        trainer.train(load_config(out / "config.yaml"), resume=True, log=lambda _m: None)
+    assert "move that folder" not in str(err.value)
+
+
+def test_a_run_without_a_constraint_saved_with_null_resumes_with_null_written_out(tmp_path: Path) -> None:
+    # kappa does nothing without a constraint: null read as the old 0.5 is no change for GRPO; for
+    # DCMDP it is, and the refusal says which value to set
+    grpo, dcmdp = tmp_path / "grpo", tmp_path / "dcmdp"
+    _save_run(grpo, "loss.type=grpo")
+    _save_run(dcmdp, "loss.type=dcmdp")
+    assert load_resume_config(None, [f"run.out_dir={grpo}", "loss.constraint_share=null"])[1] != []
+    with pytest.raises(ConfigError, match=r"set loss\.constraint_share=0\.5 or leave it out"):
+        load_resume_config(None, [f"run.out_dir={dcmdp}", "loss.constraint_share=null"])

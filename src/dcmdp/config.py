@@ -693,7 +693,9 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
 }
 #: What a saved ``loss.constraint_share: null`` stood for in a run saved before runs wrote their
 #: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (``DEFAULT_SHARE`` then),
-#: :data:`COMPOSED_SHARE` for a composed loss. Runs saved since write the number itself.
+#: :data:`COMPOSED_SHARE` for a composed loss. Runs saved since write the number itself. (Runs
+#: started by commits 3ab01d9 to 5937531, a few hours of 2026-12-04, saved null and trained a
+#: constraint alone at 0.25: resume those with ``loss.constraint_share=0.25``.)
 SHARE_ALONE_BEFORE = 0.5
 
 RESUME_CHANGEABLE = (
@@ -806,11 +808,15 @@ def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume
     a constraint still checkpoints the multiplier's state, whose shape they set."""
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
-    # null and the kappa it stands for are the same run: only a change of the resolved kappa counts
+    # null and the kappa it stands for are the same run: only a change of the resolved kappa counts,
+    # and only for a loss with a constraint (without one the bound is never built)
     refused = [
         c
         for c in refused
-        if not (c.field == "loss.constraint_share" and saved.loss.share() == cfg.loss.share())
+        if not (
+            c.field == "loss.constraint_share"
+            and (saved.loss.share() == cfg.loss.share() or not cfg.loss.uses_multiplier())
+        )
     ]
     # A cosine schedule's length is the run's length: extending the run would restart its decay.
     if cfg.optim.schedule == "cosine":
@@ -819,9 +825,17 @@ def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume
         from dcmdp.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(out_dir) or out_dir / "checkpoints" / "step_NNNNNN"
+        kappa = ""
+        if any(c.field == "loss.constraint_share" for c in refused):
+            kappa = (
+                f" (the run trained at kappa {saved.loss.share()}; a config.yaml saved with "
+                f"loss.constraint_share: null, before runs wrote the number, reads as {SHARE_ALONE_BEFORE} "
+                f"for a constraint alone and {COMPOSED_SHARE} composed: set loss.constraint_share="
+                f"{saved.loss.share()} or leave it out)"
+            )
         message = (
             f"{how} refuses to change what the run in {out_dir} trains: "
-            f"{'; '.join(map(str, refused))}. The run keeps its saved config.yaml; drop the change, "
+            f"{'; '.join(map(str, refused))}{kappa}. The run keeps its saved config.yaml; drop the change, "
             f"or start a new run from its checkpoint (model.path={ckpt} run.out_dir=NEW_DIR)"
         )
         raise ConfigError(" ".join(message.split()))  # one line, whatever the values hold

@@ -100,6 +100,10 @@ class ConstraintGradients:
 DRIFT_BETA = 0.99
 
 
+class KappaMismatchError(ValueError):
+    """An optimizer state saved under another kappa than the optimizer loading it."""
+
+
 class ShareBoundedAdamW(torch.optim.Optimizer):
     """AdamW that bounds the constraint's share of how far the weights *move*
     (``loss.constraint_share_of=update``).
@@ -163,7 +167,7 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         if not 0 <= drift_beta < 1:
             raise ValueError(f"drift_beta must be in [0, 1), got {drift_beta!r}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.kappa = kappa
+        self.kappa = float(kappa)  # a plain float: a numpy scalar in the state would fail a weights-only load
         self.drift_beta = drift_beta
         self._constraint: dict[torch.nn.Parameter, Tensor] = {}
         self.last_metrics: dict[str, float] = {}
@@ -178,7 +182,7 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         recorded carry none, and load as they are)."""
         saved = state_dict.get("kappa")
         if saved is not None and float(saved) != self.kappa:
-            raise ValueError(
+            raise KappaMismatchError(
                 f"this optimizer state was saved by a ShareBoundedAdamW with kappa={saved}, and this one has "
                 f"kappa={self.kappa} (the update bound's share: dcmdp train's loss.constraint_share, TRL's "
                 f"dcmdp_constraint_share): set it to {saved} to resume the run, or start a new one"

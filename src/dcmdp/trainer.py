@@ -63,7 +63,7 @@ from dcmdp.config import (
     validate,
 )
 from dcmdp.engines.base import SamplingSettings, make_engine
-from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
+from dcmdp.grad_share import ConstraintGradients, KappaMismatchError, ShareBoundedAdamW, as_adamw_state
 from dcmdp.models import load_model, load_tokenizer, resolve_device
 from dcmdp.rollout import (
     Rollout,
@@ -320,6 +320,8 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
             generator.set_state(state["generator"])
             set_random_states(state["random"])
             start_step = int(state["step"])
+        except KappaMismatchError as exc:  # every checkpoint of the run holds the same kappa
+            raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise unreadable(ckpt, load_failure("trainer_state.pt", exc)) from exc
         dropped = metrics_log.truncate_after(start_step)
