@@ -74,16 +74,13 @@ def flat_grad(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
 
 
 def device_name(device: str) -> str:
-    """What the figures were measured on: the GPU's name, or the CPU's model name."""
+    """What the figures were measured on: the GPU's name, or the CPU with its family, model and
+    x86 capabilities (the figures differ between CPUs)."""
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    from dcmdp.engines.vllm_engine import cpu_description  # imports no vLLM
+
+    return cpu_description()
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
