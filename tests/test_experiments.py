@@ -98,7 +98,7 @@ def test_experiments_keep_the_defaults_they_ran_with() -> None:
     assert bound("harm_share", "dcmdp_share0.5") == (0.5, "gradient")
     assert bound("harm_update_share", "dcmdp_update0.5_noguard") == (0.5, "update")
     assert bound("self_correction", "penalty_on_update0.5") == (0.5, "update")
-    assert bound("long_methods", "dcmdp_guard0.05") == (0.25, "update")  # not run yet: today's default
+    assert bound("long_methods", "dcmdp_guard0.05") == (0.5, "update")  # not run yet: today's default
     # kappa 0.25 became the default for a correction composed with a constraint after the long
     # regime's grid had run at 0.5: its arms keep 0.5 unless they set their own
     assert bound("long_defaults_q4_0", "dcmdp_tis") == (0.5, "update")

@@ -204,9 +204,9 @@ def test_optimizer_steps_match_share_bounded_adamw_fed_by_hand(
 def test_default_share_per_loss_form_and_invalid_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # dcmdp train's defaults, alone and corrected, are both a quarter today (issue 13); the
-    # constraint alone gets a value of its own here so that the test tells which one is used
-    assert (integrations.DEFAULT_CONSTRAINT_SHARE, integrations.CORRECTED_CONSTRAINT_SHARE) == (0.25, 0.25)
+    # dcmdp train's defaults, alone and corrected; the constraint alone gets a value of its own
+    # here so that the test tells which one is used whatever the defaults are
+    assert (integrations.DEFAULT_CONSTRAINT_SHARE, integrations.CORRECTED_CONSTRAINT_SHARE) == (0.5, 0.25)
     monkeypatch.setattr(integrations, "DEFAULT_CONSTRAINT_SHARE", 0.5)
     assert make_args(tmp_path).dcmdp_options().update_bound() == 0.5  # penalty: dcmdp train's default
     assert make_args(tmp_path, dcmdp_loss_form="hinge").dcmdp_options().update_bound() == 0.5

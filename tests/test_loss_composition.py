@@ -696,9 +696,9 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
     from dcmdp.config import COMPOSED_SHARE, LossConfig, cautions
     from dcmdp.grad_share import ShareBoundedAdamW
 
-    # Both defaults are a quarter today (issue 13); the constraint alone gets a value of its own
-    # here so that the test still tells which of the two each loss resolves to.
-    assert (config.COMPOSED_SHARE, config.DEFAULT_SHARE) == (0.25, 0.25)
+    # a quarter composed, a half alone; the constraint alone gets a value of its own here so that
+    # the test tells which of the two each loss resolves to whatever the defaults are
+    assert (config.COMPOSED_SHARE, config.DEFAULT_SHARE) == (0.25, 0.5)
     DEFAULT_SHARE = 0.4
     monkeypatch.setattr(config, "DEFAULT_SHARE", DEFAULT_SHARE)
 

@@ -585,12 +585,18 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_called_finished(
     assert train_steps(out) == [1, 2, 3]  # the log is kept
 
 
-def test_a_run_saved_with_kappa_null_resumes_at_what_null_meant_then(tmp_path: Path) -> None:
+def test_a_run_saved_with_kappa_null_resumes_at_what_null_meant_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Runs saved before the resolved kappa was written out hold `constraint_share: null`, which
-    # meant 0.5 for a constraint alone then (0.25 since issue 13, session 19) and 0.25 composed.
+    # meant 0.5 for a constraint alone and 0.25 composed; a later default (here 0.25 alone, as for
+    # a few hours of issue 13) must not change what they resume with.
+    from dcmdp import config
     from dcmdp.config import COMPOSED_SHARE, SHARE_ALONE_BEFORE
 
-    assert SHARE_ALONE_BEFORE == 0.5 != load_config(None, ["loss.type=dcmdp"]).loss.share()
+    assert SHARE_ALONE_BEFORE == 0.5
+    monkeypatch.setattr(config, "DEFAULT_SHARE", 0.25)
+    assert load_config(None, ["loss.type=dcmdp"]).loss.share() == 0.25
     for name, loss, then in [
         ("alone", ["loss.type=dcmdp"], SHARE_ALONE_BEFORE),
         ("hinge", ["loss.type=dcmdp_hinge"], SHARE_ALONE_BEFORE),
@@ -649,9 +655,14 @@ def test_an_optimizer_state_under_another_kappa_is_a_config_error_not_a_bad_chec
     assert "move that folder" not in str(err.value)
 
 
-def test_a_run_without_a_constraint_saved_with_null_resumes_with_null_written_out(tmp_path: Path) -> None:
-    # kappa does nothing without a constraint: null read as the old 0.5 is no change for GRPO; for
-    # DCMDP it is, and the refusal says which value to set
+def test_a_run_without_a_constraint_saved_with_null_resumes_with_null_written_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kappa does nothing without a constraint: null read as the old 0.5 is no change for GRPO under
+    # a default that differs (here 0.25); for DCMDP it is, and the refusal says which value to set
+    from dcmdp import config
+
+    monkeypatch.setattr(config, "DEFAULT_SHARE", 0.25)
     grpo, dcmdp = tmp_path / "grpo", tmp_path / "dcmdp"
     _save_run(grpo, "loss.type=grpo")
     _save_run(dcmdp, "loss.type=dcmdp")

@@ -187,9 +187,8 @@ def test_the_constraint_buffer_follows_gradient_clipping() -> None:
 
 
 def test_config_checks_the_space() -> None:
-    # the default since issue 13: the update bound, at kappa 0.25 (0.5 for a constraint alone until
-    # session 19; 0.25 with a correction beside it from the start)
-    assert (load_config().loss.share(), load_config().loss.constraint_share_of) == (0.25, "update")
+    # the default since issue 13: the update bound at kappa 0.5 (0.25 with a correction beside it)
+    assert (load_config().loss.share(), load_config().loss.constraint_share_of) == (0.5, "update")
     for bad in ("-0.1", "nan", "inf"):
         with pytest.raises(ConfigError, match=r"loss\.constraint_share"):
             load_config(overrides=[f"loss.constraint_share={bad}"])

@@ -118,12 +118,13 @@ class TaskConfig:
 # The loss knobs' defaults are LossSettings' (the losses' own record): one definition each.
 _L = LossSettings
 
-#: kappa of the update bound for a constraint alone (``loss.constraint_share`` null, no correction).
-#: 0.5 until issue 13's long-regime control: there DCMDP alone at 0.25 ended above GRPO by +0.025
-#: [+0.004, +0.045] over nine seeds and above itself at 0.5 on 7 of 9, with the gap no higher on
-#: average, and in ``harm`` the penalty and full forms at 0.25 held on 5 of 5 seeds each, as every
-#: form had at 0.5 (docs/RESULTS.md, ``dcmdp_k0.25``, ``harm_update_share``).
-DEFAULT_SHARE = 0.25
+#: kappa of the update bound for a constraint alone (``loss.constraint_share`` null, no correction):
+#: what kept every DCMDP form from collapsing in ``harm`` and the long regime. 0.25 was the default
+#: for a few hours of issue 13's session 19 (the penalty form at 0.25 led GRPO by +0.025 [+0.004,
+#: +0.045] over nine long-response seeds and held in ``harm``), and was set back when the hinge form
+#: at 0.25 collapsed on a long-response seed where it had held at 0.5 (docs/RESULTS.md,
+#: ``dcmdp_k0.25``, ``dcmdp_hinge_k0.25``).
+DEFAULT_SHARE = 0.5
 #: kappa of the update bound when an importance correction is composed with the constraint
 #: (``loss.constraint_share`` null): DCMDP + TIS collapsed in 3 of 5 long-response seeds at 0.5 and
 #: held in 9 of 9 at 0.25 (docs/RESULTS.md, ``dcmdp_tis_k0.25``); at 0.25 seq-MIS composed held on 3 of 3
@@ -167,10 +168,11 @@ class LossConfig:
     """What the constraint bounds, per token: prob_gap (the paper's |pi - mu|), k3 (k3 estimate
     of KL(mu||pi)) or abs_log_ratio (|log pi - log mu|). Set ``multiplier.tolerance`` in its units."""
     constraint_share: float | None = None
-    """Share bound kappa on the constraint, 0 = off; null (the default) = 0.25, for a constraint
-    alone and when an importance correction is composed with it (alone, 0.25 ended above 0.5 on 7
-    of 9 long-response seeds; DCMDP + TIS collapsed in 3 of 5 at 0.5 and held in 9 of 9 at 0.25;
-    seq-TIS and OPSM composed failed in 2 of 3 and 1 of 3 at 0.25; the resolved value:
+    """Share bound kappa on the constraint, 0 = off; null (the default) = 0.5 for a constraint
+    alone and 0.25 when an importance correction is composed with it (DCMDP + TIS collapsed in 3
+    of 5 long-response seeds at 0.5 and held in 9 of 9 at 0.25; seq-TIS and OPSM composed failed in
+    2 of 3 and 1 of 3 at 0.25; alone, the penalty form at 0.25 led GRPO over nine long seeds, but
+    the hinge form at 0.25 collapsed on one where it held at 0.5; the resolved value:
     ``LossConfig.share()``). By default (``constraint_share_of=update``)
     the constraint may move each weight tensor at most kappa times as far as the reward's gradient
     moves it (averaged over about 100 steps): what kept every DCMDP form from collapsing where c
@@ -692,10 +694,11 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
     "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
 }
 #: What a saved ``loss.constraint_share: null`` stood for in a run saved before runs wrote their
-#: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (``DEFAULT_SHARE`` then),
+#: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (:data:`DEFAULT_SHARE`),
 #: :data:`COMPOSED_SHARE` for a composed loss. Runs saved since write the number itself. (Runs
-#: started by commits 3ab01d9 to 5937531, a few hours of 2026-12-04, saved null and trained a
-#: constraint alone at 0.25: resume those with ``loss.constraint_share=0.25``.)
+#: started by commits 3ab01d9 to 5937531, a few hours of 2026-12-04 when the default alone was
+#: 0.25, saved null and trained a constraint alone at 0.25: resume those with
+#: ``loss.constraint_share=0.25``.)
 SHARE_ALONE_BEFORE = 0.5
 
 RESUME_CHANGEABLE = (

@@ -159,7 +159,7 @@ class ShareBoundedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        kappa: float = 0.25,  # dcmdp train's default (config.DEFAULT_SHARE)
+        kappa: float = 0.5,  # dcmdp train's default for a constraint alone (config.DEFAULT_SHARE)
         drift_beta: float = DRIFT_BETA,
     ) -> None:
         if not kappa >= 0:

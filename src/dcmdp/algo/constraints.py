@@ -35,7 +35,7 @@ small probabilities or agreeing ones); the log-ratio measures do not reward eith
 they are offered (docs/concepts.md).
 
 **The share bound** (``loss.constraint_share`` = kappa > 0). By default
-(``loss.constraint_share_of=update``, kappa 0.25) it bounds how far the constraint moves the
+(``loss.constraint_share_of=update``, kappa 0.5) it bounds how far the constraint moves the
 weights, in the optimizer (:class:`dcmdp.grad_share.ShareBoundedAdamW`). With
 ``constraint_share_of=gradient`` the trainer applies :func:`share_scale`: per optimizer step, the gradient of the constraint's part of the loss
 (``LossOutput.constraint_part``, backpropagated on its own) is scaled down, when needed, to at most

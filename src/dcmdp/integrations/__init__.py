@@ -121,8 +121,7 @@ class DCMDPOptions:
     """Whether the framework applies an importance correction beside the constraint (TRL's
     ``vllm_importance_sampling_correction`` with vLLM, or its ``off_policy_mask_threshold``): then
     the default kappa is ``dcmdp train``'s for a composed loss (0.25, where DCMDP + TIS held; at
-    0.5 it collapsed: docs/RESULTS.md). Both defaults are 0.25 today; they are kept apart because
-    they rest on different evidence."""
+    0.5 it collapsed: docs/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         core_loss_name(self.loss_form)
@@ -186,7 +185,7 @@ class DCMDPOptions:
 
     def update_bound(self) -> float:
         """kappa of the update bound, 0 when off: ``constraint_share``, or when it is None
-        ``dcmdp train``'s default for the penalty and hinge forms (0.25, alone or ``corrected``)
+        ``dcmdp train``'s default for the penalty and hinge forms (0.5, or 0.25 when ``corrected``)
         and 0 for shaping (see ``constraint_share``)."""
         if self.constraint_share is not None:
             return float(self.constraint_share)

@@ -40,10 +40,9 @@ Where each piece comes from:
   on by default in TRL: sequence_mask, cap 3) is **off** by default in :class:`DCMDPGRPOConfig`, so
   TRL + DCMDP optimises the same objective as ``loss.type=dcmdp`` and the verl loss. Turning it on
   gives DCMDP plus TRL's correction, the counterpart of ``loss.correction=seq_mis`` (or the mode you
-  pick) with the constraint in dcmdp's composed losses, with the update bound's default kappa
-  for a composed loss, 0.25 as in ``dcmdp train`` (the same as for the constraint alone since
-  issue 13's session 19); so does TRL's off-policy sequence mask (``off_policy_mask_threshold``,
-  dcmdp's ``opsm``). Token-level TIS and IcePop composed with DCMDP collapsed at 0.5 in the long
+  pick) with the constraint in dcmdp's composed losses, and lowers the update bound's default
+  kappa to 0.25 as ``dcmdp train`` does for a composed loss; so does TRL's off-policy sequence
+  mask (``off_policy_mask_threshold``, dcmdp's ``opsm``). Token-level TIS and IcePop composed with DCMDP collapsed at 0.5 in the long
   regime (docs/RESULTS.md); TRL's default mode, a sequence mask, and OPSM have not been measured
   composed, so for them the quarter is by analogy.
 - The multiplier: one per process, all identical. Each process sums the gap and the token count of
@@ -55,8 +54,8 @@ Normalisation: the penalty of a micro-batch is scaled by its share of the accumu
 averaged gradient is that of lam times the token mean of delta over the whole step, whatever
 ``loss_type`` normalises the surrogate with. In evaluation the penalty is the micro-batch token mean.
 
-Update bound (``dcmdp_constraint_share``, kappa; None = 0.25 for penalty and hinge, with or without
-one of TRL's corrections on (``dcmdp train``'s defaults), off for shaping,
+Update bound (``dcmdp_constraint_share``, kappa; None = 0.5 for penalty and hinge, 0.25 with one of
+TRL's corrections on (``dcmdp train``'s default for a composed loss), off for shaping,
 whose constraint lives inside TRL's surrogate through the advantages): ``dcmdp train``'s
 ``loss.constraint_share_of=update``. The optimizer is :class:`~dcmdp.grad_share.ShareBoundedAdamW`
 (built by :meth:`DCMDPGRPOTrainer.create_optimizer` from Trainer's AdamW settings and parameter
@@ -216,9 +215,9 @@ class DCMDPGRPOConfig(GRPOConfig):
         metadata={
             "help": "Update bound kappa, as `dcmdp train`'s loss.constraint_share with constraint_share_of=update: "
             "the optimizer is dcmdp's ShareBoundedAdamW, which holds the constraint's displacement of each weight "
-            "tensor (averaged over about 100 steps) to at most kappa times the reward gradient's. None = 0.25 for "
-            "'penalty' and 'hinge' (with or without vllm_importance_sampling_correction or "
-            "off_policy_mask_threshold), off for 'shaping' (its constraint acts through the advantages and cannot be "
+            "tensor (averaged over about 100 steps) to at most kappa times the reward gradient's. None = 0.5 for "
+            "'penalty' and 'hinge' (0.25 with vllm_importance_sampling_correction on and vLLM, or with "
+            "off_policy_mask_threshold set), off for 'shaping' (its constraint acts through the advantages and cannot be "
             "split off; a value > 0 with it is an error); 0 = off. On, it needs optim='adamw_torch' or "
             "'adamw_torch_fused' (or your own ShareBoundedAdamW), no fp16 GradScaler, no FSDP / DeepSpeed / "
             "tensor parallelism (plain data parallel works), and costs a second backward pass per micro-batch "
