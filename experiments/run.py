@@ -616,8 +616,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # DCMDP alone at the composed loss's kappa: is the geometric-mask composition's lead over
             # DCMDP alone (kappa 0.5) the mask's, or the smaller share's?
             "dcmdp_k0.25": ["loss.type=dcmdp", "loss.constraint_share=0.25"],
-            # The other forms at kappa 0.25, the default since session 19: does every form still
-            # hold in the long regime at the new default (the issue asks for 3 seeds each)?
+            # The other forms at kappa 0.25 (briefly the default alone, session 19): does every form
+            # hold in the long regime at it (the issue asks for 3 seeds each)? The hinge form did not.
             **{
                 f"{form}_k0.25": [f"loss.type={form}", "loss.constraint_share=0.25"]
                 for form in ("dcmdp_hinge", "dcmdp_full", "dcmdp_shaping")
