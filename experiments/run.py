@@ -690,10 +690,10 @@ RAN_WITH = {
     # With it, the reward guard became conditional (null: on only where the update bound is off);
     # these ran with the guard's margin of 0.05 by default.
     "multiplier.reward_guard=0.05": tuple(n for n in BEFORE_BOUND if n not in BEFORE_GUARD),
-    # kappa became 0.25 for a correction composed with a constraint, and later (session 19 of
-    # issue 13) for a constraint alone too, after these ran at 0.5 for every arm. An arm added to
-    # them later also gets 0.5, as the arms it is compared with had: to run one at today's
-    # default, write loss.constraint_share out.
+    # kappa became 0.25 for a correction composed with a constraint after these ran at 0.5 for
+    # every arm (and for about an hour of issue 13's session 19 for a constraint alone too, then
+    # set back to 0.5). An arm added to them later also gets 0.5, as the arms it is compared with
+    # had: to run one at today's default, write loss.constraint_share out.
     "loss.constraint_share=0.5": ("long_defaults_q4_0",),
 }
 

@@ -590,7 +590,7 @@ def test_a_run_saved_with_kappa_null_resumes_at_what_null_meant_then(
 ) -> None:
     # Runs saved before the resolved kappa was written out hold `constraint_share: null`, which
     # meant 0.5 for a constraint alone and 0.25 composed; a later default (here 0.25 alone, as for
-    # a few hours of issue 13) must not change what they resume with.
+    # about an hour of issue 13) must not change what they resume with.
     from dcmdp import config
     from dcmdp.config import COMPOSED_SHARE, SHARE_ALONE_BEFORE
 

@@ -120,7 +120,7 @@ _L = LossSettings
 
 #: kappa of the update bound for a constraint alone (``loss.constraint_share`` null, no correction):
 #: what kept every DCMDP form from collapsing in ``harm`` and the long regime. 0.25 was the default
-#: for a few hours of issue 13's session 19 (the penalty form at 0.25 led GRPO by +0.025 [+0.004,
+#: for about an hour of issue 13's session 19 (the penalty form at 0.25 led GRPO by +0.025 [+0.004,
 #: +0.045] over nine long-response seeds and held in ``harm``), and was set back when the hinge form
 #: at 0.25 collapsed on a long-response seed where it had held at 0.5 (docs/RESULTS.md,
 #: ``dcmdp_k0.25``, ``dcmdp_hinge_k0.25``).
@@ -696,7 +696,7 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
 #: What a saved ``loss.constraint_share: null`` stood for in a run saved before runs wrote their
 #: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (:data:`DEFAULT_SHARE`),
 #: :data:`COMPOSED_SHARE` for a composed loss. Runs saved since write the number itself. (Runs
-#: started by commits 3ab01d9 to 5937531, a few hours of 2026-12-04 when the default alone was
+#: started by commits 3ab01d9 to 5937531, on 2026-12-04 when the default alone was
 #: 0.25, saved null and trained a constraint alone at 0.25: resume those with
 #: ``loss.constraint_share=0.25``.)
 SHARE_ALONE_BEFORE = 0.5
