@@ -46,7 +46,7 @@ import torch
 
 from dcmdp.advantages import grpo_advantages
 from dcmdp.config import load_config
-from dcmdp.engines.base import EngineSpec, make_engine
+from dcmdp.engines.base import make_engine
 from dcmdp.logprobs import build_token_batch, sequence_logprobs
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
 from dcmdp.models import load_model, load_tokenizer, resolve_device
@@ -113,17 +113,7 @@ def measure(
     model = load_model(model_dir, device=device)
     task = make_task(cfg.task.name, **cfg.task.options)
     sampling = sampling_settings(cfg, tokenizer.eos_token_id)
-    s = parse_setting(setting)
-    engine = make_engine(
-        EngineSpec(
-            type=s.engine,
-            model=str(model_dir),
-            dtype=s.dtype,
-            quantization=s.quantization,
-            seed=seed,
-            device=device,
-        )
-    )
+    engine = make_engine(parse_setting(setting).engine_spec(model_dir, seed, device))
     naive_fn, is_fn = get_policy_loss("grpo"), get_policy_loss("tis")
     settings = LossSettings(tis_cap=1e9)
     rows: list[dict[str, float]] = []

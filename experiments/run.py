@@ -476,8 +476,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for tag, lam in (("", []), ("_lammax10", ["multiplier.lam_max=10.0"]))
     }
     | {
-        # kappa 0.25 (the candidate default for a constraint alone, from long_defaults_q4_0's
-        # dcmdp_k0.25), between the damping-only control and 0.5: does it hold here too?
+        # kappa 0.25 (briefly the default for a constraint alone in session 19, from
+        # long_defaults_q4_0's dcmdp_k0.25), between the damping-only control and 0.5: does it hold?
         f"{k}_update0.25_noguard": [
             *INT3,
             f"loss.type={k}",

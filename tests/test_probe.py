@@ -84,6 +84,17 @@ def test_parse_setting():
     assert parse_setting("transformers:float32:none").quantization is None
 
 
+def test_a_setting_builds_the_engine_it_names_with_its_float32_groups():
+    from pathlib import Path
+
+    spec = parse_setting("transformers:bfloat16:int8@lm_head+norms").engine_spec(
+        Path("m"), 3, "cpu", max_model_len=64
+    )
+    assert (spec.type, spec.model, spec.dtype, spec.quantization) == ("transformers", "m", "bfloat16", "int8")
+    assert (spec.seed, spec.device, spec.max_model_len) == (3, "cpu", 64)
+    assert spec.fp32_modules == ("lm_head", "norms")  # gradient_bias.py used to drop these
+
+
 def test_cli_reports_bad_setting(probe_model_dir, capsys):
     assert main(["probe", "--model", str(probe_model_dir), "--setting", "vllm:fp64"]) == 2
     assert "dtype 'fp64' is unknown; valid: float32, bfloat16, float16" in capsys.readouterr().err

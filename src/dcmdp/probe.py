@@ -60,6 +60,19 @@ class ProbeSetting:
     quantization: str | None = None
     fp32_modules: tuple[str, ...] = ()  # module groups the engine keeps in float32 (the remedy)
 
+    def engine_spec(self, model_path: Path, seed: int, device: str, **extra: Any) -> EngineSpec:
+        """The engine this setting names, for ``model_path`` (``extra``: further EngineSpec fields)."""
+        return EngineSpec(
+            type=self.engine,
+            model=str(model_path),
+            dtype=self.dtype,
+            quantization=self.quantization,
+            seed=seed,
+            device=device,
+            fp32_modules=self.fp32_modules,
+            **extra,
+        )
+
     @property
     def label(self) -> str:
         base = ":".join([self.engine, self.dtype] + ([self.quantization] if self.quantization else []))
@@ -164,16 +177,7 @@ def probe_setting(
     from dcmdp.breakdown import gap_breakdown, trainer_token_stats
     from dcmdp.rollout import build_token_batch
 
-    spec = EngineSpec(
-        type=setting.engine,
-        model=str(model_path),
-        dtype=setting.dtype,
-        quantization=setting.quantization,
-        seed=seed,
-        max_model_len=max_model_len,
-        device=device,
-        fp32_modules=setting.fp32_modules,
-    )
+    spec = setting.engine_spec(model_path, seed, device, max_model_len=max_model_len)
     t0 = time.perf_counter()
     engine = make_engine(spec)
     load_s = time.perf_counter() - t0

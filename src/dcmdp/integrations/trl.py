@@ -42,9 +42,9 @@ Where each piece comes from:
   gives DCMDP plus TRL's correction, the counterpart of ``loss.correction=seq_mis`` (or the mode you
   pick) with the constraint in dcmdp's composed losses, and lowers the update bound's default
   kappa to 0.25 as ``dcmdp train`` does for a composed loss; so does TRL's off-policy sequence
-  mask (``off_policy_mask_threshold``, dcmdp's ``opsm``). Token-level TIS and IcePop composed with DCMDP collapsed at 0.5 in the long
-  regime (docs/RESULTS.md); TRL's default mode, a sequence mask, and OPSM have not been measured
-  composed, so for them the quarter is by analogy.
+  mask (``off_policy_mask_threshold``, dcmdp's ``opsm``). Token-level TIS and IcePop composed with
+  DCMDP collapsed at 0.5 in the long regime (docs/RESULTS.md); TRL's default mode, a sequence
+  mask, and OPSM have not been measured composed, so for them the quarter is by analogy.
 - The multiplier: one per process, all identical. Each process sums the gap and the token count of
   its micro-batches; at the gradient-accumulation boundary (``accelerator.sync_gradients``) the two
   sums are all-reduced, every process computes the same D and takes the same dual step.
