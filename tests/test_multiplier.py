@@ -406,3 +406,24 @@ def test_tolerance_setter_validates() -> None:
         m.tolerance = 0.0
     m.tolerance = 0.005
     assert m.tolerance == 0.005
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "bad"),
+    [
+        ("dual_ascent", "kp", float("nan")),  # PID gains: ignored by dual ascent
+        ("dual_ascent", "kd", float("inf")),
+        ("pid", "eta", float("nan")),  # eta: ignored by PID
+        ("dual_ascent", "auto_quantile", float("nan")),  # automatic c: ignored with a fixed c
+        ("dual_ascent", "auto_multiple", "x"),
+        ("pid", "reward_guard_relative", float("nan")),
+    ],
+)
+def test_build_multiplier_rejects_bad_numbers_in_fields_its_kind_ignores(
+    kind: str, field: str, bad: object
+) -> None:
+    from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
+
+    with pytest.raises(ValueError, match=rf"multiplier\.{field} must be"):
+        build_multiplier(MultiplierSettings(type=kind, **{field: bad}))  # type: ignore[arg-type]
+    build_multiplier(MultiplierSettings(type=kind))  # the same kind with that field left alone builds

@@ -543,6 +543,14 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
     elif options:
         raise TypeError("pass either MultiplierSettings or a kind with keyword options, not both")
     s = settings
+    # Every number is checked, also those this kind of multiplier ignores (a PID gain under
+    # dual_ascent, the automatic tolerance's options under a fixed c): a NaN or a word left in the
+    # config is a mistake even where it does nothing today, and would start doing harm the day the
+    # user switches kind.
+    for f in fields(MultiplierSettings):
+        value = getattr(s, f.name)
+        if f.name != "type" and value is not None:
+            check_finite(f"multiplier.{f.name}", value)
     kwargs: dict[str, Any] = {"init": s.init, "lam_min": s.lam_min, "lam_max": s.lam_max, "ema": s.ema}
     if s.type == "dual_ascent":
         kwargs["eta"] = s.eta
