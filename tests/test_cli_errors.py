@@ -210,6 +210,12 @@ def test_build_task_accepts_a_good_file(tmp_path: Path) -> None:
         (["multiplier.init=nan"], ["multiplier.init: must be a number"]),
         (["optim.betas=[0.9, .NaN]"], ["optim.betas[1]: must be a number"]),
         (["loss.clip_low=nan"], ["loss.clip_low: must be a number"]),
+        # infinite or negative PID gains in a dual-ascent run: checked as if the run read them
+        (["multiplier.kp=.inf"], ["multiplier: kp must be finite"]),
+        (["multiplier.kd=-1"], ["multiplier: kd must be >= 0"]),
+        # null for a setting that cannot be null: was a TypeError traceback
+        (["multiplier.kp=null"], ["multiplier.kp: expected float, got None"]),
+        (["optim.lr=null"], ["optim.lr: expected float, got None"]),
     ],
 )
 def test_more_train_config_mistakes_fail_before_any_work(

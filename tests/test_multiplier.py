@@ -409,21 +409,30 @@ def test_tolerance_setter_validates() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "field", "bad"),
+    ("kind", "field", "bad", "needle"),
     [
-        ("dual_ascent", "kp", float("nan")),  # PID gains: ignored by dual ascent
-        ("dual_ascent", "kd", float("inf")),
-        ("pid", "eta", float("nan")),  # eta: ignored by PID
-        ("dual_ascent", "auto_quantile", float("nan")),  # automatic c: ignored with a fixed c
-        ("dual_ascent", "auto_multiple", "x"),
-        ("pid", "reward_guard_relative", float("nan")),
+        ("dual_ascent", "kp", float("nan"), "kp must be finite"),  # PID gains: ignored by dual ascent
+        ("dual_ascent", "kd", float("inf"), "kd must be finite"),
+        ("dual_ascent", "kp", -5.0, "kp must be >= 0"),
+        ("dual_ascent", "ki", None, "ki must be a number"),
+        ("dual_ascent", "kp", True, "kp must be a number"),
+        ("pid", "eta", float("nan"), "eta must be finite"),  # eta: ignored by PID
+        ("dual_ascent", "auto_quantile", float("nan"), "quantile must be finite"),  # ignored with a fixed c
+        ("dual_ascent", "auto_quantile", 7.0, "quantile must be in [0, 1]"),
+        ("dual_ascent", "auto_quantile", None, "auto_quantile must be a number"),
+        ("dual_ascent", "auto_warmup_steps", 2.5, "warmup_steps must be an integer"),
+        ("dual_ascent", "auto_multiple", "x", "auto_multiple must be a number"),
+        ("pid", "reward_guard_relative", float("nan"), "reward_guard_relative must be finite"),
     ],
 )
 def test_build_multiplier_rejects_bad_numbers_in_fields_its_kind_ignores(
-    kind: str, field: str, bad: object
+    kind: str, field: str, bad: object, needle: str
 ) -> None:
     from dcmdp.algo.multiplier import MultiplierSettings, build_multiplier
 
-    with pytest.raises(ValueError, match=rf"multiplier\.{field} must be"):
+    with pytest.raises(ValueError) as info:
         build_multiplier(MultiplierSettings(type=kind, **{field: bad}))  # type: ignore[arg-type]
+    assert needle in str(info.value)
     build_multiplier(MultiplierSettings(type=kind))  # the same kind with that field left alone builds
+    for optional in ("tolerance", "ema", "reward_guard"):  # None where the field allows it
+        build_multiplier(MultiplierSettings(type=kind, **{optional: None}))  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ def coerce_value(name: str, value: Any, hint: Any) -> Any:
             number = (
                 float(value) if hint is float else int(str(value), 0) if isinstance(value, str) else value
             )
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: null for a setting that cannot be null
             raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
         if hint is int and (not isinstance(number, int) or isinstance(number, bool)):
             if isinstance(number, float) and number.is_integer():

@@ -524,6 +524,24 @@ def make_multiplier(kind: str, **kwargs: Any) -> LagrangeMultiplier | PIDMultipl
     return cls(**kwargs)
 
 
+def check_every_setting(s: MultiplierSettings) -> None:
+    """Every number in ``s``, also those its kind ignores (a PID gain under dual_ascent, the
+    automatic tolerance's options under a fixed c): a NaN, a negative gain or a word left in the
+    config is a mistake even where it does nothing today, and would start doing harm the day the
+    user switches kind. None only where the field allows it (``tolerance``, ``ema``,
+    ``reward_guard``)."""
+    for f in fields(MultiplierSettings):
+        value = getattr(s, f.name)
+        if f.name == "type" or (value is None and "None" in str(f.type)):
+            continue
+        if isinstance(value, bool):
+            raise ValueError(f"{f.name} must be a number, got {value!r}")
+        check_finite(f.name, value)
+    for gain in ("kp", "ki", "kd"):
+        check_non_negative(gain, getattr(s, gain))
+    check_auto(s.auto_warmup_steps, s.auto_quantile, s.auto_multiple, 1.0)
+
+
 def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Multiplier:
     """The multiplier a run uses: ``settings.type`` "dual_ascent" (uses ``eta``) or "pid" (``kp``,
     ``ki``, ``kd``), with a fixed ``tolerance`` c, or ``tolerance=None`` for an automatic c
@@ -543,14 +561,7 @@ def build_multiplier(settings: MultiplierSettings | str, **options: Any) -> Mult
     elif options:
         raise TypeError("pass either MultiplierSettings or a kind with keyword options, not both")
     s = settings
-    # Every number is checked, also those this kind of multiplier ignores (a PID gain under
-    # dual_ascent, the automatic tolerance's options under a fixed c): a NaN or a word left in the
-    # config is a mistake even where it does nothing today, and would start doing harm the day the
-    # user switches kind.
-    for f in fields(MultiplierSettings):
-        value = getattr(s, f.name)
-        if f.name != "type" and value is not None:
-            check_finite(f"multiplier.{f.name}", value)
+    check_every_setting(s)
     kwargs: dict[str, Any] = {"init": s.init, "lam_min": s.lam_min, "lam_max": s.lam_max, "ema": s.ema}
     if s.type == "dual_ascent":
         kwargs["eta"] = s.eta
