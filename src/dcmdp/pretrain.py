@@ -377,7 +377,7 @@ BASE_MODEL_DIR = "tiny-qwen3-arithmetic"
 # The warm start behind the named model "long-addition" (configs/long_addition.yaml): the BPE
 # Qwen3 on 4-6-digit addition with a written scratchpad, stopped at a partial accuracy so RL has
 # room. Measured: see docs/tasks.md. The accuracy stays at 0 for over a thousand steps and then
-# climbs within a few hundred, at a step that depends on the CPU and the thread count (float
+# climbs over the next 600-900, at a step that depends on the CPU and the thread count (float
 # sums in another order): at most 2,000 steps reached 0.345 on one machine (step 1,900) and
 # stopped at 0.110 on another, so the cap leaves room; it stops at the first check that reaches
 # the target either way.
