@@ -66,7 +66,7 @@ FP16_HF = ["engine.type=transformers", "engine.dtype=float16"]
 
 # Issue 13, the long-response regime: the 4,096-token BPE Qwen3 warm-started on long_addition
 # (82-131-token written scratchpads, graded on the final answer), 16 prompts x 8 samples at T = 1,
-# constant lr, no KL, 200 steps. Built by PREPARE["long_search"] (15-30 min once, cached).
+# constant lr, no KL, 200 steps. Built by PREPARE["long_search"] (about 30 min once, cached).
 LONG = [
     "model.path=long-addition",
     "task.name=long_addition",
