@@ -181,9 +181,11 @@ def test_cache_returns_without_retraining(tmp_path: Path, monkeypatch: pytest.Mo
     assert pretrain("arithmetic", out, seed=0, log=messages.append, **{**FAST, "log_every": 2}) == out
     assert messages and "cached" in messages[0]
     assert (out / "pretrain.json").read_text() == record
-    # Different settings (another seed) do retrain.
+    # Different settings (another seed) do retrain, and say what they rebuild over and why.
+    messages.clear()
     with pytest.raises(AssertionError, match="retrained"):
-        pretrain("arithmetic", out, seed=5, log=None, **FAST)
+        pretrain("arithmetic", out, seed=5, log=messages.append, **FAST)
+    assert messages and "other settings (seed)" in messages[0] and "rebuilding" in messages[0]
     # An unfinished directory (no pretrain.json) is not taken for a cached result.
     monkeypatch.undo()
     (out / "pretrain.json").unlink()

@@ -266,6 +266,16 @@ def run_pretrain(
         return out
 
     say = log or (lambda _msg: None)
+    if record is not None and not force:
+        changed = sorted(
+            k
+            for k, v in asdict(settings).items()
+            if k != "log_every" and k in record.get("settings", {}) and record["settings"][k] != v
+        )
+        say(
+            f"pretrain: {out} holds a model built with other settings ({', '.join(changed) or 'see its pretrain.json'}); "
+            "rebuilding it over that one"
+        )
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     task = make_task(settings.task, **settings.task_options)
