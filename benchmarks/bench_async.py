@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dcmdp.engines.vllm_engine import cpu_description  # imports no vLLM
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {
     "OMP_NUM_THREADS": "1",
@@ -42,16 +44,6 @@ ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def run_arm(config: str, staleness: int, steps: int, overrides: list[str]) -> dict[str, Any]:
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     print(
-        f"cpu: {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; config {args.config} {' '.join(args.overrides)}",
+        f"cpu: {cpu_description()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; config {args.config} {' '.join(args.overrides)}",
         flush=True,
     )
     runs: dict[int, list[dict[str, Any]]] = {s: [] for s in args.staleness}

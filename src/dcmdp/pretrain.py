@@ -267,11 +267,8 @@ def run_pretrain(
 
     say = log or (lambda _msg: None)
     if record is not None and not force:
-        changed = sorted(
-            k
-            for k, v in asdict(settings).items()
-            if k != "log_every" and k in record.get("settings", {}) and record["settings"][k] != v
-        )
+        saved = record.get("settings", {})
+        changed = sorted(k for k, v in asdict(settings).items() if k != "log_every" and saved.get(k, v) != v)
         say(
             f"pretrain: {out} holds a model built with other settings ({', '.join(changed) or 'see its pretrain.json'}); "
             "rebuilding it over that one"
