@@ -556,6 +556,24 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             # far as one: separates the penalty's timing within a batch from the step count.
             "dcmdp_mb4_lr0.25": ["loss.type=dcmdp", "optim.minibatches=4", "optim.lr=7.5e-5"],
             "grpo_mb4_lr0.25": ["loss.type=grpo", "optim.minibatches=4", "optim.lr=7.5e-5"],
+            # The other DCMDP arms of section 3.2 with four mini-batches at a quarter of the lr
+            # (four at the full lr collapsed GRPO and the penalty alike, so that setting says
+            # nothing about the constraint): each arm's own options, then the same two settings.
+            **{
+                f"{name}_mb4_lr0.25": [*opts, "optim.minibatches=4", "optim.lr=7.5e-5"]
+                for name, opts in {
+                    "dcmdp_shaping": ["loss.type=dcmdp_shaping"],
+                    "dcmdp_hinge": ["loss.type=dcmdp_hinge"],
+                    "dcmdp_full": ["loss.type=dcmdp_full"],
+                    "dcmdp_tis": ["loss.type=dcmdp", "loss.correction=tis"],
+                    "dcmdp_abs_log_ratio": [
+                        "loss.type=dcmdp",
+                        "loss.measure=abs_log_ratio",
+                        "multiplier.tolerance=0.015",
+                    ],
+                    "dcmdp_floor": ["loss.type=dcmdp", "multiplier.tolerance_floor=1.0"],
+                }.items()
+            },
             # GRPO with the learning rate changed by one part in a thousand: a perturbation with no
             # effect of its own, whose runs drift apart from GRPO's only because sampling at T = 1
             # amplifies any difference: how far apart two runs of one seed end, the yardstick for
