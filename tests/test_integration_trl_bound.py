@@ -219,8 +219,9 @@ def test_default_share_per_loss_form_and_invalid_values(
     assert make_args(tmp_path, dcmdp_loss_form="hinge", **corrected).dcmdp_options().update_bound() == 0.25
     assert make_args(tmp_path, dcmdp_constraint_share=0.5, **corrected).dcmdp_options().update_bound() == 0.5
     assert make_args(tmp_path, dcmdp_loss_form="shaping", **corrected).dcmdp_options().update_bound() == 0.0
-    # TRL's off-policy sequence mask is a correction with or without vLLM
-    assert make_args(tmp_path, off_policy_mask_threshold=0.5).dcmdp_options().update_bound() == 0.25
+    # TRL's off-policy sequence mask is a correction with or without vLLM (allowed: see below)
+    opsm = dict(off_policy_mask_threshold=0.5, dcmdp_allow_failed_composition=True)
+    assert make_args(tmp_path, **opsm).dcmdp_options().update_bound() == 0.25
     # without vLLM TRL applies no IS correction, whatever the flag says
     assert make_args(tmp_path, vllm_importance_sampling_correction=True).dcmdp_options().update_bound() == 0.5
     assert (
@@ -377,3 +378,33 @@ def test_a_new_train_call_starts_with_an_empty_constraint_buffer(
     assert trainer.multiplier.steps == 1
     logged = [h["dcmdp/prob_gap"] for h in trainer.state.log_history if "dcmdp/prob_gap" in h]
     assert logged and logged[-1] < 1.0  # nor the stale gap sum in D (it would be about 1e6)
+
+
+def test_the_compositions_measured_to_fail_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """TRL's OPSM and sequence truncation are dcmdp's opsm and seq_tis, whose composition with the
+    constraint `dcmdp train` refuses: so does the TRL config, naming the setting, unless allowed."""
+    with pytest.raises(ValueError, match=r"off_policy_mask_threshold=0.5 \(dcmdp's opsm: DCMDP \+ OPSM"):
+        make_args(tmp_path, off_policy_mask_threshold=0.5)
+    truncate = dict(
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode="sequence_truncate",
+    )
+    with pytest.raises(ValueError, match=r"sequence_truncate.*seq_tis.*dcmdp_allow_failed_composition=True"):
+        make_args(tmp_path, **truncate)
+    with pytest.raises(ValueError, match=r"opsm.* and .*seq_tis"):  # both named at once
+        make_args(tmp_path, off_policy_mask_threshold=0.5, **truncate)
+    for form in ("hinge", "shaping"):
+        with pytest.raises(ValueError, match="refused"):
+            make_args(tmp_path, dcmdp_loss_form=form, off_policy_mask_threshold=0.5)
+    allowed = make_args(
+        tmp_path, dcmdp_allow_failed_composition=True, off_policy_mask_threshold=0.5, **truncate
+    )
+    assert [name for _, name in allowed.failed_compositions()] == ["opsm", "seq_tis"]
+    # the corrections whose composition held, and truncation without vLLM (TRL applies none), pass
+    for mode in ("sequence_mask", "token_truncate", "token_mask"):
+        corrected = dict(use_vllm=True, vllm_importance_sampling_correction=True)
+        assert (
+            make_args(tmp_path, vllm_importance_sampling_mode=mode, **corrected).failed_compositions() == []
+        )
+    assert make_args(tmp_path, vllm_importance_sampling_mode="sequence_truncate").failed_compositions() == []

@@ -755,18 +755,38 @@ def test_a_correction_with_a_constraint_defaults_to_kappa_a_quarter_and_is_cauti
     assert line.endswith("consider loss.constraint_share unset (or at most 0.25)")
     # a correction alone, a constraint alone: nothing measured against them
     assert lines("loss.type=tis") == lines("loss.type=dcmdp") == lines("loss.type=grpo") == []
-    # seq-TIS and OPSM with a constraint failed at the default quarter too: cautioned whatever kappa
-    for form in ("dcmdp", "dcmdp_hinge", "dcmdp_shaping"):
-        (seq_tis_line,) = lines(f"loss.type={form}", "loss.correction=seq_tis")
+    # seq-TIS and OPSM with a constraint failed at the default quarter and at 0.1: refused unless
+    # allowed, whatever the form or kappa, with what to use instead and how to allow it
+    allow = "loss.allow_failed_composition=true"
+    for form in ("dcmdp", "dcmdp_hinge", "dcmdp_shaping", "dcmdp_full"):
+        for correction, seeds in (("seq_tis", "2 of 3"), ("opsm", "1 of 3")):
+            for share in ([], ["loss.constraint_share=0.1"], ["loss.constraint_share=0"]):
+                with pytest.raises(ConfigError) as refused:
+                    cfg(f"loss.type={form}", f"loss.correction={correction}", *share)
+                text = str(refused.value)
+                assert (
+                    text.startswith(f"loss.correction={correction} with loss.constraint=") and seeds in text
+                )
+                assert "loss.correction=none" in text and allow in text and "seq_mis" in text
+        with pytest.raises(ConfigError, match=r"loss\.correction=seq_tis with loss\.constraint=penalty"):
+            cfg("loss.type=seq_tis", "loss.constraint=penalty")
+        # allowed, the run is cautioned why, whatever kappa
+        (seq_tis_line,) = lines(f"loss.type={form}", "loss.correction=seq_tis", allow)
         assert (
             seq_tis_line.startswith("loss.correction=seq_tis with a constraint") and "2 of 3" in seq_tis_line
         )
-        (opsm_line,) = lines(f"loss.type={form}", "loss.correction=opsm")
+        (opsm_line,) = lines(f"loss.type={form}", "loss.correction=opsm", allow)
         assert opsm_line.startswith("loss.correction=opsm with a constraint") and "1 of 3" in opsm_line
-    assert len(lines("loss.type=dcmdp", "loss.correction=seq_tis", "loss.constraint_share=0.5")) == 2
+    assert len(lines("loss.type=dcmdp", "loss.correction=seq_tis", "loss.constraint_share=0.5", allow)) == 2
     # a smaller kappa did not save either (0.1 failed too): still cautioned, and says so
     for correction in ("seq_tis", "opsm"):
-        (small,) = lines("loss.type=dcmdp", f"loss.correction={correction}", "loss.constraint_share=0.1")
+        (small,) = lines(
+            "loss.type=dcmdp", f"loss.correction={correction}", "loss.constraint_share=0.1", allow
+        )
         assert "at 0.1" in small and "a smaller loss.constraint_share is no remedy" in small
+    # the corrections alone, and the compositions that held, need no permission
     assert lines("loss.type=seq_tis") == lines("loss.type=offpolicy_seq_mask") == []
+    assert lines("loss.type=seq_tis", "loss.constraint=none") == []
+    for correction in ("tis", "icepop", "seq_mis", "geo_mask"):
+        assert cfg("loss.type=dcmdp", f"loss.correction={correction}").loss.composed()
     assert lines("loss.type=dcmdp", "loss.correction=seq_mis") == []

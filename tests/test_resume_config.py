@@ -294,6 +294,24 @@ def test_a_run_saved_before_the_reward_guard_resumes_without_it(tmp_path: Path) 
     assert isinstance(multiplier_from_config(relative, update_bound=True), GuardedMultiplier)
 
 
+def test_a_run_composed_with_seq_tis_before_the_refusal_resumes(tmp_path: Path) -> None:
+    """seq_tis / opsm beside a constraint were allowed (cautioned) before the config refused them:
+    a run saved then, without the field, resumes as it ran; one saved since keeps its permission."""
+    allow = "loss.allow_failed_composition=true"
+    for correction in ("seq_tis", "opsm"):
+        run = tmp_path / f"old_{correction}"
+        _save_run(run, "loss.type=dcmdp", f"loss.correction={correction}", allow)
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        del saved["loss"]["allow_failed_composition"]  # as written before the field existed
+        (run / "config.yaml").write_text(yaml.safe_dump(saved))
+        cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
+        assert cfg.loss.composition() == (correction, "penalty", "prob_gap") and changes == []
+        assert cfg.loss.allow_failed_composition
+    # a new run must ask: refused without the field
+    with pytest.raises(ConfigError, match=r"loss\.allow_failed_composition=true"):
+        _save_run(tmp_path / "new", "loss.type=dcmdp", "loss.correction=seq_tis")
+
+
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _save_run(tmp_path / "orig", "loss.type=grpo")

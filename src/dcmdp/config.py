@@ -133,7 +133,8 @@ DEFAULT_SHARE = 0.5
 COMPOSED_SHARE = 0.25
 #: Corrections whose composition with a constraint failed at :data:`COMPOSED_SHARE` and at 0.1 in the
 #: long regime (docs/RESULTS.md, ``dcmdp_seq_tis_k0.25``, ``dcmdp_opsm_k0.25``, ``dcmdp_opsm_k0.1``,
-#: ``dcmdp_seq_tis_k0.1``); a start-up caution says so, whatever kappa is set.
+#: ``dcmdp_seq_tis_k0.1``). No setting measured made them safe, so the config refuses them unless
+#: ``loss.allow_failed_composition=true`` (and a start-up caution repeats why when it is set).
 COMPOSED_FAILURES = {
     "seq_tis": "DCMDP + seq-TIS failed on 2 of 3 long-response seeds at loss.constraint_share=0.25 (training "
     "reward 0.02, the gap rising to 0.010-0.011 with lambda at its bound; seq-TIS alone held on one of the "
@@ -159,7 +160,7 @@ class LossConfig:
     geo_mask composed with the penalty held on 3 of 3 and 9 of 9 long seeds (geo_mask: +0.031 over
     GRPO, level with DCMDP alone at the same kappa over nine); opsm collapsed on 1 of 3 and
     seq_tis failed on 2 of 3 (reward lost, the gap rising), and at 0.1 no better, so those two are
-    cautioned."""
+    refused with a constraint unless ``allow_failed_composition``."""
     constraint: str = "auto"
     """Discrepancy constraint: auto (the one of ``type``), none, penalty (pathwise part of the
     gradient of D), shaping (score-function part), hinge (penalty on the excess over c), full (both
@@ -228,6 +229,11 @@ class LossConfig:
     every response token, so the constraint weighs less when fewer groups carry a reward signal and
     nothing when none do. Not in the TRL and verl adapters. Experimental: docs/RESULTS.md,
     long_stress_q4_0, says what it did."""
+    allow_failed_composition: bool = False
+    """Run a correction composed with a constraint that was measured to fail (seq_tis or opsm with
+    any constraint: in the long regime they collapsed or lost the reward on 1-2 of 3 seeds at every
+    kappa tried, 0.25 and 0.1, where each correction alone held). Refused unless true: use the
+    constraint alone, or tis, seq_mis or geo_mask composed with it, which held (docs/RESULTS.md)."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
     scale_adv_by_std: bool = True
@@ -424,6 +430,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.type: {cfg.loss.type!r} is a loss registered under its own name; loss.correction, "
             f"loss.constraint and loss.measure compose only the built-in ones ({', '.join(SHORTHANDS)})"
+        )
+    parts = cfg.loss.composition()
+    failed = parts is not None and parts[0] in COMPOSED_FAILURES and parts[1] != "none"
+    if parts is not None and failed and not cfg.loss.allow_failed_composition:
+        raise ConfigError(
+            f"loss.correction={parts[0]} with loss.constraint={parts[1]}: refused, because "
+            f"{COMPOSED_FAILURES[parts[0]]}, and no kappa tried made it hold. Use the constraint alone "
+            "(loss.correction=none), or tis, seq_mis or geo_mask with it, which held (docs/RESULTS.md, "
+            "'The methods side by side under today's defaults'); to run it anyway, for a measurement, "
+            "set loss.allow_failed_composition=true"
         )
     if cfg.loss.constraint_share is not None:
         _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
@@ -690,8 +706,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 #: one resumes with the value that run trained with (the guard was off before it existed).
 DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
     "multiplier": {"reward_guard": 0.0, "tolerance_floor": 0.0},
-    # the update bound became the default in issue 13
-    "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient"},
+    # the update bound became the default in issue 13; seq_tis and opsm composed with a constraint
+    # were allowed (with a caution) until the config refused them
+    "loss": {"constraint_share": 0.0, "constraint_share_of": "gradient", "allow_failed_composition": True},
 }
 #: What a saved ``loss.constraint_share: null`` stood for in a run saved before runs wrote their
 #: resolved kappa out (:func:`run_config_text`): 0.5 for a constraint alone (:data:`DEFAULT_SHARE`),

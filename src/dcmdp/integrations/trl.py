@@ -43,8 +43,11 @@ Where each piece comes from:
   pick) with the constraint in dcmdp's composed losses, and lowers the update bound's default
   kappa to 0.25 as ``dcmdp train`` does for a composed loss; so does TRL's off-policy sequence
   mask (``off_policy_mask_threshold``, dcmdp's ``opsm``). Token-level TIS and IcePop composed with
-  DCMDP collapsed at 0.5 in the long regime (docs/RESULTS.md); TRL's default mode, a sequence
-  mask, and OPSM have not been measured composed, so for them the quarter is by analogy.
+  DCMDP collapsed at 0.5 in the long regime; at 0.25 they held, as did a sequence mask
+  (``seq_mis``, like TRL's default mode; docs/RESULTS.md); OPSM and sequence truncation (``seq_tis``,
+  ``vllm_importance_sampling_mode='sequence_truncate'``) composed failed on some seeds at every
+  kappa tried, so with DCMDP they are refused, as in ``dcmdp train``, unless
+  ``dcmdp_allow_failed_composition=True``.
 - The multiplier: one per process, all identical. Each process sums the gap and the token count of
   its micro-batches; at the gradient-accumulation boundary (``accelerator.sync_gradients``) the two
   sums are all-reduced, every process computes the same D and takes the same dual step.
@@ -110,6 +113,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from dcmdp.algo.discrepancy import METRIC_NAMES, PAPER_GAP_THRESHOLD, discrepancy_metrics
+from dcmdp.config import COMPOSED_FAILURES
 from dcmdp.grad_share import ConstraintGradients, ShareBoundedAdamW, as_adamw_state
 from dcmdp.integrations import (
     MULTIPLIER_STATE_FILE,
@@ -235,9 +239,41 @@ class DCMDPGRPOConfig(GRPOConfig):
         },
     )
 
+    dcmdp_allow_failed_composition: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow DCMDP beside a TRL correction whose dcmdp counterpart composed with the constraint "
+            "was measured to fail: off_policy_mask_threshold (dcmdp's opsm) and vllm_importance_sampling_mode="
+            "'sequence_truncate' (seq_tis). Refused unless true, as `dcmdp train` refuses them."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.dcmdp_options()  # raises ValueError naming a bad field
+        failed = self.failed_compositions()
+        if failed and not self.dcmdp_allow_failed_composition:
+            raise ValueError(
+                "DCMDP beside "
+                + " and ".join(
+                    f"{setting} (dcmdp's {name}: {COMPOSED_FAILURES[name]})" for setting, name in failed
+                )
+                + ": refused, as `dcmdp train` refuses the composition (no update bound tried made it hold). "
+                "Leave TRL's corrections off (DCMDP alone), or use vllm_importance_sampling_mode="
+                "'sequence_mask' or 'token_truncate' (dcmdp's seq_mis and tis composed held; docs/RESULTS.md); "
+                "to run it anyway, set dcmdp_allow_failed_composition=True"
+            )
+
+    def failed_compositions(self) -> list[tuple[str, str]]:
+        """(TRL setting, dcmdp correction) for each of TRL's corrections on in this config whose
+        counterpart composed with the constraint failed in dcmdp's measurements (``COMPOSED_FAILURES``)."""
+        out = []
+        if self.off_policy_mask_threshold is not None:
+            out.append((f"off_policy_mask_threshold={self.off_policy_mask_threshold}", "opsm"))
+        mode = getattr(self, "vllm_importance_sampling_mode", None)
+        if self.use_vllm and self.vllm_importance_sampling_correction and mode == "sequence_truncate":
+            out.append(("vllm_importance_sampling_mode='sequence_truncate'", "seq_tis"))
+        return out
 
     def dcmdp_options(self) -> DCMDPOptions:
         """The ``dcmdp_*`` fields as the framework-neutral :class:`DCMDPOptions` (validated)."""
