@@ -6,8 +6,9 @@
 #
 # The GPU machine has torch 2.11 and transformers but no vLLM, matplotlib or network: the project
 # runs from the tree (PYTHONPATH=src), the engine is the Transformers one, and the warm start must
-# travel with the tree (the device tool's carry: .cache/models/tiny-qwen3-bpe-long_addition, built
-# here by `dcmdp pretrain --task long_addition`). What it runs, side by side on the one GPU:
+# travel with the tree (the device tool's carry: .cache/models/tiny-qwen3-bpe-long_addition, the
+# "long-addition-cap2000" model the experiments name, built here by `dcmdp pretrain --task
+# long_addition --max-steps 2000`). What it runs, side by side on the one GPU:
 #   - experiments/run.py long_search_gpu: GRPO with the Transformers engine at float32 (the
 #     ceiling) and at bfloat16, seeds 0-2, one process each, under a deadline of $DEADLINE s (the
 #     run folders land in $OUT/runs and are summarised on a machine with matplotlib afterwards);
@@ -49,7 +50,7 @@ for seed in 0 1 2; do
     done
 done
 
-timeout "$DEADLINE" $PY experiments/gradient_bias.py --config configs/long_addition.yaml --device $DEVICE --batches $BATCHES \
+timeout "$DEADLINE" $PY experiments/gradient_bias.py --config configs/long_addition.yaml --model long-addition-cap2000 --device $DEVICE --batches $BATCHES \
     --settings transformers:float32 transformers:bfloat16 transformers:float16 \
     transformers:float32:fp8 transformers:float32:int8 transformers:float32:int4 \
     --out "$OUT/gradient_bias_cuda.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/logs/gradient_bias.log"

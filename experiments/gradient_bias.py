@@ -216,7 +216,7 @@ def plot_by_length(results: list[dict[str, Any]], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="run config for the task, sampling and batch shape")
-    ap.add_argument("--model", default=None, help="HF model dir (default: the config's warm-started model)")
+    ap.add_argument("--model", default=None, help="HF model dir or named model (default: the config's model)")
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="engine:dtype[:quant]")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -243,7 +243,9 @@ def main() -> int:
         device = resolve_device(args.device)  # fails before any engine starts
     except ValueError as err:
         ap.error(f"--device: {err}")
-    model_dir = Path(args.model) if args.model else resolve_base_model(load_config(args.config), print)
+    model_dir = resolve_base_model(
+        load_config(args.config, [f"model.path={args.model}"] if args.model else []), print
+    )
     torch.manual_seed(args.seed)
     results = []
     for setting in args.settings:

@@ -65,10 +65,11 @@ BF16_HF = ["engine.type=transformers", "engine.dtype=bfloat16"]
 FP16_HF = ["engine.type=transformers", "engine.dtype=float16"]
 
 # Issue 13, the long-response regime: the 4,096-token BPE Qwen3 warm-started on long_addition
+# (pinned to the pretrain step cap of 2,000 these experiments ran from: "long-addition-cap2000")
 # (82-131-token written scratchpads, graded on the final answer), 16 prompts x 8 samples at T = 1,
 # constant lr, no KL, 200 steps. Built by PREPARE["long_search"] (about 30 min once, cached).
 LONG = [
-    "model.path=long-addition",
+    "model.path=long-addition-cap2000",
     "task.name=long_addition",
     "task.options={digits: [4, 6]}",
     "sampling.max_tokens=192",
@@ -739,12 +740,12 @@ START_D_KEY = "discrepancy/prob_gap_mean"
 # Models an experiment needs beyond the default one, and the command that builds each (cached).
 PREPARE = {
     "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
-    "long_search": [["pretrain", "--task", "long_addition"]],
-    "long_search_gpu": [["pretrain", "--task", "long_addition"]],
-    "long_methods": [["pretrain", "--task", "long_addition"]],
-    "long_methods_q4_0": [["pretrain", "--task", "long_addition"]],
-    "long_stress_q4_0": [["pretrain", "--task", "long_addition"]],
-    "long_defaults_q4_0": [["pretrain", "--task", "long_addition"]],
+    "long_search": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_search_gpu": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_methods": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_methods_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_stress_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_defaults_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
 }
 
 
@@ -920,7 +921,7 @@ def paired_gains(record: dict[str, dict[str, list[float]]], reference: str) -> d
     return out
 
 
-def run_record(path: Path, steps: int) -> dict[str, float | None] | None:
+def run_record(path: Path, steps: int) -> dict[str, float | str | None] | None:
     """One finished run's figures, the table's columns (None for a run still going or stopped,
     or one without evaluations): greedy accuracy at step 0, at the end and the mean of the last 3
     evaluations, the training reward over the last 20 steps, the sampled accuracy at the end and
@@ -934,7 +935,7 @@ def run_record(path: Path, steps: int) -> dict[str, float | None] | None:
     train = [r for r in rows if r.get("kind") == "train"]
     if not evals or not train:
         return None
-    out: dict[str, float | None] = {
+    out: dict[str, float | str | None] = {
         "acc_start": evals[0]["eval/accuracy_greedy"],
         "acc_end": evals[-1]["eval/accuracy_greedy"],
         "acc_last3": statistics.mean(r["eval/accuracy_greedy"] for r in evals[-3:]),
@@ -946,10 +947,46 @@ def run_record(path: Path, steps: int) -> dict[str, float | None] | None:
         # only losses that read lambda log it
         "lambda_end": train[-1].get("multiplier/lambda_next"),
     }
+    warm = warm_start_of(path)
+    if warm is not None:  # runs since issue 13's session 21 say what they started from
+        out["warm_start"] = warm["weights"]
+        out["warm_start_accuracy"] = warm.get("pretrain_accuracy")
     if "staleness/prob_gap_mean" in train[-1]:  # asynchronous runs (run.max_staleness >= 1)
         out["staleness_last10"] = statistics.mean(r["staleness/prob_gap_mean"] for r in train[-10:])
         out["total_last10"] = statistics.mean(r["total/prob_gap_mean"] for r in train[-10:])
     return out
+
+
+def warm_start_of(path: Path) -> dict[str, object] | None:
+    """What the run in ``path`` started from (its ``warm_start.json``: the model's weight
+    fingerprint and, for a ``dcmdp pretrain`` warm start, its accuracy), or None for a run written
+    before runs kept it."""
+    from dcmdp.pretrain import WARM_START_FILE
+
+    try:
+        data = json.loads((path / WARM_START_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("weights"), str) else None
+
+
+def check_one_warm_start(used: list[tuple[str, int, object, str]]) -> object:
+    """Stop when the table would put runs from different warm starts side by side: ``used`` is
+    (arm, seed, weight fingerprint or None, "here" or "records") for every run in it. Runs that
+    did not record their warm start (before issue 13's session 21) cannot be checked. Returns the
+    one fingerprint the runs that recorded one share (None when none did)."""
+    known: dict[object, list[str]] = {}
+    for arm, seed, warm, source in used:
+        if warm is not None:
+            known.setdefault(warm, []).append(f"{arm} seed {seed} ({source})")
+    if len(known) > 1:
+        groups = "; ".join(f"{w}: {', '.join(runs)}" for w, runs in known.items())
+        raise SystemExit(
+            f"these runs started from {len(known)} different warm starts (model weight fingerprints), so "
+            f"their figures cannot be paired: {groups}. Rerun the odd ones from one model (an experiment "
+            "names it in model.path), or leave out --pair-with-records"
+        )
+    return next(iter(known), None)
 
 
 #: The per-run figures --record keeps and --pair-with-records reads (docs/results/<experiment>/).
@@ -1070,6 +1107,7 @@ def summarise(
     record = {}
     stale_lines: list[str] = []
     filled_from: list[str] = []
+    used: list[tuple[str, int, object, str]] = []
     for arm in arms:
         done, acc0, acc1, acc3, sacc, rew, d0, d1, lam = [], [], [], [], [], [], [], [], []
         stale, total = [], []
@@ -1078,13 +1116,17 @@ def summarise(
             figures: dict[str, object] | None = run_record(
                 run_dir(key or experiment, arm, seed), steps_of(COMMON + arms[arm] + (extra or []))
             )
+            source = "here"
             if figures is None and recorded is not None:
                 figures = recorded.get(arm, {}).get(str(seed))
+                source = "records"
                 if figures is not None:
                     filled += 1
-                    filled_from.append(f"{arm} seed {seed}: {figures.get('cpu', 'CPU not recorded')}")
+                    warm = figures.get("warm_start") or "warm start not recorded"
+                    filled_from.append(f"{arm} seed {seed}: {figures.get('cpu', 'CPU not recorded')}, {warm}")
             if figures is None:
                 continue
+            used.append((arm, seed, figures.get("warm_start"), source))
             done.append(seed)
             acc0.append(float(figures["acc_start"]))  # type: ignore[arg-type]
             acc1.append(float(figures["acc_end"]))  # type: ignore[arg-type]
@@ -1118,8 +1160,20 @@ def summarise(
             f"{ms(sacc, '.3f')} | {ms(rew, '.3f')} | "
             f"{ms(d0, '.5f')} | {ms(d1, '.5f')} | {ms(lam, '.3f')} | {collapsed(acc1, rew)} of {len(acc1)} |"
         )
+    warm = check_one_warm_start(used)
+    if warm is not None:
+        unknown = sum(w is None for _, _, w, _ in used)
+        lines += [
+            "",
+            f"Warm start (model weight fingerprint): {warm}"
+            + (f"; {unknown} runs did not record theirs" if unknown else ""),
+        ]
     if filled_from:
-        lines += ["", "Seeds taken from the records (runs.json), with the CPU each ran on:", ""]
+        lines += [
+            "",
+            "Seeds taken from the records (runs.json), with the CPU and warm start each ran from:",
+            "",
+        ]
         lines += [f"- {line}" for line in filled_from]
     if REFERENCE_ARM in record and len(record) > 1:
         paired = paired_gains(record, REFERENCE_ARM)

@@ -372,6 +372,59 @@ def test_recorded_runs_from_another_machine_pair_with_runs_here(
     assert "+0.100 (seed 1) |" in without and "seed 2" not in without.split("per seed")[1]
 
 
+def test_runs_from_different_warm_starts_are_not_paired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's warm_start.json goes into its record; a table that would mix two warm starts (runs
+    here against records, or runs here among themselves) stops and names them."""
+    arms = {a: run.EXPERIMENTS["harm"][a] for a in ("grpo", "tis")}
+    records = tmp_path / "runs.json"
+
+    def warm(root: Path, arm: str, seed: int, weights: str) -> None:
+        record = {"model_path": "long-addition", "weights": weights, "pretrain_accuracy": 0.3}
+        (root / "harm" / arm / f"seed{seed}" / "warm_start.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(run, "RUNS", tmp_path / "there")
+    _fake_run(tmp_path / "there", "harm", "grpo", 2, 0.2, [0.5, 0.5, 0.5], 150)
+    warm(tmp_path / "there", "grpo", 2, "aaaa")
+    run.record_runs(records, "harm", arms, [2], [])
+    kept = run.load_records(records)["harm"]["grpo"]["2"]
+    assert kept["warm_start"] == "aaaa" and kept["warm_start_accuracy"] == 0.3
+    # here, from the same warm start: paired, and the table names it
+    monkeypatch.setattr(run, "RUNS", tmp_path / "here")
+    for arm, seed in (("grpo", 1), ("tis", 1), ("tis", 2)):
+        _fake_run(tmp_path / "here", "harm", arm, seed, 0.3, [0.5, 0.5, 0.5], 150)
+        warm(tmp_path / "here", arm, seed, "aaaa")
+    recorded = run.load_records(records)["harm"]
+    table = run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)
+    assert "Warm start (model weight fingerprint): aaaa" in table and "grpo seed 2:" in table
+    # here from another one: refused, naming both
+    warm(tmp_path / "here", "tis", 2, "bbbb")
+    with pytest.raises(SystemExit, match=r"2 different warm starts.*aaaa: grpo seed 1 \(here\)"):
+        run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)
+    with pytest.raises(SystemExit, match=r"bbbb: tis seed 2 \(here\)"):  # without records too
+        run.summarise("harm", arms, [1, 2], tmp_path / "out")
+    # a run that kept no warm_start.json (written before runs did) cannot be checked: counted
+    (tmp_path / "here" / "harm" / "tis" / "seed2" / "warm_start.json").unlink()
+    table = run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)
+    assert "aaaa; 1 runs did not record theirs" in table
+
+
+def test_the_long_experiments_name_the_pinned_warm_start() -> None:
+    """Every long-response arm starts from "long-addition-cap2000" (the cap its results were
+    measured from), and PREPARE builds that one, whatever the default "long-addition" becomes."""
+    from dcmdp.pretrain import LONG_ADDITION_CAP2000_PRETRAIN, WARM_STARTS, default_out_dir
+
+    assert WARM_STARTS["long-addition-cap2000"][0].max_steps == 2000
+    for name, arms in run.EXPERIMENTS.items():
+        for arm, overrides in arms.items():
+            if "task.name=long_addition" in overrides:
+                paths = [o for o in overrides if o.startswith("model.path=")]
+                assert paths == ["model.path=long-addition-cap2000"], (name, arm)
+                assert run.PREPARE[name] == [["pretrain", "--task", "long_addition", "--max-steps", "2000"]]
+    assert default_out_dir(LONG_ADDITION_CAP2000_PRETRAIN).name == WARM_STARTS["long-addition-cap2000"][1]
+
+
 def test_the_summary_counts_runs_of_a_length_set_with_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -232,3 +232,48 @@ def test_cli_pretrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert record["settings"]["task_options"] == {"count": [2, 3], "max_number": 5}
     assert record["settings"]["seed"] == 3 and record["result"]["steps"] == 2
     assert "step     2" in capsys.readouterr().out
+
+
+def test_the_weights_fingerprint_follows_the_weights_and_nothing_else(tmp_path: Path) -> None:
+    from dcmdp.pretrain import warm_start_record, weights_fingerprint
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "model.safetensors").write_bytes(b"\x00" * 100)
+    (a / "config.json").write_text("{}")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "model.safetensors").write_bytes(b"\x00" * 100)
+    (b / "config.json").write_text('{"other": 1}')  # not a weight file
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    (b / "model.safetensors").write_bytes(b"\x00" * 99 + b"\x01")  # one byte of one weight
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    record = warm_start_record("some/path", a)
+    assert record["weights"] == weights_fingerprint(a) and record["pretrain_accuracy"] is None
+    (a / "pretrain.json").write_text(
+        json.dumps({"settings_hash": "h", "result": {"accuracy": 0.3, "steps": 7}})
+    )
+    record = warm_start_record("some/path", a)
+    assert (record["pretrain_accuracy"], record["pretrain_steps"], record["pretrain_settings_hash"]) == (
+        0.3,
+        7,
+        "h",
+    )
+
+
+def test_the_long_addition_warm_starts_keep_their_directories() -> None:
+    """ "long-addition" is the raised cap in its own directory; "long-addition-cap2000" keeps the
+    settings and directory "long-addition" had before, so a cache built then is still found."""
+    from dcmdp.pretrain import (
+        LONG_ADDITION_CAP2000_PRETRAIN,
+        LONG_ADDITION_PRETRAIN,
+        WARM_STARTS,
+        default_out_dir,
+    )
+
+    assert LONG_ADDITION_PRETRAIN.max_steps == 3500 and LONG_ADDITION_CAP2000_PRETRAIN.max_steps == 2000
+    assert LONG_ADDITION_CAP2000_PRETRAIN.settings_hash() == "ea11dc7dadb80e0d"  # the cap-2,000 caches' hash
+    assert WARM_STARTS["long-addition-cap2000"][1] == "tiny-qwen3-bpe-long_addition"
+    for name, (settings, dir_name) in WARM_STARTS.items():
+        assert default_out_dir(settings, "c") == Path("c") / dir_name, name
+    assert len({d for _, d in WARM_STARTS.values()}) == len(WARM_STARTS)

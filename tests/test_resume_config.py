@@ -83,6 +83,13 @@ def test_resume_keeps_the_runs_loss_and_extends_it(
     assert train_steps(out) == [1, 2, 3] and set(losses_used) == {"grpo"}
     capsys.readouterr()
     losses_used.clear()
+    # the run says what it started from: the model's weight fingerprint (no pretrain record here)
+    from dcmdp.pretrain import WARM_START_FILE, weights_fingerprint
+
+    started = json.loads((out / WARM_START_FILE).read_text())
+    assert started["weights"] == weights_fingerprint(tiny_model_dir) and started["pretrain_accuracy"] is None
+    assert started["model_path"] == str(tiny_model_dir)
+    (out / WARM_START_FILE).write_text(json.dumps({**started, "weights": "kept"}))
 
     # The README's pattern: only the directory and the new length on the command line.
     assert main(["train", "--resume", f"run.out_dir={out}", "run.steps=5"]) == 0
@@ -95,6 +102,8 @@ def test_resume_keeps_the_runs_loss_and_extends_it(
     assert cfg["loss"]["type"] == "grpo" and cfg["run"]["steps"] == 5
     assert cfg["engine"]["type"] == "fake" and cfg["model"]["path"] == str(tiny_model_dir)
     assert latest_checkpoint(out) == out / "checkpoints" / "step_000005"
+    # a resume from a checkpoint starts from the checkpoint, not the warm start: the file stays
+    assert json.loads((out / WARM_START_FILE).read_text())["weights"] == "kept"
 
 
 def _run_with_checkpoints(model_dir: Path, out: Path, **extra: object) -> tuple[str, Path]:

@@ -54,7 +54,9 @@ class ModelConfig:
     path: str = "default"
     """Local Hugging Face model dir, a named model (tiny-qwen3, tiny-qwen3-moe, tiny-qwen3-bpe,
     smollm2-135m), "default": the tiny Qwen3 warm-started on the default task, or "long-addition":
-    the 4,096-token BPE Qwen3 warm-started on long_addition (both built by `dcmdp pretrain`)."""
+    the 4,096-token BPE Qwen3 warm-started on long_addition (both built by `dcmdp pretrain`;
+    "long-addition-cap2000" is the latter with the pretrain step cap of 2,000 it had before
+    issue 13's session 21, which the long-response experiments name)."""
     dtype: str = "float32"
     """Trainer precision: float32 | bfloat16 (weights and optimizer in bfloat16) | float16 (weights
     and optimizer in float32, every forward and backward in float16, no loss scaling: pair it with

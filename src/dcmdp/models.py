@@ -265,13 +265,15 @@ def build_smollm2(out_dir: str | Path) -> Path:
 
 NAMED_MODELS = ("tiny-qwen3", "tiny-qwen3-moe", "tiny-qwen3-bpe", "smollm2-135m")
 # Named models warm-started on first use (`dcmdp pretrain`, cached), besides "default".
-WARM_MODELS = ("long-addition",)
+WARM_MODELS = ("long-addition", "long-addition-cap2000")
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") -> Path:
     """A local HF model path, one of NAMED_MODELS built into `cache_dir` on first use,
     "default": the tiny Qwen3 warm-started on the default task (`dcmdp pretrain`, cached), or
-    "long-addition": the BPE Qwen3 (``tiny-qwen3-bpe``) warm-started on ``long_addition``.
+    "long-addition": the BPE Qwen3 (``tiny-qwen3-bpe``) warm-started on ``long_addition``
+    ("long-addition-cap2000": the same with the step cap it had before, which the long-response
+    experiments name; ``dcmdp.pretrain.WARM_STARTS``).
 
     Named tiny models are random-initialised (use `dcmdp pretrain` to warm-start them).
     """
@@ -282,10 +284,10 @@ def resolve_model(name_or_path: str, cache_dir: str | Path = ".cache/models") ->
         from dcmdp.pretrain import ensure_base_model
 
         return ensure_base_model(cache_dir=cache_dir)
-    if name_or_path == "long-addition":
-        from dcmdp.pretrain import ensure_long_addition_model
+    if name_or_path in WARM_MODELS:
+        from dcmdp.pretrain import ensure_warm_model
 
-        return ensure_long_addition_model(cache_dir=cache_dir)
+        return ensure_warm_model(name_or_path, cache_dir=cache_dir)
     if name_or_path not in NAMED_MODELS:
         raise ValueError(
             f"model {name_or_path!r} is neither a local Hugging Face model directory (with config.json) "

@@ -26,6 +26,7 @@ run_setup.py, run_log.py and rollout/pipeline.py.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -286,6 +287,11 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
         torch.set_num_threads(cfg.run.threads)
     if not resume:  # a fresh run replaces whatever config an earlier failed start left
         (run_dir / "config.yaml").write_text(run_config_text(cfg))
+    if ckpt is None:  # what the run starts from, so results can be paired only across one warm start
+        from dcmdp.pretrain import WARM_START_FILE, warm_start_record
+
+        record = warm_start_record(cfg.model.path, base_path)
+        (run_dir / WARM_START_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
