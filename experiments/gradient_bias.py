@@ -243,9 +243,10 @@ def main() -> int:
         device = resolve_device(args.device)  # fails before any engine starts
     except ValueError as err:
         ap.error(f"--device: {err}")
-    model_dir = resolve_base_model(
-        load_config(args.config, [f"model.path={args.model}"] if args.model else []), print
-    )
+    cfg = load_config(args.config)
+    if args.model:  # set as it is, not parsed as YAML: a path may hold any character
+        cfg.model.path = args.model
+    model_dir = resolve_base_model(cfg, print)
     torch.manual_seed(args.seed)
     results = []
     for setting in args.settings:

@@ -960,14 +960,21 @@ def run_record(path: Path, steps: int) -> dict[str, float | str | None] | None:
 def warm_start_of(path: Path) -> dict[str, object] | None:
     """What the run in ``path`` started from (its ``warm_start.json``: the model's weight
     fingerprint and, for a ``dcmdp pretrain`` warm start, its accuracy), or None for a run written
-    before runs kept it."""
-    from dcmdp.pretrain import WARM_START_FILE
+    before runs kept it. A file that is there but unreadable stops with a message naming it."""
+    from dcmdp.config import WARM_START_FILE
 
-    try:
-        data = json.loads((path / WARM_START_FILE).read_text())
-    except (OSError, ValueError):
+    file = path / WARM_START_FILE
+    if not file.exists():
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("weights"), str) else None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(
+            f"{file}: not readable JSON ({exc}); rerun that run, or delete the file to leave it unchecked"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("weights"), str):
+        raise SystemExit(f"{file}: expected an object with a string 'weights' (the weight fingerprint)")
+    return data
 
 
 def check_one_warm_start(used: list[tuple[str, int, object, str]]) -> object:
@@ -981,10 +988,11 @@ def check_one_warm_start(used: list[tuple[str, int, object, str]]) -> object:
             known.setdefault(warm, []).append(f"{arm} seed {seed} ({source})")
     if len(known) > 1:
         groups = "; ".join(f"{w}: {', '.join(runs)}" for w, runs in known.items())
+        from_records = any(source == "records" for *_, source in used)
         raise SystemExit(
             f"these runs started from {len(known)} different warm starts (model weight fingerprints), so "
             f"their figures cannot be paired: {groups}. Rerun the odd ones from one model (an experiment "
-            "names it in model.path), or leave out --pair-with-records"
+            "names it in model.path)" + (", or leave out --pair-with-records" if from_records else "")
         )
     return next(iter(known), None)
 
@@ -1039,6 +1047,8 @@ def load_records(path: Path) -> dict[str, dict[str, dict[str, dict[str, object]]
                 ]
                 if bad:
                     raise SystemExit(f"{path}: {key} / {arm} / seed {seed}: missing or not a number: {bad}")
+                if not isinstance(figures.get("warm_start", ""), str):
+                    raise SystemExit(f"{path}: {key} / {arm} / seed {seed}: warm_start must be a string")
     return data
 
 

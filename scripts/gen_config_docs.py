@@ -34,8 +34,8 @@ steps)"), then c is set to `auto_quantile` of those D's times `auto_multiple`.
 DIR/config.yaml**; `--config` and overrides apply on top and each change is printed. Only
 `run.steps` (to extend a run), `run.out_dir` and the run's reporting settings (`run.eval_*`,
 `run.checkpoint_every`, `run.keep_checkpoints`, `run.tensorboard`, `run.wandb*`, `run.threads`,
-`run.rollout_timeout_s`), `model.device`, `engine.kv_cache_gb` and the weight-sync check
-(`engine.sync_check_*`) may change; anything else would make it another experiment and is
+`run.rollout_timeout_s`), `model.device`, `engine.kv_cache_gb`, the weight-sync check
+(`engine.sync_check_*`) and the permission `loss.allow_failed_composition` may change; anything else would make it another experiment and is
 refused (exit 2), with a hint to start a new run from the checkpoint. That includes the
 `multiplier` section for a loss without a constraint, whose checkpoint still holds the
 multiplier's state. Resuming a finished run says so and exits without loading anything. From

@@ -402,8 +402,20 @@ def test_runs_from_different_warm_starts_are_not_paired(
     warm(tmp_path / "here", "tis", 2, "bbbb")
     with pytest.raises(SystemExit, match=r"2 different warm starts.*aaaa: grpo seed 1 \(here\)"):
         run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)
-    with pytest.raises(SystemExit, match=r"bbbb: tis seed 2 \(here\)"):  # without records too
+    with pytest.raises(SystemExit, match=r"bbbb: tis seed 2 \(here\)") as local:  # without records too
         run.summarise("harm", arms, [1, 2], tmp_path / "out")
+    assert "--pair-with-records" not in str(local.value)  # no records used: no such advice
+    # a warm_start.json that cannot be read, and a record whose warm_start is not a string, are named
+    seed2 = tmp_path / "here" / "harm" / "tis" / "seed2" / "warm_start.json"
+    seed2.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"warm_start\.json: not readable JSON"):
+        run.summarise("harm", arms, [1, 2], tmp_path / "out")
+    seed2.write_text(json.dumps({"weights": "bbbb"}))
+    data = run.load_records(records)
+    data["harm"]["grpo"]["2"]["warm_start"] = {"weights": "aaaa"}
+    records.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="warm_start must be a string"):
+        run.load_records(records)
     # a run that kept no warm_start.json (written before runs did) cannot be checked: counted
     (tmp_path / "here" / "harm" / "tis" / "seed2" / "warm_start.json").unlink()
     table = run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)

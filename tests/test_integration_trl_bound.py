@@ -401,6 +401,11 @@ def test_the_compositions_measured_to_fail_are_refused_unless_allowed(tmp_path: 
         tmp_path, dcmdp_allow_failed_composition=True, off_policy_mask_threshold=0.5, **truncate
     )
     assert [name for _, name in allowed.failed_compositions()] == ["opsm", "seq_tis"]
+    # without vLLM the advice leaves out the vLLM correction's modes (they do nothing there)
+    with pytest.raises(ValueError) as no_vllm:
+        make_args(tmp_path, off_policy_mask_threshold=0.5)
+    assert "sequence_mask" not in str(no_vllm.value) and "kappa 0.25" in str(no_vllm.value)
+    assert "loss.constraint_share" not in str(no_vllm.value)  # dcmdp train's option name: not here
     # the corrections whose composition held, and truncation without vLLM (TRL applies none), pass
     for mode in ("sequence_mask", "token_truncate", "token_mask"):
         corrected = dict(use_vllm=True, vllm_importance_sampling_correction=True)
@@ -408,3 +413,16 @@ def test_the_compositions_measured_to_fail_are_refused_unless_allowed(tmp_path: 
             make_args(tmp_path, vllm_importance_sampling_mode=mode, **corrected).failed_compositions() == []
         )
     assert make_args(tmp_path, vllm_importance_sampling_mode="sequence_truncate").failed_compositions() == []
+
+
+def test_a_refused_composition_set_after_the_config_is_refused_by_the_trainer(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    args = make_args(tmp_path)
+    args.off_policy_mask_threshold = 0.5  # after __post_init__ ran
+    with pytest.raises(ValueError, match=r"off_policy_mask_threshold=0\.5"):
+        trainer_with(tiny_model_dir, args)
+    args.dcmdp_allow_failed_composition = True
+    assert trainer_with(tiny_model_dir, args).dcmdp_args.failed_compositions() == [
+        ("off_policy_mask_threshold=0.5", "opsm")
+    ]

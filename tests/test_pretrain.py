@@ -234,7 +234,7 @@ def test_cli_pretrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "step     2" in capsys.readouterr().out
 
 
-def test_the_weights_fingerprint_follows_the_weights_and_nothing_else(tmp_path: Path) -> None:
+def test_the_weights_fingerprint_follows_the_weight_files_and_nothing_else(tmp_path: Path) -> None:
     from dcmdp.pretrain import warm_start_record, weights_fingerprint
 
     a = tmp_path / "a"
@@ -245,8 +245,13 @@ def test_the_weights_fingerprint_follows_the_weights_and_nothing_else(tmp_path: 
     b.mkdir()
     (b / "model.safetensors").write_bytes(b"\x00" * 100)
     (b / "config.json").write_text('{"other": 1}')  # not a weight file
+    (b / "trainer_state.pt").write_bytes(b"optimizer state")  # a checkpoint's: not a weight file
+    (b / "training_args.bin").write_bytes(b"args")
     assert weights_fingerprint(a) == weights_fingerprint(b)
     (b / "model.safetensors").write_bytes(b"\x00" * 99 + b"\x01")  # one byte of one weight
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    (b / "model.safetensors").write_bytes(b"\x00" * 100)
+    (b / "pytorch_model.bin").write_bytes(b"\x00")  # a weight file too
     assert weights_fingerprint(a) != weights_fingerprint(b)
     record = warm_start_record("some/path", a)
     assert record["weights"] == weights_fingerprint(a) and record["pretrain_accuracy"] is None
@@ -259,6 +264,25 @@ def test_the_weights_fingerprint_follows_the_weights_and_nothing_else(tmp_path: 
         7,
         "h",
     )
+
+
+def test_a_large_model_is_fingerprinted_from_a_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcmdp import pretrain
+
+    monkeypatch.setattr(pretrain, "FINGERPRINT_WHOLE_BYTES", 1 << 20)  # so 3 MiB counts as large
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    weights = bytes(range(256)) * (3 << 12)
+    (a / "model.safetensors").write_bytes(weights)
+    (b / "model.safetensors").write_bytes(weights)
+    assert pretrain.weights_fingerprint(a) == pretrain.weights_fingerprint(b)
+    (b / "model.safetensors").write_bytes(weights[:-1] + b"\x00")  # the last block is sampled
+    assert pretrain.weights_fingerprint(a) != pretrain.weights_fingerprint(b)
+    (b / "model.safetensors").write_bytes(weights + b"\x00")  # and the size is hashed
+    assert pretrain.weights_fingerprint(a) != pretrain.weights_fingerprint(b)
 
 
 def test_the_long_addition_warm_starts_keep_their_directories() -> None:

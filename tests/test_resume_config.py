@@ -84,7 +84,8 @@ def test_resume_keeps_the_runs_loss_and_extends_it(
     capsys.readouterr()
     losses_used.clear()
     # the run says what it started from: the model's weight fingerprint (no pretrain record here)
-    from dcmdp.pretrain import WARM_START_FILE, weights_fingerprint
+    from dcmdp.config import WARM_START_FILE
+    from dcmdp.pretrain import weights_fingerprint
 
     started = json.loads((out / WARM_START_FILE).read_text())
     assert started["weights"] == weights_fingerprint(tiny_model_dir) and started["pretrain_accuracy"] is None
@@ -316,9 +317,45 @@ def test_a_run_composed_with_seq_tis_before_the_refusal_resumes(tmp_path: Path) 
         cfg, changes = load_resume_config(None, [f"run.out_dir={run}"])
         assert cfg.loss.composition() == (correction, "penalty", "prob_gap") and changes == []
         assert cfg.loss.allow_failed_composition
+    # a permission, not a setting: a resume may add or drop it (the Python API compares a fresh
+    # Config, whose field is False, with the saved True of a run written before the field)
+    from dcmdp.config import check_resume, saved_run_config
+
+    plain = tmp_path / "old_plain"
+    _save_run(plain, "loss.type=dcmdp")
+    saved = yaml.safe_load((plain / "config.yaml").read_text())
+    del saved["loss"]["allow_failed_composition"]
+    (plain / "config.yaml").write_text(yaml.safe_dump(saved))
+    old = saved_run_config(plain)
+    assert old.loss.allow_failed_composition
+    fresh = load_config(overrides=["loss.type=dcmdp", f"run.out_dir={plain}"])
+    assert "loss.allow_failed_composition" in [
+        c.field for c in check_resume(old, fresh, plain)
+    ]  # not refused
     # a new run must ask: refused without the field
     with pytest.raises(ConfigError, match=r"loss\.allow_failed_composition=true"):
         _save_run(tmp_path / "new", "loss.type=dcmdp", "loss.correction=seq_tis")
+
+
+def test_a_run_that_named_long_addition_before_it_was_raised_resumes_from_the_cap_2000_model(
+    tmp_path: Path,
+) -> None:
+    """ "long-addition" meant today's "long-addition-cap2000" before its cap rose; runs written
+    since keep a warm_start.json, and for them the name means what it says."""
+    from dcmdp.config import WARM_START_FILE
+
+    old = tmp_path / "old"
+    _save_run(old, "model.path=long-addition")
+    cfg, changes = load_resume_config(None, [f"run.out_dir={old}"])
+    assert cfg.model.path == "long-addition-cap2000" and changes == []
+    # the arms' own override (experiments/run.py) is then no change
+    cfg, changes = load_resume_config(None, [f"run.out_dir={old}", "model.path=long-addition-cap2000"])
+    assert changes == []
+    new = tmp_path / "new"
+    _save_run(new, "model.path=long-addition")
+    (new / WARM_START_FILE).write_text(json.dumps({"weights": "x"}))
+    cfg, _ = load_resume_config(None, [f"run.out_dir={new}"])
+    assert cfg.model.path == "long-addition"
 
 
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

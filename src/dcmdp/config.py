@@ -138,12 +138,12 @@ COMPOSED_SHARE = 0.25
 #: ``dcmdp_seq_tis_k0.1``). No setting measured made them safe, so the config refuses them unless
 #: ``loss.allow_failed_composition=true`` (and a start-up caution repeats why when it is set).
 COMPOSED_FAILURES = {
-    "seq_tis": "DCMDP + seq-TIS failed on 2 of 3 long-response seeds at loss.constraint_share=0.25 (training "
-    "reward 0.02, the gap rising to 0.010-0.011 with lambda at its bound; seq-TIS alone held on one of the "
-    "two) and did no better at 0.1 on that one",
-    "opsm": "DCMDP + OPSM collapsed on 1 of 3 long-response seeds at loss.constraint_share=0.25 (greedy "
-    "accuracy 0-0.008 from step 50, the gap rising to 0.015 with lambda at its bound; OPSM alone held on "
-    "that seed) and on another 1 of 3 at 0.1, one that had held at 0.25",
+    "seq_tis": "DCMDP + seq-TIS (the penalty form on the probability gap) failed on 2 of 3 long-response seeds "
+    "at update-bound kappa 0.25 (training reward 0.02, the gap rising to 0.010-0.011 with lambda at its bound; "
+    "seq-TIS alone held on one of the two) and did no better at 0.1 on that one",
+    "opsm": "DCMDP + OPSM (the penalty form on the probability gap) collapsed on 1 of 3 long-response seeds at "
+    "update-bound kappa 0.25 (greedy accuracy 0-0.008 from step 50, the gap rising to 0.015 with lambda at its "
+    "bound; OPSM alone held on that seed) and on another 1 of 3 at 0.1, one that had held at 0.25",
 }
 
 
@@ -438,8 +438,10 @@ def validate(cfg: Config) -> None:
     if parts is not None and failed and not cfg.loss.allow_failed_composition:
         raise ConfigError(
             f"loss.correction={parts[0]} with loss.constraint={parts[1]}: refused, because "
-            f"{COMPOSED_FAILURES[parts[0]]}, and no kappa tried made it hold. Use the constraint alone "
-            "(loss.correction=none), or tis, seq_mis or geo_mask with it, which held (docs/RESULTS.md, "
+            f"{COMPOSED_FAILURES[parts[0]]}, and no kappa tried made it hold (the other forms and measures "
+            "were not run with it, and are refused on that evidence). Use the constraint alone "
+            "(loss.correction=none), or tis, seq_mis or geo_mask with it, which held with the penalty form "
+            "(docs/RESULTS.md, "
             "'The methods side by side under today's defaults'); to run it anyway, for a measurement, "
             "set loss.allow_failed_composition=true"
         )
@@ -719,6 +721,13 @@ DEFAULTS_BEFORE: dict[str, dict[str, Any]] = {
 #: 0.25, saved null and trained a constraint alone at 0.25: resume those with
 #: ``loss.constraint_share=0.25``.)
 SHARE_ALONE_BEFORE = 0.5
+#: The file in a training run's directory that says what the run started from
+#: (:func:`dcmdp.pretrain.warm_start_record`).
+WARM_START_FILE = "warm_start.json"
+#: Named models whose meaning changed, and what the name stood for in a run saved before: a run
+#: directory without ``warm_start.json`` (every run writes one since that change, issue 13's
+#: session 21) that named "long-addition" started from today's "long-addition-cap2000".
+RENAMED_BEFORE = {"long-addition": "long-addition-cap2000"}
 
 RESUME_CHANGEABLE = (
     "run.steps",
@@ -739,6 +748,8 @@ RESUME_CHANGEABLE = (
     "engine.sync_check_factor",
     "engine.sync_check_margin",
     "engine.sync_check_first_max",
+    # a permission, not a setting: what the run trains is the composition, which cannot change
+    "loss.allow_failed_composition",
 )
 
 
@@ -813,6 +824,8 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
             if existing is None or isinstance(existing, dict):
                 saved_data[section] = {**values, **(existing or {})}
         saved = config_from_dict(saved_data)
+        if saved.model.path in RENAMED_BEFORE and not (out_dir / WARM_START_FILE).exists():
+            saved.model.path = RENAMED_BEFORE[saved.model.path]
         if saved.loss.constraint_share is None:  # saved with null: the kappa null meant then
             saved.loss.constraint_share = COMPOSED_SHARE if saved.loss.composed() else SHARE_ALONE_BEFORE
         return saved

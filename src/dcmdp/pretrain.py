@@ -428,22 +428,38 @@ def ensure_long_addition_model(
     return ensure_warm_model("long-addition", cache_dir, log)
 
 
-#: The file in a training run's directory that says what the run started from (:func:`warm_start_record`).
-WARM_START_FILE = "warm_start.json"
-#: The files whose bytes are a model's weights (a Hugging Face directory's).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+#: Up to this many bytes of weights are hashed whole; above it, :data:`FINGERPRINT_BLOCKS` blocks
+#: of 1 MiB spread evenly over each file (with its size), so a 15 GB model costs a second, not a
+#: minute. Two trainings of one shape differ in nearly every byte, so a sample tells them apart.
+FINGERPRINT_WHOLE_BYTES = 256 << 20
+FINGERPRINT_BLOCKS = 64
+
+
+def is_weight_file(path: Path) -> bool:
+    """A Hugging Face weight file (``*.safetensors``, ``pytorch_model*.bin``), not a checkpoint's
+    optimizer, scheduler, RNG or trainer state saved beside it."""
+    return path.suffix == ".safetensors" or (path.suffix == ".bin" and path.name.startswith("pytorch_model"))
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 (first 16 hex digits) over the names and bytes of the weight files in ``model_dir``:
-    the same for two copies of one model, different for any change of a weight."""
+    """sha256 (first 16 hex digits) over the names and bytes of the weight files in ``model_dir``
+    (only those: a checkpoint's optimizer state does not count): the same for two copies of one
+    model; for weights up to :data:`FINGERPRINT_WHOLE_BYTES` any changed byte changes it, above
+    that a sample of each file (see there)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and is_weight_file(p))
+    whole = sum(p.stat().st_size for p in files) <= FINGERPRINT_WHOLE_BYTES
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     for path in files:
-        digest.update(path.name.encode() + b"\0")
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            if whole:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                continue
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(max(0, (size - (1 << 20)) * i // (FINGERPRINT_BLOCKS - 1)))
+                digest.update(f.read(1 << 20))
     return digest.hexdigest()[:16]
 
 

@@ -54,6 +54,7 @@ from dcmdp.checkpoint import (
     unreadable,
 )
 from dcmdp.config import (
+    WARM_START_FILE,
     Config,
     ConfigError,
     build_task,
@@ -288,7 +289,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if not resume:  # a fresh run replaces whatever config an earlier failed start left
         (run_dir / "config.yaml").write_text(run_config_text(cfg))
     if ckpt is None:  # what the run starts from, so results can be paired only across one warm start
-        from dcmdp.pretrain import WARM_START_FILE, warm_start_record
+        from dcmdp.pretrain import warm_start_record
 
         record = warm_start_record(cfg.model.path, base_path)
         (run_dir / WARM_START_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -251,18 +251,29 @@ class DCMDPGRPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.dcmdp_options()  # raises ValueError naming a bad field
+        self.check_compositions()
+
+    def check_compositions(self) -> None:
+        """Raise ``ValueError`` for a correction beside DCMDP that ``dcmdp train`` refuses
+        (:meth:`failed_compositions`), unless ``dcmdp_allow_failed_composition``. Run when the
+        config is built and again by the trainer (a field may be set in between)."""
         failed = self.failed_compositions()
-        if failed and not self.dcmdp_allow_failed_composition:
-            raise ValueError(
-                "DCMDP beside "
-                + " and ".join(
-                    f"{setting} (dcmdp's {name}: {COMPOSED_FAILURES[name]})" for setting, name in failed
-                )
-                + ": refused, as `dcmdp train` refuses the composition (no update bound tried made it hold). "
-                "Leave TRL's corrections off (DCMDP alone), or use vllm_importance_sampling_mode="
-                "'sequence_mask' or 'token_truncate' (dcmdp's seq_mis and tis composed held; docs/RESULTS.md); "
-                "to run it anyway, set dcmdp_allow_failed_composition=True"
+        if not failed or self.dcmdp_allow_failed_composition:
+            return
+        instead = "leave TRL's corrections off (DCMDP alone)"
+        if self.use_vllm:
+            instead += (
+                ", or use vllm_importance_sampling_correction with vllm_importance_sampling_mode='sequence_mask' "
+                "or 'token_truncate' (dcmdp's seq_mis and tis composed held with the penalty form; docs/RESULTS.md)"
             )
+        raise ValueError(
+            "DCMDP beside "
+            + " and ".join(
+                f"{setting} (dcmdp's {name}: {COMPOSED_FAILURES[name]})" for setting, name in failed
+            )
+            + ": refused, as `dcmdp train` refuses the composition (no update bound tried made it hold). "
+            f"Instead {instead}; to run it anyway, set dcmdp_allow_failed_composition=True"
+        )
 
     def failed_compositions(self) -> list[tuple[str, str]]:
         """(TRL setting, dcmdp correction) for each of TRL's corrections on in this config whose
@@ -349,6 +360,7 @@ class DCMDPGRPOTrainer(GRPOTrainer):
             )
         self.dcmdp_args: DCMDPGRPOConfig = self.args
         self.dcmdp = self.dcmdp_args.dcmdp_options()
+        self.dcmdp_args.check_compositions()  # again: a field may have been set after the config was built
         self.multiplier = build_multiplier(self.dcmdp)
         self.dcmdp_rollout_key = self._rollout_logps_key()
         if self.dcmdp_rollout_key == SAMPLING_LOGPS:
