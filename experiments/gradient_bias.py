@@ -45,7 +45,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import torch
 
 from dcmdp.advantages import grpo_advantages
-from dcmdp.config import load_config
+from dcmdp.config import ConfigError, load_config
 from dcmdp.engines.base import make_engine
 from dcmdp.logprobs import build_token_batch, sequence_logprobs
 from dcmdp.losses import LossInputs, LossSettings, get_policy_loss
@@ -246,7 +246,10 @@ def main() -> int:
     cfg = load_config(args.config)
     if args.model:  # set as it is, not parsed as YAML: a path may hold any character
         cfg.model.path = args.model
-    model_dir = resolve_base_model(cfg, print)
+    try:
+        model_dir = resolve_base_model(cfg, print)
+    except ConfigError as err:
+        ap.error(str(err))
     torch.manual_seed(args.seed)
     results = []
     for setting in args.settings:

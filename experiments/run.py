@@ -972,9 +972,9 @@ def warm_start_of(path: Path) -> dict[str, object] | None:
         raise SystemExit(
             f"{file}: not readable JSON ({exc}); rerun that run, or delete the file to leave it unchecked"
         ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("weights"), str):
+    if not isinstance(data, dict) or not isinstance(data.get("weights"), (str, type(None))):
         raise SystemExit(f"{file}: expected an object with a string 'weights' (the weight fingerprint)")
-    return data
+    return data if data["weights"] is not None else None  # no weight file recognised: unchecked
 
 
 def check_one_warm_start(used: list[tuple[str, int, object, str]]) -> object:
@@ -1047,7 +1047,7 @@ def load_records(path: Path) -> dict[str, dict[str, dict[str, dict[str, object]]
                 ]
                 if bad:
                     raise SystemExit(f"{path}: {key} / {arm} / seed {seed}: missing or not a number: {bad}")
-                if not isinstance(figures.get("warm_start", ""), str):
+                if not isinstance(figures.get("warm_start"), (str, type(None))):
                     raise SystemExit(f"{path}: {key} / {arm} / seed {seed}: warm_start must be a string")
     return data
 

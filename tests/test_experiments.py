@@ -420,6 +420,11 @@ def test_runs_from_different_warm_starts_are_not_paired(
     (tmp_path / "here" / "harm" / "tis" / "seed2" / "warm_start.json").unlink()
     table = run.summarise("harm", arms, [1, 2], tmp_path / "out", recorded=recorded)
     assert "aaaa; 1 runs did not record theirs" in table
+    # nor one whose model had no weight file the fingerprint recognises (weights null)
+    (tmp_path / "here" / "harm" / "tis" / "seed2" / "warm_start.json").write_text(
+        json.dumps({"weights": None})
+    )
+    assert "aaaa; 1 runs did not record theirs" in run.summarise("harm", arms, [1, 2], tmp_path / "out")
 
 
 def test_the_long_experiments_name_the_pinned_warm_start() -> None:

@@ -248,6 +248,7 @@ def test_the_weights_fingerprint_follows_the_weight_files_and_nothing_else(tmp_p
     (b / "trainer_state.pt").write_bytes(b"optimizer state")  # a checkpoint's: not a weight file
     (b / "training_args.bin").write_bytes(b"args")
     assert weights_fingerprint(a) == weights_fingerprint(b)
+    assert str(weights_fingerprint(a)).startswith("w1-")
     (b / "model.safetensors").write_bytes(b"\x00" * 99 + b"\x01")  # one byte of one weight
     assert weights_fingerprint(a) != weights_fingerprint(b)
     (b / "model.safetensors").write_bytes(b"\x00" * 100)
@@ -255,6 +256,10 @@ def test_the_weights_fingerprint_follows_the_weight_files_and_nothing_else(tmp_p
     assert weights_fingerprint(a) != weights_fingerprint(b)
     record = warm_start_record("some/path", a)
     assert record["weights"] == weights_fingerprint(a) and record["pretrain_accuracy"] is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "tf_model.h5").write_bytes(b"x")  # no weight file it recognises: no fingerprint
+    assert weights_fingerprint(empty) is None
     (a / "pretrain.json").write_text(
         json.dumps({"settings_hash": "h", "result": {"accuracy": 0.3, "steps": 7}})
     )

@@ -337,25 +337,27 @@ def test_a_run_composed_with_seq_tis_before_the_refusal_resumes(tmp_path: Path) 
         _save_run(tmp_path / "new", "loss.type=dcmdp", "loss.correction=seq_tis")
 
 
-def test_a_run_that_named_long_addition_before_it_was_raised_resumes_from_the_cap_2000_model(
+def test_a_run_that_named_long_addition_before_it_changed_may_name_the_cap_2000_model(
     tmp_path: Path,
 ) -> None:
-    """ "long-addition" meant today's "long-addition-cap2000" before its cap rose; runs written
-    since keep a warm_start.json, and for them the name means what it says."""
+    """ "long-addition" most likely meant today's "long-addition-cap2000" for a run saved before
+    runs kept a warm_start.json: a resume may say so (experiments/run.py does), or keep the old
+    name as it is; runs written since cannot change model.path."""
     from dcmdp.config import WARM_START_FILE
 
     old = tmp_path / "old"
     _save_run(old, "model.path=long-addition")
     cfg, changes = load_resume_config(None, [f"run.out_dir={old}"])
-    assert cfg.model.path == "long-addition-cap2000" and changes == []
-    # the arms' own override (experiments/run.py) is then no change
+    assert cfg.model.path == "long-addition" and changes == []  # nothing changed silently
     cfg, changes = load_resume_config(None, [f"run.out_dir={old}", "model.path=long-addition-cap2000"])
-    assert changes == []
+    assert cfg.model.path == "long-addition-cap2000" and [c.field for c in changes] == ["model.path"]
+    with pytest.raises(ConfigError, match=r"model\.path: long-addition -> tiny-qwen3"):  # only that name
+        load_resume_config(None, [f"run.out_dir={old}", "model.path=tiny-qwen3"])
     new = tmp_path / "new"
     _save_run(new, "model.path=long-addition")
     (new / WARM_START_FILE).write_text(json.dumps({"weights": "x"}))
-    cfg, _ = load_resume_config(None, [f"run.out_dir={new}"])
-    assert cfg.model.path == "long-addition"
+    with pytest.raises(ConfigError, match=r"model\.path: long-addition -> long-addition-cap2000"):
+        load_resume_config(None, [f"run.out_dir={new}", "model.path=long-addition-cap2000"])
 
 
 def test_default_run_dir_and_a_copied_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -443,7 +443,7 @@ def validate(cfg: Config) -> None:
             "(loss.correction=none), or tis, seq_mis or geo_mask with it, which held with the penalty form "
             "(docs/RESULTS.md, "
             "'The methods side by side under today's defaults'); to run it anyway, for a measurement, "
-            "set loss.allow_failed_composition=true"
+            "set loss.allow_failed_composition=true (a run saved with it needs it again to resume)"
         )
     if cfg.loss.constraint_share is not None:
         _positive("loss.constraint_share", cfg.loss.constraint_share, strict=False)
@@ -724,9 +724,12 @@ SHARE_ALONE_BEFORE = 0.5
 #: The file in a training run's directory that says what the run started from
 #: (:func:`dcmdp.pretrain.warm_start_record`).
 WARM_START_FILE = "warm_start.json"
-#: Named models whose meaning changed, and what the name stood for in a run saved before: a run
-#: directory without ``warm_start.json`` (every run writes one since that change, issue 13's
-#: session 21) that named "long-addition" started from today's "long-addition-cap2000".
+#: Named models whose meaning changed, and the name of what they stood for before: a run that
+#: named "long-addition" and has no ``warm_start.json`` (every run writes one since the change,
+#: issue 13's session 21) most likely started from today's "long-addition-cap2000" (not certainly:
+#: for about an hour of session 20 the name had a cap of 3,500 too). A resume of such a run may
+#: change its model.path to that name (experiments/run.py does), and the trainer says so when it
+#: keeps the old name.
 RENAMED_BEFORE = {"long-addition": "long-addition-cap2000"}
 
 RESUME_CHANGEABLE = (
@@ -824,8 +827,6 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
             if existing is None or isinstance(existing, dict):
                 saved_data[section] = {**values, **(existing or {})}
         saved = config_from_dict(saved_data)
-        if saved.model.path in RENAMED_BEFORE and not (out_dir / WARM_START_FILE).exists():
-            saved.model.path = RENAMED_BEFORE[saved.model.path]
         if saved.loss.constraint_share is None:  # saved with null: the kappa null meant then
             saved.loss.constraint_share = COMPOSED_SHARE if saved.loss.composed() else SHARE_ALONE_BEFORE
         return saved
@@ -836,6 +837,12 @@ def saved_run_config(out_dir: Path, how: str = "--resume") -> Config:
         ) from None
 
 
+def renamed_before(saved: Config, out_dir: Path) -> bool:
+    """Whether the run in ``out_dir`` named a model whose name changed meaning (:data:`RENAMED_BEFORE`)
+    before runs kept a ``warm_start.json``."""
+    return saved.model.path in RENAMED_BEFORE and not (out_dir / WARM_START_FILE).exists()
+
+
 def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume") -> list[Change]:
     """What resuming the run saved as ``saved`` with ``cfg`` changes; raises ``ConfigError`` (one
     line, naming ``how`` the run was resumed) when a change alters what the run trains: a field
@@ -843,6 +850,8 @@ def check_resume(saved: Config, cfg: Config, out_dir: Path, how: str = "--resume
     a constraint still checkpoints the multiplier's state, whose shape they set."""
     changes = config_changes(saved, cfg)
     refused = [c for c in changes if c.field not in RESUME_CHANGEABLE]
+    if renamed_before(saved, out_dir) and cfg.model.path == RENAMED_BEFORE[saved.model.path]:
+        refused = [c for c in refused if c.field != "model.path"]  # naming what the old name meant
     # null and the kappa it stands for are the same run: only a change of the resolved kappa counts,
     # and only for a loss with a constraint (without one the bound is never built)
     refused = [

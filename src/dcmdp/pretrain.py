@@ -441,12 +441,20 @@ def is_weight_file(path: Path) -> bool:
     return path.suffix == ".safetensors" or (path.suffix == ".bin" and path.name.startswith("pytorch_model"))
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 (first 16 hex digits) over the names and bytes of the weight files in ``model_dir``
-    (only those: a checkpoint's optimizer state does not count): the same for two copies of one
-    model; for weights up to :data:`FINGERPRINT_WHOLE_BYTES` any changed byte changes it, above
-    that a sample of each file (see there)."""
+#: Prefixes every fingerprint, so one computed another way later never passes for the same model.
+FINGERPRINT_SCHEME = "w1-"
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """:data:`FINGERPRINT_SCHEME` + sha256 (first 16 hex digits) over the names, sizes and bytes of
+    the weight files in ``model_dir`` (only those: a checkpoint's optimizer state does not count):
+    the same for two copies of one model; for weights up to :data:`FINGERPRINT_WHOLE_BYTES` any
+    changed byte changes it, above that a sample of each file (see there). None when the directory
+    holds no weight file this recognises (the run's warm start then goes unchecked). The same
+    weights saved sharded and whole fingerprint differently."""
     files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and is_weight_file(p))
+    if not files:
+        return None
     whole = sum(p.stat().st_size for p in files) <= FINGERPRINT_WHOLE_BYTES
     digest = hashlib.sha256()
     for path in files:
@@ -460,7 +468,7 @@ def weights_fingerprint(model_dir: str | Path) -> str:
             for i in range(FINGERPRINT_BLOCKS):
                 f.seek(max(0, (size - (1 << 20)) * i // (FINGERPRINT_BLOCKS - 1)))
                 digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
+    return FINGERPRINT_SCHEME + digest.hexdigest()[:16]
 
 
 def warm_start_record(model_path: str, resolved: str | Path) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from dcmdp.checkpoint import (
     unreadable,
 )
 from dcmdp.config import (
+    RENAMED_BEFORE,
     WARM_START_FILE,
     Config,
     ConfigError,
@@ -253,6 +254,13 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
         how = "train(resume=True)"
         check_resume(saved_run_config(run_dir, how), cfg, run_dir, how)
+    if resume and cfg.model.path in RENAMED_BEFORE and not (run_dir / WARM_START_FILE).exists():
+        log(
+            f"note: this run was saved naming model.path={cfg.model.path} before that name's warm start "
+            f"changed (issue 13, session 21); it most likely started from what is now "
+            f"{RENAMED_BEFORE[cfg.model.path]}: resume with model.path={RENAMED_BEFORE[cfg.model.path]} "
+            "to keep that one"
+        )
     ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(

@@ -353,6 +353,9 @@ class DCMDPGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if isinstance(given, DCMDPGRPOConfig):  # before TRL loads the model or starts vLLM
+            given.check_compositions()
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DCMDPGRPOConfig):
             raise TypeError(
