@@ -1009,15 +1009,28 @@ def this_cpu() -> str:
     return cpu_description()
 
 
+#: The paths whose changes make a checkout's runs differ from its commit's ("-dirty"); results
+#: written under docs/results (runs.json, plots) do not.
+CODE_PATHS = ("src", "experiments", "configs", "pyproject.toml")
+
+
 def this_commit() -> str:
-    """The commit checked out when the runs were recorded (not necessarily the one they ran at)."""
+    """The commit checked out when the runs were recorded (not necessarily the one they ran at),
+    with "-dirty" when the code differs from it (:data:`CODE_PATHS`, untracked files included)."""
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=ROOT, capture_output=True, text=True
         )
     except OSError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    commit = head.stdout.strip()
+    if head.returncode != 0 or not commit:
+        return "unknown"
+    changed = [line for line in status.stdout.splitlines() if "experiments/runs/" not in line]
+    return commit + ("-dirty" if changed else "")
 
 
 #: The figures every record holds (a number each; sampled_end and lambda_end may be null).

@@ -501,3 +501,29 @@ def test_stalled_leaves_nan_out_of_the_line_and_names_nan_runs() -> None:
     assert run.stalled(record, "grpo")[0] == pytest.approx(0.025)
     line, found = run.stalled({"grpo": {"seeds": [], "reward_last20": []}}, "grpo")
     assert math.isnan(line) and found == {}
+
+
+def test_the_recorded_commit_is_dirty_only_when_the_code_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "runs.json").write_text("{}\n")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    clean = run.this_commit()
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "docs" / "results" / "runs.json").write_text('{"x": {}}\n')  # a record: still clean
+    assert run.this_commit() == clean
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    assert run.this_commit() == clean + "-dirty"
