@@ -349,7 +349,11 @@ def test_every_loss_trains_on_stale_batches(tiny_model_dir: Path) -> None:
     for correction, constraint in combos:
         cfg = load(overrides=[*small_overrides(tiny_model_dir, Path("/nonexistent")), "run.max_staleness=1"])
         cfg = dataclasses.replace(
-            cfg, loss=dataclasses.replace(cfg.loss, correction=correction, constraint=constraint)
+            # every composition, the refused ones included (what is tested is the loss on stale batches)
+            cfg,
+            loss=dataclasses.replace(
+                cfg.loss, correction=correction, constraint=constraint, allow_failed_composition=True
+            ),
         )
         torch.manual_seed(0)
         model = load_model(tiny_model_dir)
