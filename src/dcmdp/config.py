@@ -233,8 +233,8 @@ class LossConfig:
     long_stress_q4_0, says what it did."""
     allow_failed_composition: bool = False
     """Run a correction composed with a constraint that was measured to fail (seq_tis or opsm with
-    any constraint: in the long regime they collapsed or lost the reward on 1-2 of 3 seeds at every
-    kappa tried, 0.25 and 0.1, where each correction alone held). Refused unless true: use the
+    any constraint: in the long regime they collapsed or lost the reward on 1-2 of 3 seeds at kappa
+    0.25, and at 0.1 on the seeds run, where each correction alone held). Refused unless true: use the
     constraint alone, or tis, seq_mis or geo_mask composed with it, which held (docs/RESULTS.md)."""
     kl_coef: float = 0.0
     """Coefficient of a k3 KL penalty to the initial (reference) policy; 0 = off."""
