@@ -306,3 +306,4 @@ def test_the_long_addition_warm_starts_keep_their_directories() -> None:
     for name, (settings, dir_name) in WARM_STARTS.items():
         assert default_out_dir(settings, "c") == Path("c") / dir_name, name
     assert len({d for _, d in WARM_STARTS.values()}) == len(WARM_STARTS)
+    assert set(models.WARM_MODELS) == set(WARM_STARTS)  # the names resolve_model accepts, all built here
