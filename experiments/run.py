@@ -573,6 +573,13 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
                         "multiplier.tolerance=0.015",
                     ],
                     "dcmdp_floor": ["loss.type=dcmdp", "multiplier.tolerance_floor=1.0"],
+                    # DCMDP + TIS at today's kappa for a composed loss (at 0.5, as above, it
+                    # failed on 3 of 3 with four mini-batches)
+                    "dcmdp_tis_k0.25": [
+                        "loss.type=dcmdp",
+                        "loss.correction=tis",
+                        "loss.constraint_share=0.25",
+                    ],
                 }.items()
             },
             # GRPO with the learning rate changed by one part in a thousand: a perturbation with no
