@@ -745,14 +745,17 @@ _pin_defaults(EXPERIMENTS)
 # placeholders above are multiplied by START_D when the runs are launched.
 START_D_KEY = "discrepancy/prob_gap_mean"
 # Models an experiment needs beyond the default one, and the command that builds each (cached).
+# The long-response experiments name "long-addition-cap2000": its settings are pretrain's with
+# the step cap of 2,000.
+LONG_PREPARE = [["pretrain", "--task", "long_addition", "--max-steps", "2000"]]
 PREPARE = {
     "moe": [["pretrain", "--model", "tiny-qwen3-moe", "--out", MOE_MODEL]],
-    "long_search": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
-    "long_search_gpu": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
-    "long_methods": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
-    "long_methods_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
-    "long_stress_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
-    "long_defaults_q4_0": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+    "long_search": LONG_PREPARE,
+    "long_search_gpu": LONG_PREPARE,
+    "long_methods": LONG_PREPARE,
+    "long_methods_q4_0": LONG_PREPARE,
+    "long_stress_q4_0": LONG_PREPARE,
+    "long_defaults_q4_0": LONG_PREPARE,
 }
 
 
@@ -1036,8 +1039,7 @@ def this_commit() -> str:
     commit = head.stdout.strip()
     if head.returncode != 0 or not commit:
         return "unknown"
-    changed = [line for line in status.stdout.splitlines() if "experiments/runs/" not in line]
-    return commit + ("-dirty" if changed else "")
+    return commit + ("-dirty" if status.stdout.strip() else "")
 
 
 #: The figures every record holds (a number each; sampled_end and lambda_end may be null).

@@ -421,13 +421,6 @@ def ensure_warm_model(
     return run_pretrain(settings, Path(cache_dir) / dir_name, cache_dir=cache_dir, log=log)
 
 
-def ensure_long_addition_model(
-    cache_dir: str | Path = ".cache/models", log: Callable[[str], None] | None = print
-) -> Path:
-    """The named model "long-addition" (``LONG_ADDITION_PRETRAIN``), pretrained into ``cache_dir`` if absent."""
-    return ensure_warm_model("long-addition", cache_dir, log)
-
-
 #: Up to this many bytes of weights are hashed whole; above it, :data:`FINGERPRINT_BLOCKS` blocks
 #: of 1 MiB spread evenly over each file (with its size), so a 15 GB model costs a second, not a
 #: minute. Two trainings of one shape differ in nearly every byte, so a sample tells them apart.

@@ -61,6 +61,7 @@ from dcmdp.config import (
     build_task,
     cautions,
     check_resume,
+    renamed_before,
     run_config_text,
     saved_run_config,
     validate,
@@ -254,7 +255,7 @@ def train(cfg: Config, resume: bool = False, log: Logger = print) -> dict[str, A
     if resume and (run_dir / "config.yaml").is_file():  # the CLI's --resume checked this already
         how = "train(resume=True)"
         check_resume(saved_run_config(run_dir, how), cfg, run_dir, how)
-    if resume and cfg.model.path in RENAMED_BEFORE and not (run_dir / WARM_START_FILE).exists():
+    if resume and renamed_before(cfg, run_dir):
         log(
             f"note: this run was saved naming model.path={cfg.model.path} before that name's warm start "
             f"changed (issue 13, session 21); it most likely started from what is now "
