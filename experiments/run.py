@@ -84,6 +84,9 @@ LONG = [
     "run.eval_problems=128",
     "run.eval_sampled=false",
 ]
+# The same from "long-addition", the warm start `dcmdp pretrain --task long_addition` builds
+# today (its step cap of 3,500).
+LONG_CAP3500 = [o if not o.startswith("model.path=") else "model.path=long-addition" for o in LONG]
 LONG_ENGINES = {
     "fp32_ceiling": FP32_HF,
     "vllm_bf16": VLLM_BF16,
@@ -497,6 +500,21 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         for name in ("grpo", "tis", "dcmdp")
         for n in (0, 1)
     },
+    # Issue 13 from the warm start the issue asked for (20-40%): every long-response result above
+    # starts from "long-addition-cap2000" (0.110 on AMD Zen 5); this one from "long-addition"
+    # (pretrain's cap of 3,500: 0.315 on Zen 5), on llama.cpp Q4_0 with the fp32 ceiling beside,
+    # at today's defaults: does the harm, and the ranking of GRPO, TIS and DCMDP, survive a model
+    # that starts with three times the accuracy?
+    "long_cap3500_q4_0": {
+        name: [*LONG_CAP3500, *opts]
+        for name, opts in {
+            "grpo_fp32_ceiling": [*LONG_ENGINES["fp32_ceiling"], "loss.type=grpo"],
+            "grpo": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=grpo"],
+            "tis": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=tis"],
+            "dcmdp": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=dcmdp"],
+            "dcmdp_tis": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=dcmdp", "loss.correction=tis"],
+        }.items()
+    },
     # Issue 13, section 3.2 under today's defaults (update bound on, reward guard off beside it,
     # lam_max 1): the methods side by side on llama.cpp Q4_0 in the long regime, GRPO and the fp32
     # ceiling included, so that every arm starts from the warm start this machine's pretrain gives.
@@ -756,6 +774,7 @@ PREPARE = {
     "long_methods_q4_0": LONG_PREPARE,
     "long_stress_q4_0": LONG_PREPARE,
     "long_defaults_q4_0": LONG_PREPARE,
+    "long_cap3500_q4_0": [["pretrain", "--task", "long_addition"]],
 }
 
 

@@ -429,17 +429,33 @@ def test_runs_from_different_warm_starts_are_not_paired(
 
 def test_the_long_experiments_name_the_pinned_warm_start() -> None:
     """Every long-response arm starts from "long-addition-cap2000" (the cap its results were
-    measured from), and PREPARE builds that one, whatever the default "long-addition" becomes."""
-    from dcmdp.pretrain import LONG_ADDITION_CAP2000_PRETRAIN, WARM_STARTS, default_out_dir
+    measured from), and PREPARE builds that one, whatever the default "long-addition" becomes;
+    only long_cap3500_q4_0 names "long-addition", and PREPARE builds pretrain's default for it."""
+    from dcmdp.pretrain import (
+        LONG_ADDITION_CAP2000_PRETRAIN,
+        LONG_ADDITION_PRETRAIN,
+        WARM_STARTS,
+        default_out_dir,
+    )
 
     assert WARM_STARTS["long-addition-cap2000"][0].max_steps == 2000
+    assert WARM_STARTS["long-addition"][0].max_steps == 3500
+    prepare = {
+        "long-addition-cap2000": [["pretrain", "--task", "long_addition", "--max-steps", "2000"]],
+        "long-addition": [["pretrain", "--task", "long_addition"]],
+    }
+    named = set()
     for name, arms in run.EXPERIMENTS.items():
         for arm, overrides in arms.items():
             if "task.name=long_addition" in overrides:
                 paths = [o for o in overrides if o.startswith("model.path=")]
-                assert paths == ["model.path=long-addition-cap2000"], (name, arm)
-                assert run.PREPARE[name] == [["pretrain", "--task", "long_addition", "--max-steps", "2000"]]
+                model = "long-addition" if name == "long_cap3500_q4_0" else "long-addition-cap2000"
+                assert paths == [f"model.path={model}"], (name, arm)
+                assert run.PREPARE[name] == prepare[model], name
+                named.add(model)
+    assert named == set(prepare)
     assert default_out_dir(LONG_ADDITION_CAP2000_PRETRAIN).name == WARM_STARTS["long-addition-cap2000"][1]
+    assert default_out_dir(LONG_ADDITION_PRETRAIN).name == WARM_STARTS["long-addition"][1]
 
 
 def test_the_summary_counts_runs_of_a_length_set_with_set(
