@@ -869,6 +869,7 @@ def launch(
             if finished(out, steps_of(full)):
                 continue
             resume = ["--resume"] if (out / "metrics.jsonl").exists() else []
+            note_launch(out)
             t0 = time.time()
             print(f"[{experiment}] {arm} seed {seed} ...", flush=True)
             log = out.parent / f"seed{seed}.log"
@@ -1043,6 +1044,30 @@ def this_cpu() -> str:
 CODE_PATHS = ("src", "experiments", "configs", "pyproject.toml")
 
 
+#: Written into each run's directory by :func:`launch`: the commit checked out at each launch of
+#: the run (a resume adds one), so that --record can name the code a run ran at.
+LAUNCH_FILE = "launched.json"
+
+
+def note_launch(out: Path) -> None:
+    """Add the commit checked out now to ``out``'s :data:`LAUNCH_FILE` (created if absent)."""
+    out.mkdir(parents=True, exist_ok=True)
+    commits = launch_commits(out) or []
+    (out / LAUNCH_FILE).write_text(json.dumps({"commits": [*commits, this_commit()]}) + "\n")
+
+
+def launch_commits(path: Path) -> list[str] | None:
+    """The commits ``path``'s run was launched at, in order (None for a run launched before
+    :data:`LAUNCH_FILE` existed, or by hand, or with an unreadable file)."""
+    try:
+        commits = json.loads((path / LAUNCH_FILE).read_text())["commits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(commits, list) or not commits or not all(isinstance(c, str) for c in commits):
+        return None
+    return commits
+
+
 def this_commit() -> str:
     """The commit checked out when the runs were recorded (not necessarily the one they ran at),
     with "-dirty" when the code differs from it (:data:`CODE_PATHS`, untracked files included)."""
@@ -1097,19 +1122,25 @@ def record_runs(
     path: Path, key: str, arms: dict[str, list[str]], seeds: list[int], extra: list[str]
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
     """Add the finished runs' figures (with the --set overrides that changed them, the CPU and the
-    commit checked out) to ``path`` under ``key``. A record of the same run from this CPU is
-    replaced; one from another CPU is kept (runs differ between CPUs). Returns the (arm, seed)
-    pairs written and the (arm, seed, cpu) ones kept. Safe against another --record at the same
-    time (a lock, and the file replaced whole)."""
+    commit) to ``path`` under ``key``. The commit is the one each run was launched at (joined by
+    "+" where a resume ran other code; :data:`LAUNCH_FILE`), else the one checked out now. A record
+    of the same run from this CPU is replaced, unless only its commit would change (a run
+    launched before :data:`LAUNCH_FILE` existed keeps the commit it was first recorded with); one
+    from another CPU is kept (runs differ between CPUs). Returns the (arm, seed) pairs written and
+    the (arm, seed, cpu) ones kept. Safe against another --record at the same time (a lock, and
+    the file replaced whole)."""
     import fcntl
     import os
 
-    cpu, commit = this_cpu(), this_commit()
+    cpu, checked_out = this_cpu(), this_commit()
     fresh = {}
     for arm, overrides in arms.items():
         for seed in seeds:
-            figures = run_record(run_dir(key, arm, seed), steps_of(COMMON + overrides + extra))
+            out = run_dir(key, arm, seed)
+            figures = run_record(out, steps_of(COMMON + overrides + extra))
             if figures is not None:
+                launched = launch_commits(out)
+                commit = "+".join(dict.fromkeys(launched)) if launched else checked_out
                 fresh[(arm, seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
     written, kept = [], []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1121,6 +1152,13 @@ def record_runs(
             old = by_seed.get(str(seed))
             if old is not None and old.get("cpu") != cpu:
                 kept.append((arm, seed, str(old.get("cpu"))))
+                continue
+            if (
+                old is not None
+                and launch_commits(run_dir(key, arm, seed)) is None
+                and {**old, "commit": None} == {**figures, "commit": None}
+            ):
+                written.append((arm, seed))  # the same figures: the commit it was recorded at stays
                 continue
             by_seed[str(seed)] = figures
             written.append((arm, seed))

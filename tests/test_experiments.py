@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -491,6 +492,45 @@ def test_a_record_from_another_cpu_is_kept_and_a_broken_file_is_named(
     records.write_text("{")
     with pytest.raises(SystemExit, match="not valid JSON"):
         run.load_records(records)
+
+
+def test_a_record_names_the_commit_its_run_was_launched_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit comes from the run's launched.json (one per launch: a resume at other code
+    joins them), not from the checkout that records it; a run launched before that file existed
+    keeps the commit it was first recorded with while its figures stay the same."""
+    arms = {"grpo": run.EXPERIMENTS["harm"]["grpo"]}
+    records = tmp_path / "runs.json"
+    monkeypatch.setattr(run, "RUNS", tmp_path)
+    monkeypatch.setattr(run, "this_cpu", lambda: "CPU A")
+    out = run.run_dir("harm", "grpo", 0)
+    for seed in (0, 1):
+        _fake_run(tmp_path, "harm", "grpo", seed, 0.2, [0.5], 150)
+
+    def commit(seed: int) -> str:
+        return run.load_records(records)["harm"]["grpo"][str(seed)]["commit"]
+
+    # seed 0 launched at aaa, resumed at bbb, recorded at ccc; seed 1 has no launched.json
+    monkeypatch.setattr(run, "this_commit", lambda: "aaa")
+    run.note_launch(out)
+    monkeypatch.setattr(run, "this_commit", lambda: "bbb")
+    run.note_launch(out)
+    assert run.launch_commits(out) == ["aaa", "bbb"]
+    monkeypatch.setattr(run, "this_commit", lambda: "ccc")
+    assert run.record_runs(records, "harm", arms, [0, 1], [])[0] == [("grpo", 0), ("grpo", 1)]
+    assert (commit(0), commit(1)) == ("aaa+bbb", "ccc")
+    # recorded again from another checkout: seed 1's figures are the same, so its commit stays
+    monkeypatch.setattr(run, "this_commit", lambda: "ddd")
+    run.record_runs(records, "harm", arms, [0, 1], [])
+    assert (commit(0), commit(1)) == ("aaa+bbb", "ccc")
+    # ... but a changed run is recorded anew, with the checkout's commit
+    shutil.rmtree(run.run_dir("harm", "grpo", 1))
+    _fake_run(tmp_path, "harm", "grpo", 1, 0.3, [0.5], 150)
+    run.record_runs(records, "harm", arms, [1], [])
+    assert commit(1) == "ddd"
+    (out / run.LAUNCH_FILE).write_text("{not json")
+    assert run.launch_commits(out) is None
 
 
 def test_stalled_runs_are_those_whose_reward_fell_below_half_the_reference_median() -> None:
