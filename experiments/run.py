@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "experiments" / "runs"
@@ -1047,12 +1048,19 @@ CODE_PATHS = ("src", "experiments", "configs", "pyproject.toml")
 #: Written into each run's directory by :func:`launch`: the commit checked out at each launch of
 #: the run (a resume adds one), so that --record can name the code a run ran at.
 LAUNCH_FILE = "launched.json"
+#: A launch commit that is not known: git failed, or the run started before :data:`LAUNCH_FILE`.
+UNKNOWN_COMMIT = "unknown"
 
 
 def note_launch(out: Path) -> None:
-    """Add the commit checked out now to ``out``'s :data:`LAUNCH_FILE` (created if absent)."""
+    """Add the commit checked out now to ``out``'s :data:`LAUNCH_FILE`. A fresh start (no
+    metrics yet) begins the list anew; a resume of a run whose earlier commits are not known (no
+    file, or an unreadable one) adds "unknown" before it."""
     out.mkdir(parents=True, exist_ok=True)
-    commits = launch_commits(out) or []
+    if not (out / "metrics.jsonl").exists():
+        commits: list[str] = []
+    else:
+        commits = launch_commits(out) or [UNKNOWN_COMMIT]
     (out / LAUNCH_FILE).write_text(json.dumps({"commits": [*commits, this_commit()]}) + "\n")
 
 
@@ -1068,9 +1076,30 @@ def launch_commits(path: Path) -> list[str] | None:
     return commits
 
 
+def commit_of(path: Path, checked_out: str) -> str:
+    """The code ``path``'s run ran at, for its record: its launch commits joined by "+" (each
+    once), or ``checked_out`` where none is known."""
+    launched = launch_commits(path) or []
+    if all(c == UNKNOWN_COMMIT for c in launched):
+        return checked_out
+    return "+".join(dict.fromkeys(launched))
+
+
+def same_figures(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a record ``old`` says what ``new`` says, its commit aside: each of its keys holds
+    the same value in ``new`` (NaN equal to NaN; keys only ``new`` has, added since, ignored)."""
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return True
+        return a == b
+
+    return all(key in new and same(value, new[key]) for key, value in old.items() if key != "commit")
+
+
 def this_commit() -> str:
-    """The commit checked out when the runs were recorded (not necessarily the one they ran at),
-    with "-dirty" when the code differs from it (:data:`CODE_PATHS`, untracked files included)."""
+    """The commit checked out now (at a launch, or when runs are recorded), with "-dirty" when the
+    code differs from it (:data:`CODE_PATHS`, untracked files included); "unknown" outside git."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -1079,10 +1108,10 @@ def this_commit() -> str:
             ["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=ROOT, capture_output=True, text=True
         )
     except OSError:
-        return "unknown"
+        return UNKNOWN_COMMIT
     commit = head.stdout.strip()
     if head.returncode != 0 or not commit:
-        return "unknown"
+        return UNKNOWN_COMMIT
     return commit + ("-dirty" if status.stdout.strip() else "")
 
 
@@ -1139,8 +1168,7 @@ def record_runs(
             out = run_dir(key, arm, seed)
             figures = run_record(out, steps_of(COMMON + overrides + extra))
             if figures is not None:
-                launched = launch_commits(out)
-                commit = "+".join(dict.fromkeys(launched)) if launched else checked_out
+                commit = commit_of(out, checked_out)
                 fresh[(arm, seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
     written, kept = [], []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1156,10 +1184,9 @@ def record_runs(
             if (
                 old is not None
                 and launch_commits(run_dir(key, arm, seed)) is None
-                and {**old, "commit": None} == {**figures, "commit": None}
+                and same_figures(old, figures)
             ):
-                written.append((arm, seed))  # the same figures: the commit it was recorded at stays
-                continue
+                figures = {**figures, "commit": old.get("commit")}  # the commit it was recorded at stays
             by_seed[str(seed)] = figures
             written.append((arm, seed))
         if written:

@@ -10,6 +10,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -328,7 +329,7 @@ def _fake_run(
 ) -> None:
     """A finished run of ``steps`` steps: greedy accuracy ``start`` at step 0, ``evals`` after."""
     d = root / key / arm / f"seed{seed}"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     rows = [{"kind": "eval", "step": 0, "eval/accuracy_greedy": start}]
     rows += [{"kind": "train", "step": 1, "reward/mean": 0.5, "discrepancy/prob_gap_mean": 0.002}]
     rows += [
@@ -455,6 +456,13 @@ def test_the_long_experiments_name_the_pinned_warm_start() -> None:
                 assert run.PREPARE[name] == prepare[model], name
                 named.add(model)
     assert named == set(prepare)
+    # "long-addition" is a moving name: long_cap3500_q4_0 ran from the cap-2,000 settings with a
+    # cap of 3,500; change them and that experiment needs a pinned name as cap2000 got
+    assert WARM_STARTS["long-addition"][0] == replace(LONG_ADDITION_CAP2000_PRETRAIN, max_steps=3500)
+    # it ran at the defaults of its day: no pinned default of an older experiment leaks in
+    pinned = {setting.split("=", 1)[0] for setting in run.RAN_WITH}
+    for arm, overrides in run.EXPERIMENTS["long_cap3500_q4_0"].items():
+        assert not [o for o in overrides if o.split("=", 1)[0] in pinned], arm
     assert default_out_dir(LONG_ADDITION_CAP2000_PRETRAIN).name == WARM_STARTS["long-addition-cap2000"][1]
     assert default_out_dir(LONG_ADDITION_PRETRAIN).name == WARM_STARTS["long-addition"][1]
 
@@ -498,39 +506,74 @@ def test_a_record_names_the_commit_its_run_was_launched_at(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The commit comes from the run's launched.json (one per launch: a resume at other code
-    joins them), not from the checkout that records it; a run launched before that file existed
-    keeps the commit it was first recorded with while its figures stay the same."""
+    joins them, a fresh start begins anew), not from the checkout that records it; a run launched
+    before that file existed keeps the commit it was first recorded with while its figures stay
+    the same, and a resume of it says its first commit is unknown."""
     arms = {"grpo": run.EXPERIMENTS["harm"]["grpo"]}
     records = tmp_path / "runs.json"
     monkeypatch.setattr(run, "RUNS", tmp_path)
     monkeypatch.setattr(run, "this_cpu", lambda: "CPU A")
     out = run.run_dir("harm", "grpo", 0)
-    for seed in (0, 1):
-        _fake_run(tmp_path, "harm", "grpo", seed, 0.2, [0.5], 150)
 
-    def commit(seed: int) -> str:
+    def at(commit: str) -> None:
+        monkeypatch.setattr(run, "this_commit", lambda: commit)
+
+    def recorded(seed: int) -> str:
         return run.load_records(records)["harm"]["grpo"][str(seed)]["commit"]
 
-    # seed 0 launched at aaa, resumed at bbb, recorded at ccc; seed 1 has no launched.json
-    monkeypatch.setattr(run, "this_commit", lambda: "aaa")
+    # seed 0: a start at zzz that logged nothing, a fresh start at aaa, resumes at bbb and bbb
+    at("zzz")
     run.note_launch(out)
-    monkeypatch.setattr(run, "this_commit", lambda: "bbb")
+    at("aaa")
     run.note_launch(out)
-    assert run.launch_commits(out) == ["aaa", "bbb"]
-    monkeypatch.setattr(run, "this_commit", lambda: "ccc")
+    assert run.launch_commits(out) == ["aaa"]
+    _fake_run(tmp_path, "harm", "grpo", 0, 0.2, [0.5], 150)
+    at("bbb")
+    run.note_launch(out)
+    run.note_launch(out)
+    assert run.launch_commits(out) == ["aaa", "bbb", "bbb"]
+    _fake_run(tmp_path, "harm", "grpo", 1, 0.2, [0.5], 150)  # seed 1: no launched.json
+    at("ccc")
     assert run.record_runs(records, "harm", arms, [0, 1], [])[0] == [("grpo", 0), ("grpo", 1)]
-    assert (commit(0), commit(1)) == ("aaa+bbb", "ccc")
-    # recorded again from another checkout: seed 1's figures are the same, so its commit stays
-    monkeypatch.setattr(run, "this_commit", lambda: "ddd")
+    assert (recorded(0), recorded(1)) == ("aaa+bbb", "ccc")
+    # recorded again from another checkout: seed 1's figures are the same, so its commit stays,
+    # also when the run now has a figure its record lacks (a warm start, NaN reward)
+    data = run.load_records(records)
+    data["harm"]["grpo"]["1"]["reward_last20"] = math.nan
+    records.write_text(json.dumps(data))
+    rows = (
+        (run.run_dir("harm", "grpo", 1) / "metrics.jsonl")
+        .read_text()
+        .replace('"reward/mean": 0.5', '"reward/mean": NaN')
+    )
+    (run.run_dir("harm", "grpo", 1) / "metrics.jsonl").write_text(rows)
+    (run.run_dir("harm", "grpo", 1) / "warm_start.json").write_text(json.dumps({"weights": "w1-x"}))
+    at("ddd")
     run.record_runs(records, "harm", arms, [0, 1], [])
-    assert (commit(0), commit(1)) == ("aaa+bbb", "ccc")
+    assert (recorded(0), recorded(1)) == ("aaa+bbb", "ccc")
+    assert run.load_records(records)["harm"]["grpo"]["1"]["warm_start"] == "w1-x"
     # ... but a changed run is recorded anew, with the checkout's commit
     shutil.rmtree(run.run_dir("harm", "grpo", 1))
     _fake_run(tmp_path, "harm", "grpo", 1, 0.3, [0.5], 150)
     run.record_runs(records, "harm", arms, [1], [])
-    assert commit(1) == "ddd"
+    assert recorded(1) == "ddd"
+    # a resume of a run started before launched.json: its first commit is unknown; a run whose
+    # every launch commit is unknown (no git) falls back to the checkout's
+    seed1 = run.run_dir("harm", "grpo", 1)
+    run.note_launch(seed1)
+    assert run.launch_commits(seed1) == [run.UNKNOWN_COMMIT, "ddd"]
+    assert run.commit_of(seed1, "eee") == "unknown+ddd"
+    (seed1 / run.LAUNCH_FILE).write_text(json.dumps({"commits": [run.UNKNOWN_COMMIT]}))
+    assert run.commit_of(seed1, "eee") == "eee"
+    # with a launched.json, a record is replaced whatever it said before
+    at("fff")
+    (out / run.LAUNCH_FILE).write_text(json.dumps({"commits": ["fff"]}))
+    run.record_runs(records, "harm", arms, [0], [])
+    assert recorded(0) == "fff"
     (out / run.LAUNCH_FILE).write_text("{not json")
     assert run.launch_commits(out) is None
+    run.note_launch(out)  # an unreadable file on a resume: earlier commits unknown
+    assert run.launch_commits(out) == [run.UNKNOWN_COMMIT, "fff"]
 
 
 def test_stalled_runs_are_those_whose_reward_fell_below_half_the_reference_median() -> None:
