@@ -15,7 +15,9 @@ where, unless --publish is given. Runs with extra settings also get their own ru
 (experiments/runs/<experiment>+<hash of the settings>/), so they never mix with the grid's runs.
 
 Run folders stay on the machine that ran them. --record adds each finished run's figures (the
-table's columns, with the CPU and commit) to docs/results/<experiment>/runs.json, which is kept
+table's columns, with the CPU and the commit the run was launched at, from the launched.json
+run.py writes into each run folder; the checkout's commit for runs launched before it) to
+docs/results/<experiment>/runs.json, which is kept
 in git; --pair-with-records fills seeds that have no finished run here from that file, so runs on
 a new machine pair with runs recorded on another:
 
