@@ -516,6 +516,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
             "tis": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=tis"],
             "dcmdp": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=dcmdp"],
             "dcmdp_tis": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=dcmdp", "loss.correction=tis"],
+            # the sequence-level correction that did best from the weaker warm start
+            "seq_mis": [*LONG_ENGINES["llamacpp_q4_0"], "loss.type=seq_mis"],
         }.items()
     },
     # Issue 13, section 3.2 under today's defaults (update bound on, reward guard off beside it,
