@@ -1173,23 +1173,20 @@ def record_runs(
             figures = run_record(out, steps_of(COMMON + overrides + extra))
             if figures is not None:
                 commit = commit_of(out, checked_out)
-                fresh[(arm, seed)] = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
+                record = {**figures, "set": meaningful(extra), "cpu": cpu, "commit": commit}
+                fresh[(arm, seed)] = (record, launch_commits(out) is not None)
     written, kept = [], []
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         records = load_records(path)
-        for (arm, seed), figures in fresh.items():
+        for (arm, seed), (figures, launched) in fresh.items():
             by_seed = records.setdefault(key, {}).setdefault(arm, {})
             old = by_seed.get(str(seed))
             if old is not None and old.get("cpu") != cpu:
                 kept.append((arm, seed, str(old.get("cpu"))))
                 continue
-            if (
-                old is not None
-                and launch_commits(run_dir(key, arm, seed)) is None
-                and same_figures(old, figures)
-            ):
+            if old is not None and not launched and same_figures(old, figures):
                 figures = {**figures, "commit": old.get("commit")}  # the commit it was recorded at stays
             by_seed[str(seed)] = figures
             written.append((arm, seed))
